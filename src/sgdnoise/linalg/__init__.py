@@ -1,0 +1,33 @@
+"""Matrix-free linear algebra: operators, the Hessian, Σ_b, Lanczos and trace estimation."""
+
+from .covariance import GradientNoiseCovariance, batch_scale, gradient_noise_covariance
+from .hessian import HessianOperator, hessian
+from .lanczos import ConvergenceError, EigenPairs, top_eigenpairs
+from .operators import (
+    DenseOperator,
+    DiagonalOperator,
+    LinearOperator,
+    LowRankOperator,
+    ScaledIdentityOperator,
+    SumOperator,
+)
+from .trace import TraceEstimate, trace_estimate
+
+__all__ = [
+    "ConvergenceError",
+    "DenseOperator",
+    "DiagonalOperator",
+    "EigenPairs",
+    "GradientNoiseCovariance",
+    "HessianOperator",
+    "LinearOperator",
+    "LowRankOperator",
+    "ScaledIdentityOperator",
+    "SumOperator",
+    "TraceEstimate",
+    "batch_scale",
+    "gradient_noise_covariance",
+    "hessian",
+    "top_eigenpairs",
+    "trace_estimate",
+]

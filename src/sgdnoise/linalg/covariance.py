@@ -1,0 +1,207 @@
+"""The covariance ``Σ_b`` of SGD's mini-batch gradient, as a matrix-free operator.
+
+Normalisation (used everywhere in sgdnoise):
+
+* per-sample gradients ``g_i = ∇ℓ(x_i; θ)``, mean ``ḡ = ∇L(θ) = (1/N) Σ_i g_i``, centred
+  ``c_i = g_i − ḡ``;
+* **per-sample covariance** ``Σ_1 = (1/N) Σ_i c_i c_iᵀ`` (divisor N: the population covariance of
+  drawing one sample uniformly);
+* **mini-batch covariance** of the mean gradient of b samples: ``Σ_b = Σ_1 / b`` when the batch is
+  drawn with replacement, ``Σ_b = Σ_1 · (N − b) / (b (N − 1))`` without replacement (b = N gives 0).
+
+This is *gradient-level* noise: an SGD step ``θ ← θ − η g_B`` equals ``θ − η(∇L + n)`` with
+``Cov(n) = Σ_b``, so the parameter-level covariance of one step is ``η² Σ_b``.
+
+Centring always happens on the per-sample gradients (or on the N-vector ``G v``) before any
+product, never as ``E[ggᵀ] − ḡḡᵀ``, which loses precision in float32 near a minimum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from ..problem import Problem
+from .operators import LinearOperator
+
+__all__ = ["GradientNoiseCovariance", "batch_scale", "gradient_noise_covariance"]
+
+#: ``materialize=None`` stores the N×D centred gradients when they hold at most this many numbers.
+MATERIALIZE_LIMIT = 2**27
+
+
+def batch_scale(num_samples: int, batch_size: int, replacement: bool = True) -> float:
+    """The factor s with ``Σ_b = s · Σ_1``: ``1/b`` with replacement, ``(N−b)/(b(N−1))`` without.
+
+    Raises:
+        ValueError: if ``batch_size`` is not an integer in ``[1, N]``.
+    """
+    N = int(num_samples)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= N:
+        raise ValueError(
+            f"batch_size must be an integer in [1, N] = [1, {N}] (the mini-batch size whose "
+            f"gradient noise is measured), got {batch_size!r}"
+        )
+    if replacement:
+        return 1.0 / batch_size
+    if N == 1:
+        return 0.0
+    return (N - batch_size) / (batch_size * (N - 1))
+
+
+class GradientNoiseCovariance(LinearOperator):
+    """``Σ_b = s · (1/N) Σ_i c_i c_iᵀ`` with ``c_i = g_i − ḡ`` and ``s`` = :func:`batch_scale`.
+
+    Two storage modes, same numbers:
+
+    * **materialised** (``centered`` holds the ``[N, D]`` matrix of ``c_i``): products are two
+      matrix products; ``trace`` and ``diagonal`` are exact sums of squares;
+    * **streaming** (``centered is None``, for models where N·D numbers do not fit): ``Σ_b V`` is
+      one forward-mode pass (``C V`` as Jacobian-vector products of the per-sample losses, centred
+      over samples) and one reverse pass (``Cᵀ W``) per data chunk; ``trace``/``diagonal`` stream
+      per-sample gradients chunk by chunk.
+
+    Attributes:
+        problem, batch_size, replacement, scale (``s``), theta (snapshot ``[D]``),
+        mean_gradient (``ḡ`` ``[D]``), centered (``[N, D]`` or ``None``).
+    """
+
+    psd = True
+
+    def __init__(
+        self,
+        problem: Problem,
+        batch_size: int = 1,
+        replacement: bool = True,
+        *,
+        materialize: bool | None = None,
+        per_sample: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(problem.dim, problem.dtype, problem.device)
+        self.problem = problem
+        self.batch_size = batch_size
+        self.replacement = bool(replacement)
+        self.scale = batch_scale(problem.num_samples, batch_size, replacement)
+        self.theta = problem.theta()
+        N, D = problem.num_samples, problem.dim
+        if materialize is None:
+            materialize = per_sample is not None or N * D <= MATERIALIZE_LIMIT
+        self.centered: torch.Tensor | None
+        if materialize:
+            G = problem.per_sample_gradients(theta=self.theta) if per_sample is None else per_sample
+            if G.shape != (N, D):
+                raise ValueError(f"per_sample must have shape [{N}, {D}], got {list(G.shape)}")
+            self.mean_gradient = G.mean(0)
+            self.centered = G - self.mean_gradient
+        else:
+            self.mean_gradient = problem.gradient(self.theta)
+            self.centered = None
+        self._trace: torch.Tensor | None = None
+        self._diag: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        mode = "materialised" if self.centered is not None else "streaming"
+        return (
+            f"GradientNoiseCovariance(D={self.shape[0]}, N={self.problem.num_samples}, "
+            f"batch_size={self.batch_size}, replacement={self.replacement}, {mode})"
+        )
+
+    # ------------------------------------------------------------------ factors
+    def factor(self) -> torch.Tensor:
+        """``L`` ``[D, N]`` with ``Σ_b = L Lᵀ`` (materialised mode only): ``L = √(s/N) · Cᵀ``.
+
+        Sampling ``n = L z`` with ``z ~ N(0, I_N)`` gives Gaussian noise with covariance exactly
+        ``Σ_b`` without forming a D×D matrix.
+        """
+        if self.centered is None:
+            raise RuntimeError(
+                "factor() needs the materialised per-sample gradients; build the operator with "
+                "materialize=True (N·D numbers of memory)"
+            )
+        return self.centered.T * (self.scale / self.problem.num_samples) ** 0.5
+
+    # ------------------------------------------------------------------ products
+    def _streaming_products(self, V: torch.Tensor) -> torch.Tensor:
+        """``(1/N) Cᵀ C V`` chunk by chunk, with Jacobian products of the per-sample losses."""
+        problem, theta, gbar = self.problem, self.theta, self.mean_gradient
+        losses = vmap(problem._sample_loss, in_dims=(None, 0, 0))
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            def f(th: torch.Tensor) -> torch.Tensor:
+                return losses(th, x, y)
+
+            GV = vmap(lambda v: jvp(f, (theta,), (v,))[1], in_dims=1, out_dims=1)(V)  # [n, k]
+            W = GV - (gbar @ V)[None, :]  # C V, centred sample by sample
+            _, pullback = vjp(f, theta)
+            CtW = vmap(lambda w: pullback(w)[0], in_dims=1, out_dims=1)(W)  # Gᵀ W
+            # Cᵀ W = Gᵀ W − ḡ (1ᵀ W); the second term is tiny but kept for exactness.
+            return (CtW - gbar[:, None] * W.sum(0)[None, :]) / x.shape[0]
+
+        return problem.reduce_mean(fn)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.centered is not None:
+            C = self.centered
+            return (C.T @ (C @ V)) * (self.scale / self.problem.num_samples)
+        return self._streaming_products(V) * self.scale
+
+    # ------------------------------------------------------------------ exact trace / diagonal
+    def _streamed_squares(self) -> torch.Tensor:
+        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        chunk = self.problem._per_sample_chunk_size()
+        N = self.problem.num_samples
+        for start in range(0, N, chunk):
+            idx = torch.arange(start, min(N, start + chunk), device=self.device)
+            G = self.problem.per_sample_gradients(idx, theta=self.theta)
+            total += ((G - self.mean_gradient) ** 2).sum(0)
+        return total
+
+    def diagonal(self) -> torch.Tensor:
+        """Exact ``diag Σ_b = s · (1/N) Σ_i c_i ⊙ c_i``."""
+        if self._diag is None:
+            sq = (
+                (self.centered**2).sum(0) if self.centered is not None else self._streamed_squares()
+            )
+            self._diag = sq * (self.scale / self.problem.num_samples)
+        return self._diag.clone()
+
+    def trace(self) -> torch.Tensor:
+        """Exact ``Tr Σ_b = s · (1/N) Σ_i ‖c_i‖²``."""
+        if self._trace is None:
+            self._trace = self.diagonal().sum()
+        return self._trace.clone()
+
+
+def gradient_noise_covariance(
+    problem: Problem,
+    batch_size: int = 1,
+    replacement: bool = True,
+    *,
+    materialize: bool | None = None,
+) -> GradientNoiseCovariance:
+    """The covariance ``Σ_b`` of the mini-batch gradient of b samples, at the current θ.
+
+    ``Σ_1 = (1/N) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ``; ``Σ_b = Σ_1 / b`` with replacement,
+    ``Σ_1 (N − b)/(b (N − 1))`` without. Gradient-level: one SGD step with learning rate η has
+    parameter covariance ``η² Σ_b``.
+
+    Args:
+        problem: model, loss and data.
+        batch_size: b, in ``[1, N]``.
+        replacement: whether the mini-batch is drawn with replacement.
+        materialize: store the ``[N, D]`` centred per-sample gradients (fast, exact trace and
+            diagonal) or stream them (memory O(D) per chunk, for very large models). ``None``
+            chooses by size (at most 2^27 numbers are stored).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sgdnoise
+        >>> model = nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> S = sgdnoise.gradient_noise_covariance(
+        ...     sgdnoise.Problem(model, nn.functional.mse_loss, x, y), batch_size=4)
+        >>> bool(S.trace() >= 0)
+        True
+    """
+    return GradientNoiseCovariance(problem, batch_size, replacement, materialize=materialize)

@@ -1,0 +1,67 @@
+"""The Hessian ``H = ∇²L(θ)`` as a matrix-free operator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..problem import Problem
+from .operators import LinearOperator
+
+__all__ = ["HessianOperator", "hessian"]
+
+
+class HessianOperator(LinearOperator):
+    """``H = ∇²L(θ) = (1/n) Σ_i ∇²ℓ(x_i; θ)`` at the θ the model had when the operator was made.
+
+    Products use batched double backward (:meth:`Problem.hvp`): ``H @ V`` with ``V`` ``[D, k]``
+    builds the gradient graph once per data chunk and differentiates it against all k columns.
+    θ is snapshotted at construction, so the operator stays one fixed matrix while the model trains
+    (make a new one to follow the parameters).
+
+    Attributes:
+        problem: the :class:`Problem`.
+        theta: the snapshotted θ ``[D]``.
+        indices: the samples the loss averages over (``None`` = all N).
+        num_products: number of Hessian-vector products computed so far (columns, not calls).
+    """
+
+    def __init__(
+        self, problem: Problem, indices: torch.Tensor | Sequence[int] | None = None
+    ) -> None:
+        super().__init__(problem.dim, problem.dtype, problem.device)
+        self.problem = problem
+        self.theta = problem.theta()
+        self.indices = problem.check_indices(indices)
+        self.num_products = 0
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.num_products += V.shape[1]
+        return self.problem.hvp(V, self.theta, self.indices)
+
+
+def hessian(
+    problem: Problem, indices: torch.Tensor | Sequence[int] | None = None
+) -> HessianOperator:
+    """The Hessian ``H = ∇²L(θ)`` of the mean loss at the model's current parameters.
+
+    Args:
+        problem: model, loss and data.
+        indices: restrict the loss to these samples (``None``: all N samples).
+
+    Returns:
+        A :class:`HessianOperator` (``H @ v`` for ``v`` ``[D]`` or ``[D, k]``; ``to_dense()`` for
+        small D; use :func:`sgdnoise.trace_estimate` or :func:`sgdnoise.top_eigenpairs` for large D).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sgdnoise
+        >>> model = nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> H = sgdnoise.hessian(sgdnoise.Problem(model, nn.functional.mse_loss, x, y))
+        >>> H.shape
+        (4, 4)
+    """
+    return HessianOperator(problem, indices)
