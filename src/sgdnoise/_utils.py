@@ -81,7 +81,7 @@ def check_finite(value: torch.Tensor, what: str, hint: str = "") -> None:
     if not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         raise FloatingPointError(
-            f"{what} is not finite ({bad} of {value.numel()} entries are NaN or inf). "
+            f"{what}: not finite ({bad} of {value.numel()} entries are NaN or inf). "
             + (
                 hint
                 or "Check the model's parameters and inputs for NaN/inf, or lower the learning rate."

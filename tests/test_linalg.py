@@ -1,0 +1,241 @@
+"""Operators, Σ_b, Lanczos and trace estimation against dense float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sgdnoise
+from conftest import make_problem
+from reference import dense_hessian, dense_sigma
+from sgdnoise.linalg import (
+    DenseOperator,
+    DiagonalOperator,
+    LowRankOperator,
+    ScaledIdentityOperator,
+)
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-5}
+
+
+def _spd(D: int, seed: int = 0, spectrum: torch.Tensor | None = None) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
+    lam = spectrum if spectrum is not None else torch.linspace(-1, 5, D, dtype=torch.float64)
+    return (Q * lam) @ Q.T
+
+
+# ---------------------------------------------------------------- operators
+def test_simple_operators_match_dense() -> None:
+    gen = torch.Generator().manual_seed(0)
+    D = 7
+    U = torch.randn(D, 3, generator=gen, dtype=torch.float64)
+    s = torch.rand(3, generator=gen, dtype=torch.float64)
+    d = torch.rand(D, generator=gen, dtype=torch.float64)
+    cases = [
+        (LowRankOperator(U, s), (U * s) @ U.T),
+        (DiagonalOperator(d), torch.diag(d)),
+        (
+            ScaledIdentityOperator(0.3, D, dtype=torch.float64, device="cpu"),
+            0.3 * torch.eye(D, dtype=torch.float64),
+        ),
+    ]
+    V = torch.randn(D, 4, generator=gen, dtype=torch.float64)
+    for op, dense in cases:
+        torch.testing.assert_close(op @ V, dense @ V)
+        torch.testing.assert_close(op @ V[:, 0], dense @ V[:, 0])
+        torch.testing.assert_close(op.to_dense(), dense)
+        torch.testing.assert_close(op.diagonal(), dense.diagonal())
+        torch.testing.assert_close(op.trace(), dense.trace())
+    total = cases[0][0] + cases[1][0].scaled(2.0)
+    torch.testing.assert_close(total.to_dense(), cases[0][1] + 2 * cases[1][1])
+    torch.testing.assert_close(total.trace(), cases[0][1].trace() + 2 * cases[1][1].trace())
+
+
+def test_operator_input_validation() -> None:
+    op = DenseOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \[4\] or a block \[4, k\].*\[5\]"):
+        op @ torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype torch.float64.*torch.float32.*V.to"):
+        op @ torch.zeros(4)
+    with pytest.raises(ValueError, match="shape"):
+        op @ torch.zeros(4, 2, 2, dtype=torch.float64)
+
+
+def test_to_dense_refuses_large_operators() -> None:
+    op = ScaledIdentityOperator(1.0, 10_000, dtype=torch.float32, device="cpu")
+    with pytest.raises(MemoryError, match="refusing to build a dense 10000×10000.*max_dim"):
+        op.to_dense()
+
+
+def test_operator_does_not_mutate_input(kind: str) -> None:
+    problem = make_problem(kind)
+    V = torch.randn(problem.dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    V0 = V.clone()
+    for op in (sgdnoise.hessian(problem), sgdnoise.gradient_noise_covariance(problem, 2)):
+        op @ V
+        assert torch.equal(V, V0)
+
+
+# ---------------------------------------------------------------- Hessian and Σ_b
+def test_hessian_operator_dense(kind: str, dtype: torch.dtype) -> None:
+    problem = make_problem(kind, dtype)
+    H = sgdnoise.hessian(problem)
+    assert H.shape == (problem.dim, problem.dim) and H.dtype == dtype and H.device == problem.device
+    ref = dense_hessian(make_problem(kind)).to(dtype)
+    torch.testing.assert_close(H.to_dense(), ref, **_tol(dtype))
+    torch.testing.assert_close(H.trace(), ref.trace(), **_tol(dtype))
+
+
+@pytest.mark.parametrize("b,replacement", [(1, True), (4, True), (4, False), (24, False)])
+def test_noise_covariance_dense(kind: str, b: int, replacement: bool) -> None:
+    problem = make_problem(kind)
+    ref = dense_sigma(problem, b, replacement)
+    for materialize in (True, False):
+        S = sgdnoise.gradient_noise_covariance(problem, b, replacement, materialize=materialize)
+        torch.testing.assert_close(S.to_dense(), ref, rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(S.trace(), ref.trace(), rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(S.diagonal(), ref.diagonal(), rtol=1e-9, atol=1e-13)
+    if b == 24 and not replacement:  # the whole data set as the batch: no noise
+        assert float(S.trace()) == 0.0
+
+
+def test_noise_covariance_float32_and_factor(dtype: torch.dtype) -> None:
+    problem = make_problem("cnn", dtype)
+    S = sgdnoise.gradient_noise_covariance(problem, 3)
+    ref = dense_sigma(make_problem("cnn"), 3).to(dtype)
+    torch.testing.assert_close(S.to_dense(), ref, **_tol(dtype))
+    L = S.factor()
+    torch.testing.assert_close(L @ L.T, ref, **_tol(dtype))
+
+
+def test_batch_size_validation() -> None:
+    problem = make_problem("mlp", n=10)
+    for bad in (0, 11, 2.5, True):
+        with pytest.raises(
+            ValueError, match=r"batch_size must be an integer in \[1, N\] = \[1, 10\]"
+        ):
+            sgdnoise.gradient_noise_covariance(problem, bad)
+
+
+# ---------------------------------------------------------------- Lanczos
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_top_eigenpairs_dense(k: int) -> None:
+    A = _spd(60)
+    vals, vecs = sgdnoise.top_eigenpairs(DenseOperator(A), k, generator=0)
+    ref_vals, ref_vecs = torch.linalg.eigh(A)
+    torch.testing.assert_close(vals, ref_vals.flip(0)[:k], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+    # Same eigenspace (columns may differ by sign).
+    overlap = (vecs.T @ ref_vecs.flip(1)[:, :k]).abs()
+    torch.testing.assert_close(
+        overlap.diagonal(), torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-7
+    )
+
+
+def test_top_eigenpairs_algebraic_not_magnitude() -> None:
+    # The largest-magnitude eigenvalue is −10, but we want the algebraically largest.
+    spec = torch.cat([torch.tensor([-10.0, 3.0, 2.0]), torch.linspace(-1, 1, 37)]).double()
+    vals, _ = sgdnoise.top_eigenpairs(DenseOperator(_spd(40, 1, spec)), 2, generator=0)
+    torch.testing.assert_close(vals, torch.tensor([3.0, 2.0], dtype=torch.float64))
+
+
+def test_top_eigenpairs_hessian_all_models(kind: str, dtype: torch.dtype) -> None:
+    problem = make_problem(kind, dtype)
+    ref = torch.linalg.eigvalsh(dense_hessian(make_problem(kind))).flip(0)[:3].to(dtype)
+    result = sgdnoise.top_eigenpairs(sgdnoise.hessian(problem), 3, generator=1)
+    assert result.converged and result.eigenvalues.dtype == dtype
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(
+        result.eigenvalues, ref, rtol=0, atol=(1e-8 if dtype == torch.float64 else 2e-3) * scale
+    )
+
+
+def test_top_eigenpairs_repeated_and_degenerate() -> None:
+    spec = torch.cat([torch.full((4,), 5.0), torch.zeros(46)]).double()  # rank 4, repeated
+    vals, vecs = sgdnoise.top_eigenpairs(DenseOperator(_spd(50, 2, spec)), 6, generator=0)
+    torch.testing.assert_close(
+        vals, torch.tensor([5.0] * 4 + [0.0] * 2, dtype=torch.float64), rtol=0, atol=1e-9
+    )
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_top_eigenpairs_reports_nonconvergence() -> None:
+    A = DenseOperator(_spd(300, 3, torch.linspace(0, 1, 300, dtype=torch.float64)))  # no gap
+    with pytest.raises(sgdnoise.ConvergenceError, match="did not converge within") as info:
+        sgdnoise.top_eigenpairs(A, 5, generator=0, max_matvecs=30, tol=1e-12)
+    assert not info.value.result.converged
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        sgdnoise.top_eigenpairs(
+            A, 5, generator=0, max_matvecs=30, tol=1e-12, on_nonconvergence="warn"
+        )
+
+
+def test_top_eigenpairs_warm_start_and_determinism() -> None:
+    A = DenseOperator(
+        _spd(200, 4, torch.cat([torch.linspace(10, 5, 10), torch.linspace(0, 1, 190)]).double())
+    )
+    cold = sgdnoise.top_eigenpairs(A, 5, generator=0)
+    again = sgdnoise.top_eigenpairs(A, 5, generator=0)
+    assert torch.equal(cold.eigenvalues, again.eigenvalues) and torch.equal(
+        cold.eigenvectors, again.eigenvectors
+    )
+    warm = sgdnoise.top_eigenpairs(A, 5, generator=0, v0=cold.eigenvectors)
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues)
+    assert warm.num_matvecs < cold.num_matvecs
+
+
+def test_top_eigenpairs_bad_k() -> None:
+    A = DenseOperator(torch.eye(5, dtype=torch.float64))
+    for bad in (0, -1, 6, 1.5):
+        with pytest.raises(ValueError, match=r"k must be an integer in \[1, D\] = \[1, 5\]"):
+            sgdnoise.top_eigenpairs(A, bad)
+
+
+# ---------------------------------------------------------------- traces
+def test_trace_estimators_unbiased_and_seeded() -> None:
+    A = DenseOperator(
+        _spd(
+            80,
+            5,
+            torch.cat(
+                [
+                    torch.linspace(50, 10, 5),
+                    torch.rand(75, generator=torch.Generator().manual_seed(0)),
+                ]
+            ).double(),
+        )
+    )
+    exact = float(A.matrix.trace())
+    for method in ("hutchinson", "hutch++"):
+        est = sgdnoise.trace_estimate(A, 60, method=method, generator=7)
+        assert est.method == method and est.num_matvecs == 60
+        assert abs(est.value - exact) < 4 * est.stderr + 1e-9, (method, est, exact)
+        same = sgdnoise.trace_estimate(A, 60, method=method, generator=7)
+        assert same == est
+    # Hutch++ is far more accurate here: a few dominant eigenvalues are captured exactly.
+    hpp = [sgdnoise.trace_estimate(A, 30, generator=s).value - exact for s in range(20)]
+    hut = [
+        sgdnoise.trace_estimate(A, 30, method="hutchinson", generator=s).value - exact
+        for s in range(20)
+    ]
+    assert torch.tensor(hpp).pow(2).mean() < torch.tensor(hut).pow(2).mean() / 4
+
+
+def test_trace_estimate_exact_for_low_rank() -> None:
+    gen = torch.Generator().manual_seed(0)
+    op = LowRankOperator(torch.randn(50, 4, generator=gen, dtype=torch.float64))
+    est = sgdnoise.trace_estimate(op, 15, generator=0)
+    assert abs(est.value - float(op.trace())) < 1e-9
+
+
+def test_trace_estimate_errors() -> None:
+    A = DenseOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown method 'exact'"):
+        sgdnoise.trace_estimate(A, 10, method="exact", generator=0)
+    with pytest.raises(ValueError, match="num_matvecs >= 3"):
+        sgdnoise.trace_estimate(A, 2, generator=0)
+    with pytest.raises(TypeError, match="torch.Generator or an int seed"):
+        sgdnoise.trace_estimate(A, 10, generator=None)

@@ -1,0 +1,161 @@
+"""Problem: flat parameters, loss, gradient, Hessian products, per-sample gradients, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sgdnoise
+from conftest import make_problem
+from reference import dense_hessian, loop_per_sample_gradients
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-5}
+
+
+def test_flat_order_follows_trainable_parameters(kind: str) -> None:
+    problem = make_problem(kind)
+    trainable = [p for p in problem.model.parameters() if p.requires_grad]
+    expected = torch.cat([p.detach().reshape(-1) for p in trainable])
+    assert torch.equal(problem.theta(), expected)
+    assert problem.dim == expected.numel()
+    back = problem.unflatten(problem.theta())
+    assert [t.shape for t in back.values()] == [p.shape for p in trainable]
+
+
+def test_frozen_parameters_are_constants() -> None:
+    problem = make_problem("frozen")
+    total = sum(p.numel() for p in problem.model.parameters())
+    assert problem.dim == total - 5  # the frozen bias of the first layer is not in θ
+    assert "0.bias" not in problem.param_names
+
+
+def test_loss_and_gradient_match_autograd(kind: str, dtype: torch.dtype) -> None:
+    problem = make_problem(kind, dtype, chunk_size=7)  # uneven chunks: weighting by size matters
+    model = problem.model
+    loss = problem.loss_fn(model(problem.inputs), problem.targets)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, trainable)
+    L, g = problem.loss_and_gradient()
+    torch.testing.assert_close(L, loss.detach(), **_tol(dtype))
+    torch.testing.assert_close(g, torch.cat([x.reshape(-1) for x in grads]), **_tol(dtype))
+    assert L.dtype == dtype and g.dtype == dtype
+
+
+def test_hvp_matches_dense_hessian(kind: str, dtype: torch.dtype) -> None:
+    problem = make_problem(kind, dtype, chunk_size=10)
+    H_ref = dense_hessian(make_problem(kind, torch.float64)).to(dtype)
+    V = torch.randn(problem.dim, 5, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    torch.testing.assert_close(problem.hvp(V), H_ref @ V, **_tol(dtype))
+    torch.testing.assert_close(problem.hvp(V[:, :1]), H_ref @ V[:, :1], **_tol(dtype))
+
+
+def test_per_sample_gradients_match_loop(kind: str, dtype: torch.dtype) -> None:
+    problem = make_problem(kind, dtype, chunk_size=5)
+    G = sgdnoise.per_sample_gradients(problem)
+    torch.testing.assert_close(G, loop_per_sample_gradients(problem), **_tol(dtype))
+    idx = torch.tensor([3, 0, 3])
+    torch.testing.assert_close(sgdnoise.per_sample_gradients(problem, idx), G[idx], **_tol(dtype))
+    # The mean of the per-sample gradients is the full gradient.
+    torch.testing.assert_close(G.mean(0), problem.gradient(), **_tol(dtype))
+
+
+def test_batched_loss_matches_loop(kind: str) -> None:
+    problem = make_problem(kind)
+    thetas = problem.theta()[None] + 0.1 * torch.randn(
+        3, problem.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    expected = torch.stack([problem.loss(t) for t in thetas])
+    torch.testing.assert_close(problem.batched_loss(thetas), expected)
+
+
+def test_problem_follows_model_updates() -> None:
+    problem = make_problem("mlp")
+    before = problem.loss()
+    with torch.no_grad():
+        next(problem.model.parameters()).add_(0.5)
+    assert not torch.equal(before, problem.loss())
+
+
+# ---------------------------------------------------------------- errors
+def test_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match=r"same number of samples.*\[5, 3\].*\[4\]"):
+        sgdnoise.Problem(nn.Linear(3, 2), F.cross_entropy, torch.zeros(5, 3), torch.zeros(4))
+
+
+def test_no_trainable_parameters() -> None:
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sgdnoise.Problem(
+            model, F.cross_entropy, torch.zeros(5, 3), torch.zeros(5, dtype=torch.long)
+        )
+
+
+def test_loss_not_scalar() -> None:
+    problem = sgdnoise.Problem(
+        nn.Linear(3, 2),
+        lambda o, t: F.cross_entropy(o, t, reduction="none"),
+        torch.zeros(4, 3),
+        torch.zeros(4, dtype=torch.long),
+    )
+    with pytest.raises(ValueError, match="scalar mean loss.*reduction='mean'"):
+        problem.loss()
+
+
+def test_non_finite_loss_and_gradient() -> None:
+    problem = make_problem("mlp")
+    with torch.no_grad():
+        next(problem.model.parameters())[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="the loss: not finite"):
+        problem.loss()
+    with pytest.raises(FloatingPointError, match="not finite"):
+        problem.gradient()
+    with pytest.raises(FloatingPointError, match="per-sample gradients: not finite"):
+        sgdnoise.per_sample_gradients(problem)
+
+
+def test_batchnorm_and_dropout_in_training_mode_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    problem = sgdnoise.Problem(
+        model, F.cross_entropy, torch.randn(6, 3), torch.zeros(6, dtype=torch.long)
+    )
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d, training mode.*model.eval\(\)"):
+        sgdnoise.per_sample_gradients(problem)
+    with pytest.raises(RuntimeError, match="BatchNorm1d"):
+        sgdnoise.hessian(problem) @ torch.randn(problem.dim)
+    model.eval()
+    assert sgdnoise.per_sample_gradients(problem).shape == (6, problem.dim)
+    drop = sgdnoise.Problem(
+        nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)),
+        F.cross_entropy,
+        torch.randn(6, 3),
+        torch.zeros(6, dtype=torch.long),
+    )
+    with pytest.raises(RuntimeError, match="Dropout, training mode"):
+        drop.loss()
+
+
+def test_bad_indices_and_chunk_size() -> None:
+    problem = make_problem("mlp", n=10)
+    with pytest.raises(IndexError, match=r"\[0, 9\]"):
+        sgdnoise.per_sample_gradients(problem, [0, 10])
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        sgdnoise.Problem(
+            nn.Linear(3, 2),
+            F.cross_entropy,
+            torch.zeros(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            chunk_size=0,
+        )
+
+
+def test_inputs_follow_model_dtype() -> None:
+    model = nn.Linear(3, 2).double()
+    problem = sgdnoise.Problem(
+        model, F.cross_entropy, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    )
+    assert problem.inputs.dtype == torch.float64 and problem.targets.dtype == torch.long
+    assert problem.dtype == torch.float64
