@@ -159,3 +159,48 @@ def test_inputs_follow_model_dtype() -> None:
     )
     assert problem.inputs.dtype == torch.float64 and problem.targets.dtype == torch.long
     assert problem.dtype == torch.float64
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (3, 2)])
+def test_per_sample_gradients_by_hooks_match_vmap(stride: int, padding: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=stride, padding=padding),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(4),
+    )
+    x = torch.randn(9, 2, 8, 7, generator=gen)
+    model(x)  # materialise the lazy layer
+    model = model.double()
+    problem = sgdnoise.Problem(model, F.cross_entropy, x, torch.randint(0, 4, (9,), generator=gen))
+    hooks = problem.per_sample_gradients(method="hooks")
+    torch.testing.assert_close(
+        hooks, problem.per_sample_gradients(method="vmap"), rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(hooks, loop_per_sample_gradients(problem), rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_gradients_hooks_fallbacks() -> None:
+    class Shared(nn.Module):  # one layer called twice: hooks cannot separate the calls
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(torch.tanh(self.lin(x)))
+
+    gen = torch.Generator().manual_seed(0)
+    problem = sgdnoise.Problem(
+        Shared().double(),
+        F.cross_entropy,
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.zeros(5, dtype=torch.long),
+    )
+    torch.testing.assert_close(problem.per_sample_gradients(), loop_per_sample_gradients(problem))
+    off = problem.theta() + 0.1  # not the current parameters: vmap is used
+    assert problem.per_sample_gradients(theta=off).shape == (5, problem.dim)
+    with pytest.raises(ValueError, match="method='hooks' needs"):
+        problem.per_sample_gradients(theta=off, method="hooks")
+    with pytest.raises(ValueError, match="method must be 'auto', 'vmap' or 'hooks'"):
+        problem.per_sample_gradients(method="loop")

@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
+from . import _per_sample as _hooks
 from ._utils import check_finite
 
 __all__ = ["Problem", "per_sample_gradients"]
@@ -120,6 +121,7 @@ class Problem:
         self.targets = targets.to(self.device, self.dtype if targets.is_floating_point() else None)
         self.num_samples: int = int(inputs.shape[0])
         self.chunk_size = chunk_size
+        self._forward_mode_ok = True
 
     # ------------------------------------------------------------------ flat parameters
     def __repr__(self) -> str:
@@ -300,31 +302,52 @@ class Problem:
         V: torch.Tensor,
         theta: torch.Tensor | None = None,
         indices: torch.Tensor | None = None,
+        *,
+        max_columns: int = 16,
     ) -> torch.Tensor:
-        """Hessian products ``∇²L(θ) V`` for ``V`` of shape ``[D, k]`` (batched double backward).
+        """Hessian products ``∇²L(θ) V`` for ``V`` of shape ``[D, k]``.
 
-        The gradient graph is built once per chunk and differentiated against all k columns at
-        once (``is_grads_batched``), so k products cost far less than k separate passes.
+        Forward-over-reverse (``vmap`` over ``jvp(grad(L))``): the primal forward/backward is
+        shared by all columns and only the tangents are batched, ``max_columns`` at a time to
+        bound memory. Falls back to batched double backward for operations without forward-mode
+        derivatives.
         """
         self._check_decoupled("Hessian-vector products")
         theta = (self.theta() if theta is None else theta).detach()
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            th = theta.clone().requires_grad_(True)
-            with torch.enable_grad():
-                loss = self._batch_loss(th, x, y)
-                (g,) = torch.autograd.grad(loss, th, create_graph=True)
-                if not g.requires_grad:  # the loss is linear in θ: H = 0
-                    return torch.zeros_like(V)
-                if V.shape[1] == 1:
-                    (hv,) = torch.autograd.grad(g, th, grad_outputs=V[:, 0])
-                    return hv[:, None]
-                (hv,) = torch.autograd.grad(g, th, grad_outputs=V.T, is_grads_batched=True)
-            return hv.T
+            blocks = [
+                self._hvp_block(theta, V[:, j : j + max_columns], x, y)
+                for j in range(0, V.shape[1], max_columns)
+            ]
+            return torch.cat(blocks, dim=1)
 
         out = self.reduce_mean(fn, indices)
         check_finite(out, "a Hessian-vector product")
         return out
+
+    def _hvp_block(
+        self, theta: torch.Tensor, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        if self._forward_mode_ok:
+            g = grad(lambda t: self._batch_loss(t, x, y))
+            try:
+                return vmap(lambda v: jvp(g, (theta,), (v,))[1], in_dims=1, out_dims=1)(V)
+            except (NotImplementedError, RuntimeError) as exc:
+                if "forward" not in str(exc).lower() and "jvp" not in str(exc).lower():
+                    raise
+                self._forward_mode_ok = False  # e.g. an op without a forward-mode derivative
+        th = theta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._batch_loss(th, x, y)
+            (g,) = torch.autograd.grad(loss, th, create_graph=True)
+            if not g.requires_grad:  # the loss is linear in θ: H = 0
+                return torch.zeros_like(V)
+            if V.shape[1] == 1:
+                (hv,) = torch.autograd.grad(g, th, grad_outputs=V[:, 0])
+                return hv[:, None]
+            (hv,) = torch.autograd.grad(g, th, grad_outputs=V.T, is_grads_batched=True)
+        return hv.T
 
     # ------------------------------------------------------------------ per-sample quantities
     def _per_sample_chunk_size(self) -> int:
@@ -336,14 +359,41 @@ class Problem:
         self,
         indices: torch.Tensor | Sequence[int] | None = None,
         theta: torch.Tensor | None = None,
+        *,
+        method: str = "auto",
     ) -> torch.Tensor:
-        """Per-sample gradients ``G[i] = ∇_θ ℓ(x_i; θ)`` ``[n, D]`` (vmap over samples, chunked)."""
+        """Per-sample gradients ``G[i] = ∇_θ ℓ(x_i; θ)`` ``[n, D]``, chunked.
+
+        Args:
+            indices: sample indices (``None``: all N).
+            theta: evaluation point (``None``: the model's current parameters).
+            method: ``"vmap"`` (``torch.func.vmap(grad(...))``, any model), ``"hooks"`` (one
+                forward and one backward pass with layer hooks; models whose trainable parameters
+                all belong to ``nn.Linear``/``nn.Conv2d`` layers, at the current parameters), or
+                ``"auto"`` (hooks where possible, else vmap).
+        """
+        if method not in ("auto", "vmap", "hooks"):
+            raise ValueError(f"method must be 'auto', 'vmap' or 'hooks', got {method!r}")
         self._check_decoupled("per_sample_gradients")
         idx = self.check_indices(indices)
-        theta = (self.theta() if theta is None else theta).detach()
+        current = self.theta()
+        theta = current if theta is None else theta.detach()
+        plan = _hooks.hook_plan(self.model, self.param_names) if method != "vmap" else None
+        at_current = theta is current or torch.equal(theta, current)
+        if method == "hooks" and (plan is None or not at_current):
+            raise ValueError(
+                "method='hooks' needs every trainable parameter to be the weight/bias of an "
+                "nn.Linear or nn.Conv2d (groups=1, zero padding) layer and theta to be the model's "
+                "current parameters; use method='vmap' for other models"
+            )
         per_sample = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))
         size = self._per_sample_chunk_size()
-        parts = [per_sample(theta, x, y) for x, y, _ in self.chunks(idx, size)]
+        parts = []
+        for x, y, _ in self.chunks(idx, size):
+            G = None
+            if plan is not None and at_current:
+                G = _hooks.per_sample_gradients_by_hooks(self.model, self.loss_fn, plan, x, y)
+            parts.append(per_sample(theta, x, y) if G is None else G.detach())
         G = torch.cat(parts, dim=0)
         check_finite(G, "the per-sample gradients")
         return G
