@@ -1,0 +1,212 @@
+"""Commands that span experiments: ``sgdnoise reproduce``, ``sgdnoise plot``, ``sgdnoise list``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .experiments import EXPERIMENTS
+from .experiments._common import RunDir, resolve_device
+
+__all__ = ["add_parsers", "reproduce"]
+
+PROFILES = ("smoke", "quick", "paper")
+
+#: Rough wall time of each experiment's presets (2-core CPU / one GPU), for ``sgdnoise list``.
+COST = {
+    "toy": {"smoke": "2 s", "quick": "15 s", "paper": "30 s"},
+    "indicator": {"smoke": "5 s", "quick": "2 min", "paper": "5 min"},
+    "prop1": {"smoke": "2 s", "quick": "10 s", "paper": "1 min"},
+    "fashion": {"smoke": "40 s", "quick": "25 min", "paper": "GPU: ~1 h per seed"},
+}
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"sgdnoise.experiments.{name}")
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return json.loads(json.dumps(data, default=str))
+
+
+def _finished(run_dir: Path, config: Any) -> bool:
+    """A part is finished when its results.json exists and was made with the same configuration."""
+    rd = RunDir(run_dir)
+    if not (rd.exists("results.json") and rd.exists("config.json")):
+        return False
+    try:
+        saved = rd.read_json("config.json")
+    except (OSError, json.JSONDecodeError):
+        return False
+    saved = saved.get("config", saved) if isinstance(saved, dict) else saved
+    want = _config_dict(config)
+    return all(saved.get(k) == v for k, v in want.items())
+
+
+def reproduce(
+    profile: str = "quick",
+    out: str | Path = "results",
+    *,
+    device: str = "cpu",
+    only: tuple[str, ...] | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every experiment's ``profile`` preset into ``out/<name>``, then write the report.
+
+    Parts already finished in ``out`` with the same configuration are skipped; an interrupted
+    FashionMNIST run resumes from its checkpoints. Returns the timings.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    names = tuple(only) if only else EXPERIMENTS
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; valid: {', '.join(EXPERIMENTS)}")
+    dev = resolve_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings: dict[str, Any] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    # Resolve and validate every configuration before any work starts.
+    plan = []
+    for name in names:
+        mod = _module(name)
+        config = mod.PRESETS[profile]
+        if name == "fashion" and data_dir is not None:
+            config = dataclasses.replace(config, data_dir=data_dir)
+        if hasattr(config, "validate"):
+            config.validate()
+        plan.append((name, mod, config))
+    for i, (name, mod, config) in enumerate(plan, 1):
+        run_dir = out / name
+        head = f"[{i}/{len(plan)}] {name} ({profile})"
+        if _finished(run_dir, config):
+            print(f"{head}: already finished in {run_dir}, skipped", file=sys.stderr, flush=True)
+            continue
+        print(f"{head}: running into {run_dir} ...", file=sys.stderr, flush=True)
+        kwargs: dict[str, Any] = {"device": dev, "progress": progress}
+        if "preset" in inspect.signature(mod.run).parameters:
+            kwargs["preset"] = profile
+        t0 = time.perf_counter()
+        mod.run(config, run_dir, **kwargs)
+        timings[name] = {
+            "profile": profile,
+            "seconds": time.perf_counter() - t0,
+            "device": str(dev),
+        }
+        RunDir(out).write_json("timings.json", timings)
+    from .report import write_report
+
+    write_report(out, profile=profile)
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}", file=sys.stderr)
+    return timings
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    reproduce(
+        args.profile,
+        args.out,
+        device=args.device,
+        only=tuple(args.only) if args.only else None,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
+    if (run_dir / "results.json").exists() and (run_dir / "config.json").exists():
+        targets = [(run_dir, _experiment_of(run_dir))]
+    else:  # a reproduce output folder: redraw every part, then the report
+        targets = [(run_dir / n, n) for n in EXPERIMENTS if (run_dir / n / "results.json").exists()]
+        if not targets:
+            raise FileNotFoundError(
+                f"{str(run_dir)!r} holds no results.json; pass a run directory written by an "
+                "sgdnoise experiment (or a `sgdnoise reproduce` output folder)"
+            )
+    for path, name in targets:
+        files = _module(name).plot(path)
+        for f in files or []:
+            print(f)
+    if len(targets) > 1 or (run_dir / "timings.json").exists():
+        from .report import write_report
+
+        write_report(run_dir)
+    return 0
+
+
+def _experiment_of(run_dir: Path) -> str:
+    for source in ("results.json", "config.json"):
+        try:
+            data = json.loads((run_dir / source).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        name = data.get("experiment") if isinstance(data, dict) else None
+        if name in EXPERIMENTS:
+            return name
+    if run_dir.name in EXPERIMENTS:
+        return run_dir.name
+    raise ValueError(
+        f"cannot tell which experiment wrote {str(run_dir)!r} (no 'experiment' key in its "
+        f"results.json/config.json and the folder is not named one of {', '.join(EXPERIMENTS)})"
+    )
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    print("experiments (sgdnoise <name> --help for options):")
+    for name in EXPERIMENTS:
+        mod = _module(name)
+        doc = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
+        print(f"  {name:<10} {doc}")
+        for profile in PROFILES:
+            if profile in getattr(mod, "PRESETS", {}):
+                print(f"      --profile {profile:<6} ~{COST.get(name, {}).get(profile, '?')}")
+    print("\n`sgdnoise reproduce --profile P` runs all of them and writes report.md/report.html.")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``reproduce``, ``plot`` and ``list`` on the top-level sub-parser."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "reproduce",
+        help="run every experiment of the paper and write the report",
+        description="Run every experiment (2-D toy, indicator, Proposition 1, FashionMNIST) with "
+        "one profile, skipping parts already finished in --out, then write report.md and "
+        "report.html. Interrupted runs resume when the same command is run again.",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--profile", choices=PROFILES, default="quick", help="cost tier of every experiment"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--out", default="results", help="output folder (one sub-folder per experiment)")
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, help="run only these experiments")
+    p.add_argument("--data-dir", default=None, help="folder with the four FashionMNIST IDX files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser(
+        "plot",
+        help="redraw figures (and the report) from saved results, without recomputing",
+        formatter_class=fmt,
+    )
+    p.add_argument("run_dir", help="a run directory, or a `reproduce` output folder")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser(
+        "list", help="list experiments and presets with their estimated cost", formatter_class=fmt
+    )
+    p.set_defaults(func=_cmd_list)
