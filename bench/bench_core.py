@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -128,7 +129,13 @@ def case(name: str, what: str, device: str, dense_columns: int, loop_samples: in
         _loop_per_sample(problem, n)
         out["samples_timed"] = n
     elif what in ("psg_hooks", "psg_vmap"):
-        problem.per_sample_gradients(method=what.split("_")[1])
+        try:
+            problem.per_sample_gradients(method=what.split("_")[1])
+        except ValueError as exc:  # hooks need nn.Linear/nn.Conv2d layers
+            out.update(
+                seconds=math.nan, skipped=str(exc), peak_rss_mb=_rss_mb(), rss_increase_mb=0.0
+            )
+            return out
     else:
         raise ValueError(what)
     sync()
@@ -216,7 +223,9 @@ def main() -> int:
             "per_sample_loop_seconds": loop_time,
             "per_sample_hooks_seconds": r["psg_hooks"]["seconds"],
             "per_sample_vmap_seconds": r["psg_vmap"]["seconds"],
-            "per_sample_speedup_hooks": loop_time / r["psg_hooks"]["seconds"],
+            "per_sample_speedup_hooks": loop_time / r["psg_hooks"]["seconds"]
+            if r["psg_hooks"]["seconds"] == r["psg_hooks"]["seconds"]
+            else None,
             "per_sample_speedup_vmap": loop_time / r["psg_vmap"]["seconds"],
             "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in r.items()},
             "dense_hessian_mb": D * D * 4 / 2**20,
