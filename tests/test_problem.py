@@ -204,3 +204,12 @@ def test_per_sample_gradients_hooks_fallbacks() -> None:
         problem.per_sample_gradients(theta=off, method="hooks")
     with pytest.raises(ValueError, match="method must be 'auto', 'vmap' or 'hooks'"):
         problem.per_sample_gradients(method="loop")
+
+
+def test_hvp_of_a_loss_linear_in_theta_is_zero() -> None:
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    problem = sgdnoise.Problem(model, lambda out, _: out.mean(), x, torch.zeros(10))
+    for k in (1, 3):
+        V = torch.ones(problem.dim, k, dtype=torch.float64)
+        assert torch.equal(problem.hvp(V), torch.zeros_like(V))

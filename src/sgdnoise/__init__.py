@@ -7,6 +7,9 @@ Public API (names and meanings are fixed; see the README for the conventions):
   ingredients, as tensors or matrix-free :class:`~sgdnoise.linalg.LinearOperator` s.
 * :func:`top_eigenpairs` (Lanczos), :func:`trace_estimate` (Hutchinson / Hutch++).
 * :func:`escape_indicator` (Tr(HΣ) vs Tr(HΣ̄)), :func:`alignment`, :func:`expected_sharpness`.
+* :func:`noise_model` / :func:`noise_structures` — registered gradient-noise structures.
+* :class:`GLD`, :class:`GD`, :class:`MinibatchSGD`, :func:`make_optimizer`, :func:`run_dynamics`,
+  :func:`gld_step` — noise-injected dynamics sharing one code path.
 """
 
 from .linalg import (
@@ -35,11 +38,30 @@ from .measures import (
     escape_indicator,
     expected_sharpness,
 )
+from .noise import (
+    NoiseModel,
+    noise_model,
+    noise_structures,
+    per_sample_gradients_and_losses,
+    weighted_gradients,
+)
+from .optim import (
+    GD,
+    GLD,
+    MinibatchSGD,
+    StepInfo,
+    dynamics_names,
+    gld_step,
+    make_optimizer,
+    run_dynamics,
+)
 from .problem import Problem, per_sample_gradients
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GD",
+    "GLD",
     "Alignment",
     "ConvergenceError",
     "DenseOperator",
@@ -51,18 +73,29 @@ __all__ = [
     "HessianOperator",
     "LinearOperator",
     "LowRankOperator",
+    "MinibatchSGD",
+    "NoiseModel",
     "Problem",
     "ScaledIdentityOperator",
+    "StepInfo",
     "SumOperator",
     "TraceEstimate",
     "__version__",
     "alignment",
     "batch_scale",
+    "dynamics_names",
     "escape_indicator",
     "expected_sharpness",
+    "gld_step",
     "gradient_noise_covariance",
     "hessian",
+    "make_optimizer",
+    "noise_model",
+    "noise_structures",
     "per_sample_gradients",
+    "per_sample_gradients_and_losses",
+    "run_dynamics",
     "top_eigenpairs",
     "trace_estimate",
+    "weighted_gradients",
 ]

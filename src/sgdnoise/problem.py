@@ -332,7 +332,8 @@ class Problem:
         if self._forward_mode_ok:
             g = grad(lambda t: self._batch_loss(t, x, y))
             try:
-                return vmap(lambda v: jvp(g, (theta,), (v,))[1], in_dims=1, out_dims=1)(V)
+                # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
+                return vmap(lambda v: jvp(g, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(V)
             except (NotImplementedError, RuntimeError) as exc:
                 if "forward" not in str(exc).lower() and "jvp" not in str(exc).lower():
                     raise

@@ -1,0 +1,299 @@
+"""The noise-structure interface and its registry.
+
+A *noise structure* describes gradient-level noise ``n`` added to the full-batch gradient,
+
+    θ ← θ − η (∇L(θ) + n),     so the parameter-level covariance of one step is η² Cov(n),
+
+built from a :class:`~sgdnoise.Problem` (at its current θ) and the mini-batch size b whose SGD
+noise covariance ``Σ_b`` it imitates (``Σ_1 = (1/N) Σ_i c_i c_iᵀ``, ``c_i = g_i − ḡ``;
+``Σ_b = Σ_1 / b`` with replacement, ``Σ_1 (N − b)/(b (N − 1))`` without).
+
+Every structure is one small class registered under a name; :func:`noise_model` builds one and
+:func:`noise_structures` lists the names. An instance exposes
+
+* ``covariance`` — ``Cov(n)`` as a matrix-free :class:`~sgdnoise.linalg.LinearOperator`;
+* ``sample(num, *, generator)`` — ``[num, D]`` independent draws;
+* ``refresh(problem=None, *, per_sample=None)`` — rebuild at the problem's current θ (eigen
+  solvers warm-start from the previous refresh);
+* for Gaussian structures, ``unit_dim`` r and ``transform(z)``: ``sample`` draws ``z ~ N(0, I_r)``
+  rows from the generator and returns ``transform(z)`` = rows ``L z`` with ``L Lᵀ = Cov(n)``;
+* ``config`` — a dict that rebuilds the same structure via ``noise_model(**config)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .._utils import as_generator, randn
+from ..linalg.covariance import GradientNoiseCovariance, batch_scale
+from ..linalg.operators import LinearOperator
+from ..problem import Problem
+
+__all__ = ["NoiseModel", "noise_model", "noise_structures", "register_noise"]
+
+_REGISTRY: dict[str, type[NoiseModel]] = {}
+
+
+def _describe_options(cls: type[NoiseModel]) -> str:
+    if not cls.option_defaults:
+        return "none"
+    return ", ".join(f"{k} (default {v!r})" for k, v in cls.option_defaults.items())
+
+
+class NoiseModel:
+    """Base class of the registered noise structures (see the module docstring).
+
+    Subclasses set ``name``, ``option_defaults`` (option name → default; the only accepted
+    options), optionally ``_check_option(name, value)`` for value checks, and implement
+    ``_refresh(per_sample)`` (which must set ``self.covariance``), ``unit_dim`` and
+    ``transform(z)``.
+
+    Attributes:
+        problem: the :class:`~sgdnoise.Problem` of the last refresh.
+        batch_size: b. replacement: whether Σ_b is for mini-batches drawn with replacement.
+        scale: s with ``Σ_b = s Σ_1`` (:func:`~sgdnoise.batch_scale`).
+        options: the resolved options (defaults filled in).
+        theta: θ ``[D]`` at the last refresh. num_refreshes: refreshes so far.
+        covariance: ``Cov(n)`` at the last refresh.
+        sigma_trace: ``Tr Σ_b`` at the last refresh (``None`` for structures that do not need it).
+    """
+
+    name: ClassVar[str] = ""
+    option_defaults: ClassVar[dict[str, Any]] = {}
+    #: whether a refresh uses the per-sample gradients (so an optimizer can pass them in).
+    needs_per_sample: ClassVar[bool] = True
+    #: whether the noise is Gaussian, ``n = L z`` with ``z ~ N(0, I_r)`` (``transform`` exists).
+    gaussian: ClassVar[bool] = True
+
+    covariance: LinearOperator
+
+    def __init__(
+        self,
+        problem: Problem,
+        batch_size: int = 1,
+        *,
+        replacement: bool = True,
+        per_sample: torch.Tensor | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(problem, Problem):
+            raise TypeError(
+                f"noise structure {self.name!r} needs a sgdnoise.Problem, got {type(problem).__name__}"
+            )
+        self.scale = batch_scale(problem.num_samples, batch_size, replacement)
+        self.batch_size = batch_size
+        self.replacement = bool(replacement)
+        self.options = self._resolve_options(options)
+        self.problem = problem
+        self.num_refreshes = 0
+        self.sigma_trace: torch.Tensor | None = None
+        self.refresh(problem, per_sample=per_sample)
+
+    # ------------------------------------------------------------------ options
+    @classmethod
+    def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(options) - set(cls.option_defaults))
+        if unknown:
+            raise TypeError(
+                f"noise structure {cls.name!r} has no option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: {_describe_options(cls)}"
+            )
+        resolved = dict(cls.option_defaults)
+        resolved.update(options)
+        for key, value in resolved.items():
+            cls._check_option(key, value)
+        return resolved
+
+    @classmethod
+    def _check_option(cls, key: str, value: Any) -> None:
+        """Raise ``ValueError`` for a bad option value (subclasses)."""
+
+    @staticmethod
+    def _positive_int(cls_name: str, key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"noise structure {cls_name!r}: option {key} must be a positive int, got {value!r}"
+            )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``{"name", "batch_size", "replacement", **options}``: ``noise_model(problem=..., **config)``
+        rebuilds the same structure."""
+        return {
+            "name": self.name,
+            "batch_size": self.batch_size,
+            "replacement": self.replacement,
+            **self.options,
+        }
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return (
+            f"{type(self).__name__}(name={self.name!r}, D={self.problem.dim}, "
+            f"batch_size={self.batch_size}, replacement={self.replacement}"
+            + (f", {opts}" if opts else "")
+            + f", refreshes={self.num_refreshes})"
+        )
+
+    # ------------------------------------------------------------------ refresh
+    def refresh(
+        self, problem: Problem | None = None, *, per_sample: torch.Tensor | None = None
+    ) -> NoiseModel:
+        """Rebuild the covariance at the problem's current θ (returns ``self``).
+
+        Args:
+            problem: a problem with the same D, dtype and device (default: the current one), e.g.
+                the same model on new data.
+            per_sample: the ``[N, D]`` per-sample gradients at the current θ if the caller already
+                has them (an optimizer that also needs ``∇L = G.mean(0)``); saves a pass.
+        """
+        problem = self.problem if problem is None else problem
+        if problem is not self.problem:
+            old = self.problem
+            if (problem.dim, problem.dtype, problem.device) != (old.dim, old.dtype, old.device):
+                raise ValueError(
+                    f"refresh needs a problem with the same D, dtype and device as before "
+                    f"(D={old.dim}, {old.dtype}, {old.device}); got D={problem.dim}, "
+                    f"{problem.dtype}, {problem.device}. Build a new noise model instead."
+                )
+            self.scale = batch_scale(problem.num_samples, self.batch_size, self.replacement)
+            self.problem = problem
+        if per_sample is not None and per_sample.shape != (problem.num_samples, problem.dim):
+            raise ValueError(
+                f"per_sample must have shape [N, D] = [{problem.num_samples}, {problem.dim}], "
+                f"got {list(per_sample.shape)}"
+            )
+        self.theta = problem.theta()
+        self._refresh(per_sample)
+        self.num_refreshes += 1
+        return self
+
+    def _refresh(self, per_sample: torch.Tensor | None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _sigma(
+        self, per_sample: torch.Tensor | None, *, materialize: bool | None = None
+    ) -> GradientNoiseCovariance:
+        """``Σ_b`` at the current θ (from ``per_sample`` when given); records ``sigma_trace``."""
+        if per_sample is not None:
+            cov = GradientNoiseCovariance(
+                self.problem, self.batch_size, self.replacement, per_sample=per_sample
+            )
+        else:
+            cov = GradientNoiseCovariance(
+                self.problem, self.batch_size, self.replacement, materialize=materialize
+            )
+        self.sigma_trace = cov.trace()
+        return cov
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def unit_dim(self) -> int:  # pragma: no cover - abstract
+        """r, the number of standard normal numbers per draw."""
+        raise NotImplementedError
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Rows ``L z_j`` for ``z`` ``[num, r]`` with ``L Lᵀ = covariance`` (Gaussian structures)."""
+        raise NotImplementedError
+
+    def _check_num(self, num: int) -> int:
+        if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+            raise ValueError(f"num must be a non-negative int (number of draws), got {num!r}")
+        return num
+
+    def sample(self, num: int, *, generator: torch.Generator | int) -> torch.Tensor:
+        """``num`` independent noise vectors ``[num, D]`` (dtype and device of the problem).
+
+        Gaussian structures draw ``z`` ``[num, r]`` from ``generator`` (on its device, then
+        moved) and return ``transform(z)``; the same generator state gives the same noise.
+        """
+        num = self._check_num(num)
+        gen = as_generator(generator)
+        z = randn(
+            (num, self.unit_dim),
+            generator=gen,
+            dtype=self.problem.dtype,
+            device=self.problem.device,
+        )
+        return self.transform(z)
+
+
+def register_noise(cls: type[NoiseModel]) -> type[NoiseModel]:
+    """Class decorator: register a :class:`NoiseModel` subclass under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"noise structure name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+#: The order in which :func:`noise_structures` lists the built-in structures.
+_CANONICAL_ORDER = (
+    "const",
+    "dynamic",
+    "diag",
+    "leading",
+    "hessian",
+    "hessian_top1",
+    "full",
+    "multiplicative",
+)
+
+
+def noise_structures() -> tuple[str, ...]:
+    """The names of the registered noise structures (built-ins first, then in registration order)."""
+    first = [n for n in _CANONICAL_ORDER if n in _REGISTRY]
+    return tuple(first + [n for n in _REGISTRY if n not in _CANONICAL_ORDER])
+
+
+def noise_class(name: str) -> type[NoiseModel]:
+    """The class registered under ``name`` (``ValueError`` listing the valid names otherwise)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"unknown noise structure {name!r}; valid names: {', '.join(noise_structures())}"
+        )
+    return _REGISTRY[name]
+
+
+def noise_model(
+    name: str,
+    problem: Problem,
+    batch_size: int = 1,
+    *,
+    replacement: bool = True,
+    per_sample: torch.Tensor | None = None,
+    **options: Any,
+) -> NoiseModel:
+    """Build the noise structure ``name`` for ``problem`` at its current θ.
+
+    Args:
+        name: one of :func:`noise_structures` — ``const`` (σ²I), ``dynamic`` (Tr Σ_b / D · I),
+            ``diag`` (diag Σ_b), ``leading`` (top-k of Σ_b), ``hessian`` (top-k of H rescaled to
+            Tr Σ_b), ``hessian_top1`` (Tr Σ_b · u₁u₁ᵀ), ``full`` (Σ_b exactly), ``multiplicative``
+            (random per-example loss weights whose gradient noise has covariance Σ_b).
+        problem: model, loss and data.
+        batch_size: b, the mini-batch size whose SGD noise ``Σ_b`` is imitated.
+        replacement: whether that mini-batch is drawn with replacement.
+        per_sample: precomputed per-sample gradients ``[N, D]`` at the current θ (optional).
+        **options: structure options (see each class; unknown ones raise ``TypeError``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sgdnoise
+        >>> g = torch.Generator().manual_seed(0)
+        >>> model = nn.Linear(3, 1).double()
+        >>> x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(16, 1, generator=g, dtype=torch.float64)
+        >>> problem = sgdnoise.Problem(model, nn.functional.mse_loss, x, y)
+        >>> noise = sgdnoise.noise_model("diag", problem, batch_size=4)
+        >>> noise.sample(5, generator=g).shape
+        torch.Size([5, 4])
+        >>> bool(torch.isclose(noise.covariance.trace(), noise.sigma_trace))
+        True
+    """
+    return noise_class(name)(
+        problem, batch_size, replacement=replacement, per_sample=per_sample, **options
+    )

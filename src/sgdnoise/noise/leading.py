@@ -1,0 +1,171 @@
+"""``leading``: the top-k eigen-approximation of SGD's noise covariance (GLD leading)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..linalg.lanczos import top_eigenpairs
+from ..linalg.operators import LowRankOperator
+from ._base import NoiseModel, register_noise
+
+_SOLVERS = ("auto", "gram", "lanczos")
+_ON_NONCONVERGENCE = ("raise", "warn", "ignore")
+
+
+def safe_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``eigh`` of a small symmetric float64 matrix, with fallbacks; returns ``(vals, vecs, path)``.
+
+    ``torch.linalg.eigh`` can fail to converge on ill-conditioned, nearly rank-deficient matrices
+    (seen on CUDA with the Gram matrix of centred per-sample gradients). Fallbacks, in order: the
+    same matrix on the CPU, then ``M + δI`` with ``δ = 1e-10 · max(Tr M / n, tiny)`` on the CPU
+    (the shift is subtracted from the eigenvalues again; the eigenvectors are those of ``M`` up to
+    the rounding the shift avoids). ``path`` is ``"eigh"``, ``"cpu"`` or ``"shifted"``.
+    """
+    try:
+        vals, vecs = torch.linalg.eigh(M)
+        return vals, vecs, "eigh"
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        pass
+    Mc = M.cpu()
+    try:
+        vals, vecs = torch.linalg.eigh(Mc)
+        return vals.to(M.device), vecs.to(M.device), "cpu"
+    except RuntimeError:
+        pass
+    n = M.shape[0]
+    delta = 1e-10 * max(float(Mc.diagonal().sum()) / n, torch.finfo(M.dtype).tiny)
+    vals, vecs = torch.linalg.eigh(Mc + delta * torch.eye(n, dtype=Mc.dtype))
+    return (vals - delta).to(M.device), vecs.to(M.device), "shifted"
+
+
+@register_noise
+class LeadingNoise(NoiseModel):
+    """``Cov(n) = Σ_k = Σ_{j≤k} γ_j v_j v_jᵀ``, the k largest eigenpairs of ``Σ_b``.
+
+    ``n = V (√γ ⊙ z)``, ``z ~ N(0, I_k)``. As in the released code the trace is *not* rescaled
+    (``Tr Σ_k = Σ_{j≤k} γ_j ≤ Tr Σ_b``) unless ``match_trace=True``, which multiplies γ by
+    ``Tr Σ_b / Σ_j γ_j``. Since ``rank Σ_b ≤ N − 1``, only eigenvalues above rounding level are kept
+    (``rank`` says how many; at most k).
+
+    Solvers:
+
+    * ``gram`` (default when the per-sample gradients fit in memory): with ``L = √(s/N) Cᵀ``
+      ``[D, N]``, ``Σ_b = L Lᵀ`` and the Gram matrix ``M = Lᵀ L`` ``[N, N]`` share their non-zero
+      eigenvalues; ``M = W Λ Wᵀ`` (float64 ``eigh`` with CPU / shifted fallbacks, see
+      :func:`safe_eigh`) gives ``v_j = L w_j / √λ_j``. Exact, no iteration.
+    * ``lanczos``: :func:`~sgdnoise.top_eigenpairs` on the matrix-free ``Σ_b`` (streaming mode for
+      models whose ``[N, D]`` gradients do not fit), warm-started from the previous refresh.
+
+    Options:
+        k: number of eigenpairs (default 20; capped at D).
+        match_trace: rescale to ``Tr Σ_b`` (default False, as the released code).
+        solver: ``"auto"``, ``"gram"`` or ``"lanczos"``.
+        tol, max_matvecs, on_nonconvergence: passed to ``top_eigenpairs`` (lanczos only).
+        warm_start: start Lanczos from the previous eigenvectors (default True).
+
+    Attributes:
+        eigenvalues ``[r]`` (γ, before any trace matching), eigenvectors ``[D, r]``, rank r,
+        eigh_path (``"eigh"``, ``"cpu"``, ``"shifted"`` or ``"lanczos"``), num_matvecs.
+    """
+
+    name = "leading"
+    option_defaults: ClassVar[dict[str, Any]] = {
+        "k": 20,
+        "match_trace": False,
+        "solver": "auto",
+        "tol": None,
+        "max_matvecs": None,
+        "on_nonconvergence": "warn",
+        "warm_start": True,
+    }
+
+    @classmethod
+    def _check_option(cls, key: str, value: Any) -> None:
+        _check_eigen_option(cls.name, key, value)
+        if key == "solver" and value not in _SOLVERS:
+            raise ValueError(
+                f"noise structure 'leading': option solver must be one of {_SOLVERS}, got {value!r}"
+            )
+
+    def _refresh(self, per_sample: torch.Tensor | None) -> None:
+        o = self.options
+        p = self.problem
+        solver = o["solver"]
+        cov = self._sigma(per_sample, materialize=True if solver == "gram" else None)
+        if solver == "auto":
+            solver = "gram" if cov.centered is not None else "lanczos"
+        k = min(o["k"], p.dim)
+        prev = getattr(self, "eigenvectors", None)
+        self.num_matvecs = 0
+        if solver == "gram":
+            L = cov.factor().double()
+            M = L.T @ L
+            M = (M + M.T) / 2
+            vals, W, self.eigh_path = safe_eigh(M)
+            vals, W = vals.flip(0), W.flip(1)
+            floor = max(float(vals[0]), 0.0) * M.shape[0] * torch.finfo(torch.float64).eps * 10
+            r = int(min(k, int((vals > floor).sum())))
+            gamma = vals[:r]
+            V = (L @ (W[:, :r] / gamma.sqrt())).to(p.dtype)
+            gamma = gamma.to(p.dtype)
+        else:
+            v0 = prev if (o["warm_start"] and prev is not None and prev.shape[1]) else None
+            pairs = top_eigenpairs(
+                cov,
+                k,
+                v0=v0,
+                tol=o["tol"],
+                max_matvecs=o["max_matvecs"],
+                on_nonconvergence=o["on_nonconvergence"],
+            )
+            gamma, V = pairs.eigenvalues.clamp_min(0), pairs.eigenvectors
+            self.num_matvecs = pairs.num_matvecs
+            self.eigh_path = "lanczos"
+        self.eigenvalues, self.eigenvectors = gamma, V
+        s = gamma
+        if o["match_trace"] and float(gamma.sum()) > 0:
+            s = gamma * (cov.trace() / gamma.sum())
+        self._std = s.sqrt()
+        self.covariance = LowRankOperator(V, s)
+
+    @property
+    def rank(self) -> int:
+        return self.eigenvectors.shape[1]
+
+    @property
+    def unit_dim(self) -> int:
+        return self.rank
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        return (z * self._std) @ self.eigenvectors.T
+
+
+def _check_eigen_option(name: str, key: str, value: Any) -> None:
+    """Value checks shared by the eigen-based structures."""
+    if key == "k":
+        NoiseModel._positive_int(name, key, value)
+    elif key in ("match_trace", "warm_start") and not isinstance(value, bool):
+        raise ValueError(
+            f"noise structure {name!r}: option {key} must be True or False, got {value!r}"
+        )
+    elif (
+        key == "tol"
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1)
+    ):
+        raise ValueError(
+            f"noise structure {name!r}: option tol must be None or a number in (0, 1) (relative "
+            f"Ritz residual), got {value!r}"
+        )
+    elif key == "max_matvecs" and value is not None:
+        NoiseModel._positive_int(name, key, value)
+    elif key == "on_nonconvergence" and value not in _ON_NONCONVERGENCE:
+        raise ValueError(
+            f"noise structure {name!r}: option on_nonconvergence must be one of "
+            f"{_ON_NONCONVERGENCE}, got {value!r}"
+        )
+
+
+__all__ = ["LeadingNoise", "safe_eigh"]

@@ -1,0 +1,528 @@
+"""Noise-injected dynamics — GD, mini-batch SGD and GLD — sharing one code path.
+
+All three are ``torch.optim.Optimizer`` s over the trainable parameters of a
+:class:`~sgdnoise.Problem` that compute their own gradients from the problem (``step()`` takes no
+closure and ignores ``p.grad``) and apply the one functional update :func:`gld_step`:
+
+* :class:`GD`: ``θ ← θ − η ∇L(θ)`` (full batch);
+* :class:`MinibatchSGD`: ``θ ← θ − η ∇L_B(θ)`` with a fresh mini-batch B of size b per step
+  (i.i.d. indices with replacement, or a uniform subset without); gradient noise covariance Σ_b;
+* :class:`GLD`: ``θ ← θ − η (∇L(θ) + n_t)`` with ``n_t`` a fresh draw, *at every step*, from a
+  registered noise structure (:func:`~sgdnoise.noise_model`) whose covariance is refreshed every
+  ``refresh_every`` steps (so the parameter-level covariance of a step is ``η² Cov(n_t)``).
+
+On a refresh step of a structure that needs per-sample gradients, GLD computes them once
+(:func:`~sgdnoise.noise.per_sample_gradients_and_losses`) and uses ``G.mean(0)`` as ``∇L`` — no
+second full-batch pass. :func:`make_optimizer` builds any of them from a dynamics name (``"gd"``,
+``"sgd"``, ``"gld_<structure>"``) and :func:`run_dynamics` runs any of them with the same loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._utils import as_generator
+from .linalg.covariance import batch_scale
+from .noise import (
+    NoiseModel,
+    noise_class,
+    noise_model,
+    noise_structures,
+    per_sample_gradients_and_losses,
+)
+from .noise._gradients import weighted_gradients
+from .noise.multiplicative import MultiplicativeNoise
+from .problem import Problem
+
+__all__ = [
+    "GD",
+    "GLD",
+    "MinibatchSGD",
+    "ProblemOptimizer",
+    "StepInfo",
+    "dynamics_names",
+    "factor_noise",
+    "gld_step",
+    "make_optimizer",
+    "run_dynamics",
+    "sample_batch",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Functional forms (broadcast over leading dimensions: vectorised runs)
+# --------------------------------------------------------------------------------------------
+
+
+def gld_step(
+    theta: torch.Tensor, grad: torch.Tensor, lr: float, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One step ``θ − η (g + n)`` (a new tensor; inputs are not modified).
+
+    Shapes broadcast, so ``theta`` ``[R, D]`` advances R independent runs at once. ``noise=None``
+    is GD (or SGD when ``grad`` is a mini-batch gradient). ``n`` is gradient-level: the parameter
+    perturbation is ``−η n`` with covariance ``η² Cov(n)``.
+    """
+    step = grad if noise is None else grad + noise
+    return theta - lr * step
+
+
+def factor_noise(factor: torch.Tensor, *, generator: torch.Generator | int) -> torch.Tensor:
+    """Gaussian draws ``n = L z``, ``z ~ N(0, I_r)``, for a batch of factors ``L`` ``[..., D, r]``.
+
+    One independent draw per leading index (e.g. per run); ``Cov(n) = L Lᵀ``. ``z`` is drawn on the
+    generator's device as ``[..., r]`` and moved to ``factor``'s device.
+    """
+    gen = as_generator(generator)
+    z = torch.randn(factor.shape[:-2] + factor.shape[-1:], generator=gen, dtype=factor.dtype,
+                    device=gen.device).to(factor.device)  # fmt: skip
+    return (factor @ z.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_batch(
+    num_samples: int, batch_size: int, *, generator: torch.Generator, replacement: bool = True
+) -> torch.Tensor:
+    """Mini-batch indices ``[b]``: i.i.d. uniform (with replacement) or a uniform size-b subset."""
+    if replacement:
+        return torch.randint(0, num_samples, (batch_size,), generator=generator,
+                             device=generator.device)  # fmt: skip
+    return torch.randperm(num_samples, generator=generator, device=generator.device)[:batch_size]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one step saw.
+
+    Attributes:
+        step: index t of the step (θ_t → θ_{t+1}), starting at 0.
+        loss: the loss at θ_t — full batch for GD/GLD, the mini-batch loss for SGD
+            (``full_batch`` says which).
+        grad_norm: ‖∇L(θ_t)‖ (GD, GLD except multiplicative), ‖∇L_B‖ (SGD), or the norm of the
+            weighted-loss gradient ‖∇L + n‖ (GLD multiplicative).
+        noise_norm: ‖n_t‖ (GLD with a Gaussian structure; 0.0 when no noise was injected), else None.
+        refreshed: whether the noise covariance was rebuilt at this step.
+        full_batch: whether ``loss`` is the full-batch loss.
+    """
+
+    step: int
+    loss: float
+    grad_norm: float
+    noise_norm: float | None
+    refreshed: bool
+    full_batch: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "noise_norm": self.noise_norm,
+            "refreshed": self.refreshed,
+            "full_batch": self.full_batch,
+        }
+
+
+def _check_lr(lr: float) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0 (the step size η), got {lr!r}")
+    return float(lr)
+
+
+class ProblemOptimizer(torch.optim.Optimizer):
+    """Base of :class:`GD`, :class:`MinibatchSGD` and :class:`GLD`.
+
+    ``params`` must be exactly the problem's trainable parameters (one parameter group); the
+    optimizer reads θ with ``problem.theta()`` and writes it back with ``problem.set_theta``.
+    ``step()`` returns the loss at θ_t (a 0-dim tensor) and stores a :class:`StepInfo` in
+    ``last``. The learning rate lives in ``param_groups[0]["lr"]``, so torch LR schedulers work.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, *, problem: Problem) -> None:
+        if not isinstance(problem, Problem):
+            raise TypeError(f"problem must be a sgdnoise.Problem, got {type(problem).__name__}")
+        params = list(params)
+        if any(isinstance(p, dict) for p in params):
+            raise ValueError(
+                f"{type(self).__name__} takes one parameter group (θ is one flat vector); pass "
+                "problem.model.parameters() itself, not a list of groups"
+            )
+        super().__init__(params, {"lr": _check_lr(lr)})
+        mine = {id(p) for p in self.param_groups[0]["params"]}
+        theirs = {id(p) for p in problem._trainable()}
+        if mine != theirs:
+            raise ValueError(
+                f"{type(self).__name__} must optimise exactly the problem's trainable parameters "
+                f"({len(theirs)} tensors, D = {problem.dim}); got {len(mine)} tensors. Pass "
+                "problem.model.parameters() (frozen parameters are skipped automatically)."
+            )
+        self.problem = problem
+        self.num_steps = 0
+        self.last: StepInfo | None = None
+
+    @property
+    def lr(self) -> float:
+        return float(self.param_groups[0]["lr"])
+
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Take one step; returns the loss at θ before the step (see :class:`StepInfo`)."""
+        if closure is not None:
+            raise TypeError(
+                f"{type(self).__name__}.step() computes the gradient from its Problem and takes no "
+                "closure; call step() without arguments (p.grad is not used)"
+            )
+        loss, info = self._step(self.num_steps)
+        self.num_steps += 1
+        self.last = info
+        return loss
+
+    def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps}
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's optimizer state plus ``"sgdnoise"``: the step counter and generator state."""
+        state = super().state_dict()
+        state["sgdnoise"] = self._extra_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("sgdnoise", {})
+        super().load_state_dict(state_dict)
+        self.num_steps = int(extra.get("num_steps", 0))
+        gen = getattr(self, "generator", None)
+        if gen is not None and "generator_state" in extra:
+            gen.set_state(extra["generator_state"])
+
+    def _apply(self, theta: torch.Tensor, grad: torch.Tensor, noise: torch.Tensor | None) -> None:
+        self.problem.set_theta(gld_step(theta, grad, self.lr, noise))
+
+
+class GD(ProblemOptimizer):
+    """Full-batch gradient descent ``θ ← θ − η ∇L(θ)``."""
+
+    def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
+        theta = self.problem.theta()
+        loss, grad = self.problem.loss_and_gradient(theta)
+        self._apply(theta, grad, None)
+        info = StepInfo(t, float(loss), float(grad.norm()), None, False, True)
+        return loss, info
+
+
+class MinibatchSGD(ProblemOptimizer):
+    """Mini-batch SGD ``θ ← θ − η (1/b) Σ_{i∈B_t} ∇ℓ_i(θ)`` with a fresh batch per step.
+
+    With ``replacement=True`` the b indices are i.i.d. uniform; otherwise B_t is a uniform subset
+    of size b (independently per step). The gradient noise then has covariance exactly Σ_b as
+    defined by :func:`~sgdnoise.batch_scale` with the same ``replacement`` flag, which is what the
+    GLD structures imitate.
+
+    Args:
+        params, lr, problem: see :class:`ProblemOptimizer`.
+        batch_size: b in ``[1, N]``.
+        generator: source of the batch indices (a ``torch.Generator`` or an int seed).
+        replacement: see above.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float,
+        *,
+        problem: Problem,
+        batch_size: int,
+        generator: torch.Generator | int,
+        replacement: bool = True,
+    ) -> None:
+        super().__init__(params, lr, problem=problem)
+        N = problem.num_samples
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or not 1 <= batch_size <= N
+        ):
+            raise ValueError(
+                f"batch_size must be an integer in [1, N] = [1, {N}], got {batch_size!r}"
+            )
+        self.batch_size = batch_size
+        self.replacement = bool(replacement)
+        self.generator = as_generator(generator)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "generator_state": self.generator.get_state()}
+
+    def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
+        p = self.problem
+        idx = sample_batch(p.num_samples, self.batch_size, generator=self.generator,
+                           replacement=self.replacement).to(p.device)  # fmt: skip
+        theta = p.theta()
+        loss, grad = p.loss_and_gradient(theta, idx)
+        self._apply(theta, grad, None)
+        return loss, StepInfo(t, float(loss), float(grad.norm()), None, False, False)
+
+
+class GLD(ProblemOptimizer):
+    """Gradient Langevin dynamics with structured noise: ``θ ← θ − η (∇L(θ) + n_t)``.
+
+    ``n_t`` is a fresh draw at every step from the noise structure ``noise`` (a name from
+    :func:`~sgdnoise.noise_structures` or a built :class:`~sgdnoise.noise.NoiseModel`), whose
+    covariance is rebuilt at θ_t on steps t = 0, r, 2r, … (``r = refresh_every``; eigen solvers
+    warm-start from the previous refresh). Between refreshes the cached covariance is sampled.
+
+    * Structures that need per-sample gradients compute them once on refresh steps and use their
+      mean as ``∇L`` (no second pass); other steps do one ``loss_and_gradient`` pass.
+    * ``multiplicative`` takes one gradient of the randomly re-weighted loss per step (at the
+      current θ; ``refresh_every`` is irrelevant) — no Σ is formed.
+    * ``noise_only_on_refresh=True`` reproduces the released ``gld_lead.py`` quirk (noise injected
+      only on refresh steps, ``n_t = 0`` otherwise). Off by default: it divides the injected noise
+      energy by ``refresh_every``, which is not the dynamics the paper describes.
+
+    Args:
+        params: the problem's trainable parameters (``problem.model.parameters()``).
+        lr: step size η (gradient-level noise; parameter covariance η² Cov(n)).
+        noise: structure name or a NoiseModel built on ``problem``.
+        problem: model, loss and data.
+        batch_size: b, the mini-batch size whose SGD noise Σ_b the structure imitates.
+        refresh_every: covariance refresh period in steps (≥ 1).
+        generator: source of the noise (``torch.Generator`` or int seed).
+        replacement: Σ_b for mini-batches with (default) or without replacement.
+        noise_only_on_refresh: the released code's GLD-leading quirk (see above).
+        **options: options of the structure (e.g. ``k=20``, ``sigma=1e-3``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sgdnoise
+        >>> g = torch.Generator().manual_seed(0)
+        >>> model = nn.Linear(3, 1).double()
+        >>> x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(16, 1, generator=g, dtype=torch.float64)
+        >>> problem = sgdnoise.Problem(model, nn.functional.mse_loss, x, y)
+        >>> opt = sgdnoise.GLD(model.parameters(), 0.1, noise="diag", problem=problem,
+        ...                    batch_size=4, generator=g)
+        >>> loss = opt.step()
+        >>> opt.last.refreshed
+        True
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float,
+        *,
+        noise: str | NoiseModel,
+        problem: Problem,
+        batch_size: int = 1,
+        refresh_every: int = 1,
+        generator: torch.Generator | int,
+        replacement: bool = True,
+        noise_only_on_refresh: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(params, lr, problem=problem)
+        if (
+            isinstance(refresh_every, bool)
+            or not isinstance(refresh_every, int)
+            or refresh_every < 1
+        ):
+            raise ValueError(
+                f"refresh_every must be a positive int (steps between covariance refreshes), "
+                f"got {refresh_every!r}"
+            )
+        if not isinstance(noise_only_on_refresh, bool):
+            raise ValueError(
+                f"noise_only_on_refresh must be True or False, got {noise_only_on_refresh!r}"
+            )
+        self.generator = as_generator(generator)
+        self.refresh_every = refresh_every
+        self.noise_only_on_refresh = noise_only_on_refresh
+        self._force_refresh = False
+        self._prebuilt_fresh = False
+        if isinstance(noise, NoiseModel):
+            if options:
+                raise TypeError(
+                    "options were given together with a built NoiseModel; pass a structure name "
+                    f"with options, or build the model with them (got {sorted(options)})"
+                )
+            if noise.problem.dim != problem.dim:
+                raise ValueError(
+                    f"the noise model has D = {noise.problem.dim}, the problem D = {problem.dim}"
+                )
+            self.noise: NoiseModel | None = noise
+            self.noise_name = noise.name
+            self._prebuilt_fresh = True  # built at the current θ: step 0 needs no refresh
+        elif isinstance(noise, str):
+            cls = noise_class(noise)  # ValueError listing the valid names
+            batch_scale(problem.num_samples, batch_size, replacement)  # validate now, not at step 0
+            cls._resolve_options(options)
+            self.noise = None  # built on the first step (with that step's per-sample gradients)
+            self.noise_name = noise
+        else:
+            raise TypeError(
+                f"noise must be a structure name or a NoiseModel, got {type(noise).__name__}"
+            )
+        self._spec = {"batch_size": batch_size, "replacement": bool(replacement), **options}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        super().load_state_dict(state_dict)
+        self._force_refresh = True  # the cached covariance is not part of the state
+        self._prebuilt_fresh = False
+
+    def _needs_per_sample(self) -> bool:
+        return noise_class(self.noise_name).needs_per_sample
+
+    def _refresh(self, per_sample: torch.Tensor | None) -> NoiseModel:
+        if self.noise is None:
+            self.noise = noise_model(
+                self.noise_name, self.problem, per_sample=per_sample, **self._spec
+            )
+        else:
+            self.noise.refresh(self.problem, per_sample=per_sample)
+        return self.noise
+
+    def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
+        p = self.problem
+        theta = p.theta()
+        if self.noise_name == "multiplicative":
+            mult = self.noise if self.noise is not None else self._refresh(None)
+            assert isinstance(mult, MultiplicativeNoise)
+            w = mult.sample_weights(1, generator=self.generator)[0]
+            g_noisy, losses = weighted_gradients(p, w, theta)  # ∇L + n in one pass
+            loss = losses.mean()
+            p.set_theta(gld_step(theta, g_noisy, self.lr))
+            return loss, StepInfo(t, float(loss), float(g_noisy.norm()), None, False, True)
+
+        refresh = self.noise is None or self._force_refresh or t % self.refresh_every == 0
+        if self._prebuilt_fresh:
+            refresh = self._prebuilt_fresh = False
+        self._force_refresh = False
+        if refresh and self._needs_per_sample():
+            G, losses = per_sample_gradients_and_losses(p, theta)
+            loss, grad = losses.mean(), G.mean(0)  # the full gradient from the same pass
+            model = self._refresh(G)
+        else:
+            loss, grad = p.loss_and_gradient(theta)
+            model = self._refresh(None) if refresh else self.noise
+        assert model is not None
+        if refresh or not self.noise_only_on_refresh:
+            n: torch.Tensor | None = model.sample(1, generator=self.generator)[0]
+            noise_norm = float(n.norm())
+        else:
+            n, noise_norm = None, 0.0
+        self._apply(theta, grad, n)
+        return loss, StepInfo(t, float(loss), float(grad.norm()), noise_norm, refresh, True)
+
+
+# --------------------------------------------------------------------------------------------
+# Names and the shared runner
+# --------------------------------------------------------------------------------------------
+
+
+def dynamics_names() -> tuple[str, ...]:
+    """``("gd", "sgd", "gld_const", "gld_dynamic", …)`` — every name :func:`make_optimizer` accepts."""
+    return ("gd", "sgd", *(f"gld_{s}" for s in noise_structures()))
+
+
+def make_optimizer(
+    dynamics: str,
+    problem: Problem,
+    lr: float,
+    *,
+    generator: torch.Generator | int | None = None,
+    batch_size: int = 1,
+    replacement: bool = True,
+    refresh_every: int = 1,
+    noise_only_on_refresh: bool = False,
+    **options: Any,
+) -> ProblemOptimizer:
+    """Build GD, mini-batch SGD or GLD with a structure, from a dynamics name.
+
+    Args:
+        dynamics: ``"gd"``, ``"sgd"`` or ``"gld_<structure>"`` (see :func:`dynamics_names`).
+        problem: model, loss and data (the optimizer works on ``problem.model``'s parameters).
+        lr: step size η.
+        generator: randomness for SGD batches and GLD noise (required for those).
+        batch_size: b — SGD's batch size, or the b whose Σ_b the GLD structure imitates.
+        replacement, refresh_every, noise_only_on_refresh, options: see :class:`GLD`.
+    """
+    names = dynamics_names()
+    if dynamics not in names:
+        raise ValueError(f"unknown dynamics {dynamics!r}; valid names: {', '.join(names)}")
+    params = problem.model.parameters()
+    if dynamics == "gd":
+        if options:
+            raise TypeError(f"'gd' takes no noise options, got {sorted(options)}")
+        return GD(params, lr, problem=problem)
+    if generator is None:
+        raise TypeError(
+            f"dynamics {dynamics!r} is random: pass generator=torch.Generator().manual_seed(s) or an int"
+        )
+    if dynamics == "sgd":
+        if options:
+            raise TypeError(f"'sgd' takes no noise options, got {sorted(options)}")
+        return MinibatchSGD(params, lr, problem=problem, batch_size=batch_size,
+                            generator=generator, replacement=replacement)  # fmt: skip
+    return GLD(
+        params,
+        lr,
+        noise=dynamics[len("gld_") :],
+        problem=problem,
+        batch_size=batch_size,
+        refresh_every=refresh_every,
+        generator=generator,
+        replacement=replacement,
+        noise_only_on_refresh=noise_only_on_refresh,
+        **options,
+    )
+
+
+def run_dynamics(
+    optimizer: ProblemOptimizer,
+    num_steps: int,
+    *,
+    callback: Callable[[ProblemOptimizer], Mapping[str, Any] | None] | None = None,
+    record_every: int = 1,
+) -> list[dict[str, Any]]:
+    """Run ``num_steps`` steps of any :class:`ProblemOptimizer`; the one loop GD, SGD and GLD share.
+
+    Every ``record_every`` steps (and after the last), a record is appended: the
+    :class:`StepInfo` of that step (``step`` t, ``loss`` at θ_t, …) plus whatever ``callback``
+    returns, called *after* the step (so it sees θ_{t+1}; e.g. test accuracy). The callback may
+    return ``{"stop": True}`` to end the run early.
+
+    Returns:
+        The list of records (plain dicts, JSON-ready).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+    if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
+        raise ValueError(f"record_every must be a positive int, got {record_every!r}")
+    records: list[dict[str, Any]] = []
+    for i in range(num_steps):
+        optimizer.step()
+        if (i + 1) % record_every and i != num_steps - 1:
+            continue
+        assert optimizer.last is not None
+        row = optimizer.last.to_dict()
+        extra = callback(optimizer) if callback is not None else None
+        if extra:
+            row.update(extra)
+        records.append(row)
+        if extra and extra.get("stop"):
+            break
+    return records
