@@ -460,6 +460,7 @@ def test_refresh_with_given_per_sample_gradients_skips_the_pass(name, problem64,
         raise AssertionError("per-sample gradients recomputed")
 
     monkeypatch.setattr(problem64, "per_sample_gradients", boom)
+    monkeypatch.setattr(problem64, "per_sample_gradients_and_losses", boom)
     m = (
         build(name, problem64, per_sample=G)
         if False

@@ -146,7 +146,7 @@ def test_refresh_steps_reuse_per_sample_gradients(noise, monkeypatch):
     """On refresh steps ∇L is the mean of the per-sample gradients: no second gradient pass."""
     problem = make_problem()
     calls = {"full": 0, "per_sample": 0}
-    orig_full, orig_ps = problem.loss_and_gradient, problem.per_sample_gradients
+    orig_full, orig_ps = problem.loss_and_gradient, problem.per_sample_gradients_and_losses
 
     def full(*a, **k):
         calls["full"] += 1
@@ -157,7 +157,7 @@ def test_refresh_steps_reuse_per_sample_gradients(noise, monkeypatch):
         return orig_ps(*a, **k)
 
     monkeypatch.setattr(problem, "loss_and_gradient", full)
-    monkeypatch.setattr(problem, "per_sample_gradients", ps)
+    monkeypatch.setattr(problem, "per_sample_gradients_and_losses", ps)
     opt = sgdnoise.GLD(problem.model.parameters(), LR, noise=noise, problem=problem,
                        batch_size=5, refresh_every=2, generator=0)  # fmt: skip
     opt.step()
@@ -173,6 +173,7 @@ def test_multiplicative_takes_one_weighted_pass_and_no_sigma(monkeypatch):
         raise AssertionError("multiplicative GLD must not compute per-sample gradients")
 
     monkeypatch.setattr(problem, "per_sample_gradients", boom)
+    monkeypatch.setattr(problem, "per_sample_gradients_and_losses", boom)
     monkeypatch.setattr(problem, "loss_and_gradient", boom)
     opt = sgdnoise.make_optimizer("gld_multiplicative", problem, LR, generator=0, batch_size=5)
     sgdnoise.run_dynamics(opt, 3)

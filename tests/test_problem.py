@@ -59,6 +59,10 @@ def test_per_sample_gradients_match_loop(kind: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(G, loop_per_sample_gradients(problem), **_tol(dtype))
     idx = torch.tensor([3, 0, 3])
     torch.testing.assert_close(sgdnoise.per_sample_gradients(problem, idx), G[idx], **_tol(dtype))
+    G2, losses = problem.per_sample_gradients_and_losses()
+    torch.testing.assert_close(G2, G, **_tol(dtype))
+    torch.testing.assert_close(losses, problem.per_sample_losses(), **_tol(dtype))
+    torch.testing.assert_close(losses.mean(), problem.loss(), **_tol(dtype))
     # The mean of the per-sample gradients is the full gradient.
     torch.testing.assert_close(G.mean(0), problem.gradient(), **_tol(dtype))
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import vmap
 
 __all__ = ["hook_plan", "per_sample_gradients_by_hooks"]
 
@@ -59,9 +60,10 @@ def per_sample_gradients_by_hooks(
     plan: Plan,
     x: torch.Tensor,
     y: torch.Tensor,
-) -> torch.Tensor | None:
-    """Per-sample gradients ``[n, D]`` at the model's current parameters, or ``None`` if a layer was
-    not called exactly once (shared layers): the caller then falls back to vmap."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample gradients ``[n, D]`` and losses ``[n]`` at the model's current parameters, or
+    ``None`` if a layer was not called exactly once (shared layers): the caller then falls back
+    to vmap. The losses come from the same forward pass (no second pass)."""
     layers = list({id(m): m for m, _ in plan}.values())
     inputs: dict[int, list[torch.Tensor]] = {id(m): [] for m in layers}
     outputs: dict[int, list[torch.Tensor]] = {id(m): [] for m in layers}
@@ -113,4 +115,7 @@ def per_sample_gradients_by_hooks(
             grads["weight"] = g.permute(1, 2, 0, 3, 4)
             grads["bias"] = delta.sum((2, 3))
         per_layer[id(m)] = grads
-    return torch.cat([per_layer[id(m)][leaf].reshape(n, -1) for m, leaf in plan], dim=1)
+    G = torch.cat([per_layer[id(m)][leaf].reshape(n, -1) for m, leaf in plan], dim=1)
+    with torch.no_grad():
+        losses = vmap(lambda o, t: loss_fn(o[None], t[None]))(out.detach(), y)
+    return G, losses

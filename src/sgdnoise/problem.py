@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 from . import _per_sample as _hooks
 from ._utils import check_finite
@@ -373,6 +373,20 @@ class Problem:
                 all belong to ``nn.Linear``/``nn.Conv2d`` layers, at the current parameters), or
                 ``"auto"`` (hooks where possible, else vmap).
         """
+        return self.per_sample_gradients_and_losses(indices, theta, method=method)[0]
+
+    def per_sample_gradients_and_losses(
+        self,
+        indices: torch.Tensor | Sequence[int] | None = None,
+        theta: torch.Tensor | None = None,
+        *,
+        method: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample gradients ``[n, D]`` and losses ``ℓ(x_i; θ)`` ``[n]`` from the same passes.
+
+        ``G.mean(0)`` is then ``∇L`` and ``losses.mean()`` is ``L`` (for all samples) without a
+        second pass. See :meth:`per_sample_gradients` for ``method``.
+        """
         if method not in ("auto", "vmap", "hooks"):
             raise ValueError(f"method must be 'auto', 'vmap' or 'hooks', got {method!r}")
         self._check_decoupled("per_sample_gradients")
@@ -387,17 +401,20 @@ class Problem:
                 "nn.Linear or nn.Conv2d (groups=1, zero padding) layer and theta to be the model's "
                 "current parameters; use method='vmap' for other models"
             )
-        per_sample = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))
+        per_sample = vmap(grad_and_value(self._sample_loss), in_dims=(None, 0, 0))
         size = self._per_sample_chunk_size()
-        parts = []
+        grads, losses = [], []
         for x, y, _ in self.chunks(idx, size):
-            G = None
+            got = None
             if plan is not None and at_current:
-                G = _hooks.per_sample_gradients_by_hooks(self.model, self.loss_fn, plan, x, y)
-            parts.append(per_sample(theta, x, y) if G is None else G.detach())
-        G = torch.cat(parts, dim=0)
+                got = _hooks.per_sample_gradients_by_hooks(self.model, self.loss_fn, plan, x, y)
+            G, ell = per_sample(theta, x, y) if got is None else got
+            grads.append(G.detach())
+            losses.append(ell.detach())
+        G, ell = torch.cat(grads, dim=0), torch.cat(losses)
         check_finite(G, "the per-sample gradients")
-        return G
+        check_finite(ell, "the per-sample losses")
+        return G, ell
 
     def per_sample_losses(
         self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None

@@ -26,7 +26,7 @@ def per_sample_gradients_and_losses(
     """Per-sample gradients ``G[i] = ∇ℓ(x_i; θ)`` ``[N, D]`` and losses ``ℓ(x_i; θ)`` ``[N]``.
 
     ``G`` comes from :meth:`Problem.per_sample_gradients` (layer hooks where the model allows it,
-    else ``vmap(grad)``), the losses from one gradient-free forward pass. Use ``G.mean(0)`` as the
+    else ``vmap(grad)``), the losses from the same pass. Use ``G.mean(0)`` as the
     full-batch gradient ``∇L(θ)`` and ``losses.mean()`` as ``L(θ)`` instead of a second backward
     pass; pass ``G`` on to :class:`~sgdnoise.GradientNoiseCovariance` (``per_sample=G``) or a noise
     model's ``refresh``.
@@ -36,9 +36,7 @@ def per_sample_gradients_and_losses(
         theta: the flat parameters (default: the model's current θ).
     """
     theta = (problem.theta() if theta is None else theta).detach()
-    G = problem.per_sample_gradients(theta=theta)
-    losses = problem.per_sample_losses(theta)
-    return G, losses
+    return problem.per_sample_gradients_and_losses(theta=theta)
 
 
 def weighted_gradients(

@@ -1,0 +1,1027 @@
+"""FashionMNIST with corrupted labels (poster Fig. 2 and Fig. 4 right; PAPER_NOTES §3.3).
+
+Protocol (per seed):
+
+1. **GD phase.** The paper's CNN (11,330 parameters, truncated-normal init with std 0.02, seeded
+   by the run's seed) is trained by full-batch GD with lr 0.1 for 3,000 iterations on 1,200
+   training images whose labels 1000–1199 are uniformly random (drawn from ``data_seed``, the same
+   for every seed). The end point is θ*_GD; it is computed once per seed and reused by every
+   dynamics (and by later invocations on the same run directory).
+2. **After the switch**, every dynamics starts from θ*_GD with lr **0.07** — GD included (the
+   released ``gd.py`` keeps 0.1; we use 0.07 for every dynamics so that only the noise differs,
+   PAPER_NOTES §5.8): ``gd``, ``sgd`` (mini-batch 20, with replacement), and GLD with the
+   structures ``const`` (gradient-level σ = 1e-3), ``dynamic``, ``diag``, ``leading`` (k = 20, not
+   rescaled, as the released code), ``hessian`` (k = 20), ``hessian_top1``, ``full`` (Σ exactly)
+   and ``multiplicative``. Σ = Σ_20 is the covariance of a size-20 mini-batch gradient (with
+   replacement). Covariances are refreshed every step for dynamic/diag/hessian_top1/full and every
+   10 steps for leading/hessian (configurable); a fresh noise sample is drawn at every step.
+
+Measurements: test accuracy and loss on the test set, training accuracy separately on the clean
+and the corrupted samples (against the random labels they are trained on, and against the true
+labels), the expected sharpness ``E_ν[L(θ+ν)] − L(θ)`` (signed, the poster's) and
+``E_ν|L(θ+ν) − L(θ)|`` (absolute, the released code's) with ν ~ N(0, 0.01² I), and the escape
+indicator Tr(HΣ_20) against Tr(HΣ̄) along the GD phase and along SGD after the switch.
+
+Profiles: ``smoke`` (seconds, for tests), ``quick`` (every dynamics, 1,000 iterations after the
+switch, one seed, a 2-core CPU), ``paper`` (15,000 iterations after the switch, 3 seeds, a GPU).
+See :data:`PRESETS` for what each measures and how often.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import corrupted_fashion_mnist
+from ..models import FashionCNN
+from ..problem import Problem
+from ._common import (
+    Progress,
+    RunDir,
+    load_toml_config,
+    resolve_device,
+    resolve_dtype,
+    save_figure,
+)
+from .fashion_run import PhaseData, PhaseSpec, run_phase
+
+__all__ = [
+    "ALL_DYNAMICS",
+    "DEFAULT_REFRESH",
+    "LABELS",
+    "PRESETS",
+    "FashionConfig",
+    "add_parser",
+    "config_from",
+    "plot",
+    "run",
+    "validate",
+]
+
+#: Every dynamics compared after the switch, in the order they are run and plotted.
+ALL_DYNAMICS: tuple[str, ...] = (
+    "gd",
+    "sgd",
+    "gld_const",
+    "gld_dynamic",
+    "gld_diag",
+    "gld_leading",
+    "gld_hessian",
+    "gld_hessian_top1",
+    "gld_full",
+    "gld_multiplicative",
+)
+
+#: Legend labels (the poster's names; ``full`` and ``multiplicative`` are ours).
+LABELS: dict[str, str] = {
+    "gd": "GD",
+    "sgd": "SGD",
+    "gld_const": "GLD const",
+    "gld_dynamic": "GLD dynamic",
+    "gld_diag": "GLD diag",
+    "gld_leading": "GLD leading",
+    "gld_hessian": "GLD Hessian",
+    "gld_hessian_top1": "GLD 1st eigvec(H)",
+    "gld_full": "GLD full Σ",
+    "gld_multiplicative": "multiplicative",
+}
+
+#: Covariance refresh periods of the released code (steps); ``gd``/``sgd`` have nothing to refresh.
+DEFAULT_REFRESH: dict[str, int] = {
+    "gld_const": 1,
+    "gld_dynamic": 1,
+    "gld_diag": 1,
+    "gld_leading": 10,
+    "gld_hessian": 10,
+    "gld_hessian_top1": 1,
+    "gld_full": 1,
+    "gld_multiplicative": 1,
+}
+
+_NUM_TEST = 10000
+
+
+@dataclass(frozen=True)
+class FashionConfig:
+    """Every setting of the FashionMNIST experiment (units in the field comments).
+
+    Attributes:
+        profile: name of the preset this config came from (a label only).
+        dynamics: which dynamics to run after the switch (subset of :data:`ALL_DYNAMICS`).
+        seeds: model-initialisation / noise seeds; tables show mean ± std over them.
+        data_seed: seed of the random labels (the same corrupted set for every seed).
+        n_train, n_clean: training images (the first n_train) and how many keep their labels.
+        n_test: test images used (the first n_test; ``None`` = all 10,000).
+        dtype: ``"float32"`` or ``"float64"``.
+        gd_lr, gd_iterations: the GD phase (full batch).
+        lr, iterations: every dynamics after the switch (iterations counted from the switch).
+        batch_size: SGD's mini-batch, and the b of Σ_b imitated by the GLD structures.
+        const_sigma: gradient-level std of GLD const (parameter std = lr · σ).
+        k: eigenpairs of GLD leading and GLD Hessian.
+        leading_match_trace: rescale GLD leading to Tr Σ_b (the released code does not).
+        refresh_every: covariance refresh period (steps) per GLD dynamics.
+        eigen_max_matvecs, top1_max_matvecs: Lanczos budget (Hessian-vector products) per refresh
+            of GLD Hessian / GLD 1st eigvec(H) (``None``: the solver's default, run to
+            convergence). With a budget, the best Ritz pairs found are used without a warning;
+            since every refresh warm-starts from the previous one, the estimate keeps improving
+            along the trajectory (a continued subspace iteration).
+        eigen_tol: Lanczos relative residual tolerance (``None``: 1e-3 in float32).
+        gd_eval_every, eval_every: steps between test/train evaluations (GD phase / after).
+        gd_sharpness_every, sharpness_every: steps between expected-sharpness measurements
+            (0 = only at the end of the phase).
+        sharpness_sigma, sharpness_draws: perturbation std and number of draws.
+        gd_indicator_every, indicator_every: steps between escape-indicator measurements along
+            the GD phase / along ``indicator_dynamics`` after the switch (0 = only at the end).
+        indicator_dynamics: dynamics along which the indicator is measured after the switch.
+        indicator_samples: ``None`` = exact Tr(HΣ) (N Hessian products), else the number of
+            sampled examples (an unbiased estimate with a standard error).
+        indicator_trace_matvecs: Hutch++ products for Tr(H) (D > 2048 here, so it is estimated).
+        checkpoint_every: steps between checkpoints (a multiple of every refresh period).
+    """
+
+    profile: str = "quick"
+    dynamics: tuple[str, ...] = ALL_DYNAMICS
+    seeds: tuple[int, ...] = (0,)
+    data_seed: int = 0
+    n_train: int = 1200
+    n_clean: int = 1000
+    n_test: int | None = None
+    dtype: str = "float32"
+    gd_lr: float = 0.1
+    gd_iterations: int = 3000
+    lr: float = 0.07
+    iterations: int = 1000
+    batch_size: int = 20
+    const_sigma: float = 1e-3
+    k: int = 20
+    leading_match_trace: bool = False
+    refresh_every: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_REFRESH))
+    eigen_max_matvecs: int | None = None
+    top1_max_matvecs: int | None = None
+    eigen_tol: float | None = None
+    gd_eval_every: int = 100
+    eval_every: int = 50
+    gd_sharpness_every: int = 1000
+    sharpness_every: int = 1000
+    sharpness_sigma: float = 0.01
+    sharpness_draws: int = 1000
+    gd_indicator_every: int = 1000
+    indicator_every: int = 500
+    indicator_dynamics: tuple[str, ...] = ("sgd",)
+    indicator_samples: int | None = None
+    indicator_trace_matvecs: int = 99
+    checkpoint_every: int = 100
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["refresh_every"] = dict(self.refresh_every)
+        return d
+
+
+#: Named presets.
+#:
+#: * ``paper``: the protocol in full — 3 seeds, 15,000 iterations after the switch, the released
+#:   refresh periods, Lanczos run to convergence, 1,000 sharpness draws every 1,000 iterations,
+#:   the exact Tr(HΣ) (N = 1,200 Hessian products; Tr(H) by Hutch++ with 300 products, D > 2048).
+#: * ``quick`` (one 2-core CPU): the same protocol for one seed and 1,000 iterations after the
+#:   switch, with the measurements thinned — evaluations every 100 steps (250 in the GD phase;
+#:   one test evaluation costs about 10 GD steps), expected sharpness only at θ*_GD and at the end
+#:   (100 draws, each a forward pass over the training set), the indicator sampled (32 examples,
+#:   Tr(H) from 30 Hutch++ products) at GD iterations 0/1000/2000/3000 and SGD iterations
+#:   500/1000 — and the Hessian structures on a Lanczos budget: GLD Hessian refreshes every 10
+#:   steps with 28 Hessian products (the 20 warm-start vectors + one block of 8), GLD 1st eigvec(H)
+#:   refreshes every 10 steps (not 1) with 6 products. Both warm-start from the previous refresh.
+#: * ``smoke`` (tests, seconds): 60 training / 200 test images, 10 + 10 iterations, k = 4.
+PRESETS: dict[str, FashionConfig] = {
+    "smoke": FashionConfig(
+        profile="smoke",
+        n_train=60,
+        n_clean=50,
+        n_test=200,
+        gd_iterations=10,
+        iterations=10,
+        k=4,
+        refresh_every={
+            **DEFAULT_REFRESH,
+            "gld_leading": 5,
+            "gld_hessian": 5,
+            "gld_hessian_top1": 5,
+        },
+        eigen_max_matvecs=8,
+        top1_max_matvecs=3,
+        gd_eval_every=5,
+        eval_every=5,
+        gd_sharpness_every=0,
+        sharpness_every=0,
+        sharpness_draws=8,
+        gd_indicator_every=0,
+        indicator_every=0,
+        indicator_samples=8,
+        indicator_trace_matvecs=6,
+        checkpoint_every=5,
+    ),
+    "quick": FashionConfig(
+        profile="quick",
+        gd_eval_every=250,
+        eval_every=100,
+        gd_sharpness_every=0,
+        sharpness_every=0,
+        sharpness_draws=100,
+        gd_indicator_every=1000,
+        indicator_every=500,
+        indicator_samples=32,
+        indicator_trace_matvecs=30,
+        refresh_every={**DEFAULT_REFRESH, "gld_hessian_top1": 10},
+        eigen_max_matvecs=28,
+        top1_max_matvecs=6,
+        checkpoint_every=100,
+    ),
+    "paper": FashionConfig(
+        profile="paper",
+        seeds=(0, 1, 2),
+        iterations=15000,
+        gd_eval_every=50,
+        eval_every=50,
+        gd_sharpness_every=1000,
+        sharpness_every=1000,
+        sharpness_draws=1000,
+        gd_indicator_every=250,
+        indicator_every=1000,
+        indicator_samples=None,
+        indicator_trace_matvecs=300,
+        checkpoint_every=500,
+    ),
+}
+
+# Fields whose value changes the numbers of a phase: a run directory refuses to resume with others.
+_SELECTION_FIELDS = ("profile", "dynamics", "seeds")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(config: FashionConfig) -> None:
+    """Check every value before any work starts; ``ValueError`` says what is wrong and how to fix."""
+    c = config
+    errors: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    need(
+        isinstance(c.dynamics, tuple) and len(c.dynamics) > 0,
+        "dynamics must be a non-empty list of names",
+    )
+    bad = [d for d in c.dynamics if d not in ALL_DYNAMICS]
+    need(not bad, f"unknown dynamics {bad}; valid names: {', '.join(ALL_DYNAMICS)}")
+    need(len(set(c.dynamics)) == len(c.dynamics), f"dynamics has duplicates: {list(c.dynamics)}")
+    need(
+        isinstance(c.seeds, tuple)
+        and len(c.seeds) > 0
+        and all(_is_int(s) and s >= 0 for s in c.seeds)
+        and len(set(c.seeds)) == len(c.seeds),
+        f"seeds must be distinct non-negative integers, got {c.seeds!r}",
+    )
+    need(
+        _is_int(c.data_seed) and c.data_seed >= 0,
+        f"data_seed must be an int >= 0, got {c.data_seed!r}",
+    )
+    need(
+        _is_int(c.n_train) and 2 <= c.n_train <= 60000,
+        f"n_train must be an integer in [2, 60000] (the paper uses 1200), got {c.n_train!r}",
+    )
+    need(
+        _is_int(c.n_clean) and _is_int(c.n_train) and 0 <= c.n_clean <= c.n_train,
+        f"n_clean must be an integer in [0, n_train] (the paper uses 1000), got {c.n_clean!r}",
+    )
+    need(
+        c.n_test is None or (_is_int(c.n_test) and 1 <= c.n_test <= _NUM_TEST),
+        f"n_test must be None (all 10,000) or an integer in [1, 10000], got {c.n_test!r}",
+    )
+    need(
+        c.dtype in ("float32", "float64"), f"dtype must be 'float32' or 'float64', got {c.dtype!r}"
+    )
+    for name in ("gd_lr", "lr", "sharpness_sigma"):
+        v = getattr(c, name)
+        need(_is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
+    need(
+        _is_num(c.const_sigma) and c.const_sigma >= 0,
+        f"const_sigma must be a finite number >= 0, got {c.const_sigma!r}",
+    )
+    for name in ("gd_iterations", "iterations", "k", "checkpoint_every"):
+        v = getattr(c, name)
+        need(_is_int(v) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+    for name in ("batch_size",):
+        v = getattr(c, name)
+        need(
+            _is_int(v) and _is_int(c.n_train) and 1 <= v <= c.n_train,
+            f"batch_size must be an integer in [1, n_train], got {v!r}",
+        )
+    for name in (
+        "gd_eval_every",
+        "eval_every",
+        "gd_sharpness_every",
+        "sharpness_every",
+        "gd_indicator_every",
+        "indicator_every",
+    ):
+        v = getattr(c, name)
+        need(
+            _is_int(v) and v >= 0,
+            f"{name} must be an integer >= 0 (0 = only at the end), got {v!r}",
+        )
+    need(
+        _is_int(c.sharpness_draws) and c.sharpness_draws >= 2,
+        f"sharpness_draws must be an integer >= 2 (the poster uses 1000), got {c.sharpness_draws!r}",
+    )
+    need(
+        c.indicator_samples is None
+        or (
+            _is_int(c.indicator_samples)
+            and _is_int(c.n_train)
+            and 2 <= c.indicator_samples <= c.n_train
+        ),
+        "indicator_samples must be None (exact) or an integer in [2, n_train], got "
+        f"{c.indicator_samples!r}",
+    )
+    need(
+        _is_int(c.indicator_trace_matvecs) and c.indicator_trace_matvecs >= 3,
+        f"indicator_trace_matvecs must be an integer >= 3, got {c.indicator_trace_matvecs!r}",
+    )
+    bad_ind = [d for d in c.indicator_dynamics if d not in ALL_DYNAMICS]
+    need(
+        not bad_ind,
+        f"indicator_dynamics has unknown names {bad_ind}; valid: {', '.join(ALL_DYNAMICS)}",
+    )
+    for name in ("eigen_max_matvecs", "top1_max_matvecs"):
+        v = getattr(c, name)
+        need(
+            v is None or (_is_int(v) and v >= 1),
+            f"{name} must be None or a positive integer (Hessian products per refresh), got {v!r}",
+        )
+    need(
+        c.eigen_tol is None or (_is_num(c.eigen_tol) and 0 < c.eigen_tol < 1),
+        f"eigen_tol must be None or a number in (0, 1), got {c.eigen_tol!r}",
+    )
+    need(isinstance(c.leading_match_trace, bool), "leading_match_trace must be true or false")
+    if not isinstance(c.refresh_every, Mapping):
+        errors.append(f"refresh_every must be a table name -> steps, got {c.refresh_every!r}")
+    else:
+        unknown = sorted(set(c.refresh_every) - set(DEFAULT_REFRESH))
+        need(
+            not unknown,
+            f"refresh_every has unknown names {unknown}; valid: {', '.join(DEFAULT_REFRESH)}",
+        )
+        for name, every in c.refresh_every.items():
+            if not (_is_int(every) and every >= 1):
+                errors.append(f"refresh_every[{name!r}] must be a positive integer, got {every!r}")
+            elif _is_int(c.checkpoint_every) and c.checkpoint_every % every and name in c.dynamics:
+                errors.append(
+                    f"checkpoint_every={c.checkpoint_every} must be a multiple of "
+                    f"refresh_every[{name!r}]={every} (a resumed run must restart on a refresh "
+                    "step to reproduce the uninterrupted one); change either value"
+                )
+    if errors:
+        raise ValueError("invalid fashion configuration:\n  - " + "\n  - ".join(errors))
+
+
+def config_from(
+    profile: str = "quick",
+    toml: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> FashionConfig:
+    """A preset, then a TOML table, then explicit keyword overrides (``None`` = not given)."""
+    if profile not in PRESETS:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PRESETS)}")
+    base = PRESETS[profile]
+    names = {f.name for f in fields(FashionConfig)}
+    changes: dict[str, Any] = {}
+    for source in (dict(toml or {}), {k: v for k, v in overrides.items() if v is not None}):
+        unknown = sorted(set(source) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown fashion config key(s) {unknown}; valid keys: {', '.join(sorted(names))}"
+            )
+        for key, value in source.items():
+            if key in ("dynamics", "seeds", "indicator_dynamics") and isinstance(value, list):
+                value = tuple(value)
+            if key == "refresh_every" and isinstance(value, Mapping):
+                merged = dict(changes.get("refresh_every", base.refresh_every))
+                merged.update(value)
+                value = merged
+            changes[key] = value
+    config = replace(base, **changes)
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _noise_options(config: FashionConfig, dynamics: str) -> dict[str, Any]:
+    if dynamics == "gld_const":
+        return {"sigma": float(config.const_sigma)}
+    if dynamics == "gld_leading":
+        return {"k": config.k, "match_trace": config.leading_match_trace}
+    if dynamics in ("gld_hessian", "gld_hessian_top1"):
+        budget = config.eigen_max_matvecs if dynamics == "gld_hessian" else config.top1_max_matvecs
+        opts: dict[str, Any] = {"max_matvecs": budget, "tol": config.eigen_tol}
+        if budget is not None:
+            opts["on_nonconvergence"] = "ignore"  # a deliberate budget, not a failure
+        if dynamics == "gld_hessian":
+            opts["k"] = config.k
+        return opts
+    return {}
+
+
+def _gd_spec(config: FashionConfig, seed: int) -> PhaseSpec:
+    return PhaseSpec(
+        seed=seed,
+        name="gd_phase",
+        dynamics="gd",
+        num_steps=config.gd_iterations,
+        iteration_offset=0,
+        lr=config.gd_lr,
+        batch_size=config.batch_size,
+        refresh_every=1,
+        options={},
+        eval_every=config.gd_eval_every,
+        sharpness_every=config.gd_sharpness_every,
+        indicator_every=config.gd_indicator_every,
+        measure_start=True,
+        sharpness_sigma=config.sharpness_sigma,
+        sharpness_draws=config.sharpness_draws,
+        indicator_samples=config.indicator_samples,
+        indicator_trace_matvecs=config.indicator_trace_matvecs,
+        checkpoint_every=config.checkpoint_every,
+    )
+
+
+def _dynamics_spec(config: FashionConfig, seed: int, dynamics: str) -> PhaseSpec:
+    return PhaseSpec(
+        seed=seed,
+        name=dynamics,
+        dynamics=dynamics,
+        num_steps=config.iterations,
+        iteration_offset=config.gd_iterations,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        refresh_every=int(config.refresh_every.get(dynamics, 1)),
+        options=_noise_options(config, dynamics),
+        eval_every=config.eval_every,
+        sharpness_every=config.sharpness_every,
+        indicator_every=config.indicator_every if dynamics in config.indicator_dynamics else -1,
+        measure_start=False,  # t = 0 is θ*_GD, measured at the end of the GD phase
+        sharpness_sigma=config.sharpness_sigma,
+        sharpness_draws=config.sharpness_draws,
+        indicator_samples=config.indicator_samples,
+        indicator_trace_matvecs=config.indicator_trace_matvecs,
+        checkpoint_every=config.checkpoint_every,
+    )
+
+
+def _check_run_dir(rd: RunDir, config: FashionConfig) -> None:
+    if not rd.exists("config.json"):
+        return
+    old = rd.read_json("config.json")
+    new = config.to_dict()
+    diff = [
+        k
+        for k in new
+        if k not in _SELECTION_FIELDS and _normalise(old.get(k)) != _normalise(new[k])
+    ]
+    if diff:
+        raise ValueError(
+            f"the run directory {str(rd.path)!r} holds a run with different settings "
+            f"({', '.join(diff)}); resuming would mix protocols. Use another --out, or delete "
+            "that directory to start over."
+        )
+
+
+def _normalise(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_normalise(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _normalise(x) for k, x in sorted(v.items())}
+    return v
+
+
+def run(
+    config: FashionConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device | None = "auto",
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    _stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment into ``out_dir``; returns the content of ``results.json``.
+
+    Finished phases are loaded, unfinished ones resume from their last checkpoint. Writes
+    ``config.json``, ``env.json``, per-phase ``metrics.jsonl``, ``metrics.csv``, ``results.json``,
+    ``summary.md`` and the figures.
+
+    Args:
+        config: a validated :class:`FashionConfig` (see :data:`PRESETS`, :func:`config_from`).
+        out_dir: the run directory.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        data_dir: folder with the four FashionMNIST IDX files (default: the usual places).
+        progress: show a progress bar with ETA on stderr.
+
+    Raises:
+        DataNotFoundError: FashionMNIST is not available (the message says how to get it).
+        ValueError: a bad config, or a run directory holding a run with other settings.
+    """
+    validate(config)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(config.dtype)
+    rd = RunDir(out_dir)
+    _check_run_dir(rd, config)
+    data = corrupted_fashion_mnist(
+        n_train=config.n_train,
+        n_clean=config.n_clean,
+        seed=config.data_seed,
+        data_dir=data_dir,
+        dtype=dtype,
+        device=dev,
+    )
+    n_test = config.n_test or data.y_test.shape[0]
+    pdata = PhaseData(
+        x_train=data.x_train,
+        y_train=data.y_train,
+        corrupted=data.corrupted_mask,
+        y_train_original=data.y_train_original,
+        x_test=data.x_test[:n_test],
+        y_test=data.y_test[:n_test],
+    )
+    rd.write_config(config.to_dict())
+    rd.write_env(dev)
+
+    total = len(config.seeds) * (config.gd_iterations + len(config.dynamics) * config.iterations)
+    bar = Progress(total, "fashion", enabled=progress)
+    state = {"phase": "", "acc": ""}
+
+    def advance(n: int, row: dict[str, Any] | None) -> None:
+        if row is not None and "test_acc" in row:
+            state["acc"] = f"test acc {row['test_acc']:.3f}"
+        bar.update(n, postfix=f"{state['phase']} {state['acc']}")
+
+    phases: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in config.seeds:
+        model = FashionCNN(generator=torch.Generator().manual_seed(seed), dtype=dtype, device=dev)
+        problem = Problem(model, F.cross_entropy, pdata.x_train, pdata.y_train)
+        theta_init = problem.theta()
+        seed_dir = rd.path / f"seed_{seed}"
+        state["phase"] = f"seed {seed} GD phase"
+        gd = run_phase(
+            problem, pdata, _gd_spec(config, seed), seed_dir / "gd_phase", theta_init,
+            advance=advance, stop_after=_stop_after,
+        )  # fmt: skip
+        if gd.get("unfinished"):
+            return {}
+        phases[seed] = {"gd_phase": gd}
+        for dyn in config.dynamics:
+            state["phase"] = f"seed {seed} {LABELS[dyn]}"
+            res = run_phase(
+                problem, pdata, _dynamics_spec(config, seed, dyn), seed_dir / dyn, gd["theta"],
+                advance=advance, stop_after=_stop_after,
+            )  # fmt: skip
+            if res.get("unfinished"):
+                return {}
+            phases[seed][dyn] = res
+
+    results = build_results(config, phases, source=str(data.source), device=str(dev))
+    rd.write_json("results.json", results)
+    rd.write_csv("metrics.csv", _flat_rows(phases))
+    rd.write_text("summary.md", summary_markdown(results))
+    plot(rd.path)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+def _stat(values: Sequence[float | None]) -> dict[str, Any]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    mean = sum(vals) / n if n else None
+    std = (
+        math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+        if n >= 2 and mean is not None
+        else None
+    )
+    return {
+        "mean": mean,
+        "std": std,
+        "n": n,
+        "values": [float(v) if v is not None else None for v in values],
+    }
+
+
+def _curve(rows_per_seed: list[list[dict[str, Any]]], key: str) -> dict[str, Any]:
+    """Mean/std over seeds of ``key`` along the rows where it was measured."""
+    series = [[r for r in rows if r.get(key) is not None] for rows in rows_per_seed]
+    length = min(len(s) for s in series) if series else 0
+    its = [series[0][i]["iteration"] for i in range(length)]
+    mean, std = [], []
+    for i in range(length):
+        st = _stat([s[i][key] for s in series])
+        mean.append(st["mean"])
+        std.append(st["std"])
+    out: dict[str, Any] = {"iteration": its, "mean": mean, "std": std}
+    err_key = f"{key}_stderr"
+    if length and err_key in series[0][0]:
+        # Monte-Carlo standard error of the seed mean: √(Σ se²)/n.
+        out["stderr"] = [
+            math.sqrt(sum(float(s[i].get(err_key) or 0.0) ** 2 for s in series)) / len(series)
+            for i in range(length)
+        ]
+    return out
+
+
+_CURVE_KEYS = (
+    "test_acc",
+    "test_loss",
+    "train_loss",
+    "train_acc_clean",
+    "train_acc_corrupted",
+    "train_acc_corrupted_true",
+    "sharpness_signed",
+    "sharpness_abs",
+    "tr_HS",
+    "tr_HS_iso",
+    "indicator_ratio",
+)
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    for r in reversed(rows):
+        if r.get(key) is not None:
+            return float(r[key])
+    return None
+
+
+def build_results(
+    config: FashionConfig,
+    phases: Mapping[int, Mapping[str, Mapping[str, Any]]],
+    *,
+    source: str = "",
+    device: str = "",
+) -> dict[str, Any]:
+    """``results.json``: per dynamics name, the mean ± std over seeds and the curves."""
+    seeds = list(phases)
+    gd_rows = [list(phases[s]["gd_phase"]["rows"]) for s in seeds]
+    results: dict[str, Any] = {
+        "meta": {
+            "experiment": "fashion",
+            "profile": config.profile,
+            "seeds": seeds,
+            "dynamics": list(config.dynamics),
+            "device": device,
+            "data_source": source,
+            "switch_iteration": config.gd_iterations,
+            "gd_lr": config.gd_lr,
+            "lr_after_switch": config.lr,
+            "batch_size": config.batch_size,
+            "refresh_every": {
+                d: int(config.refresh_every.get(d, 1))
+                for d in config.dynamics
+                if d.startswith("gld_")
+            },
+            "n_train": config.n_train,
+            "n_clean": config.n_clean,
+            "n_test": config.n_test or _NUM_TEST,
+            "sharpness": {"sigma": config.sharpness_sigma, "draws": config.sharpness_draws},
+            "indicator": {
+                "batch_size": config.batch_size,
+                "exact_tr_HS": config.indicator_samples is None,
+                "samples": config.indicator_samples,
+                "tr_H_hutchpp_matvecs": config.indicator_trace_matvecs,
+            },
+            "std": "sample std over seeds (ddof=1); null with one seed",
+            "definitions": {
+                "final_*": "at the last iteration after the switch",
+                "max_test_acc": "largest test accuracy among the evaluations after the switch "
+                "(t >= 1; the curves start at t = 0 = θ*_GD)",
+                "sharpness_*": "expected sharpness at the last iteration (signed: "
+                "E[L(θ+ν)] − L(θ); abs: E|L(θ+ν) − L(θ)|; ν ~ N(0, σ² I), training loss)",
+                "train_acc_corrupted": "accuracy on the corrupted samples w.r.t. their random "
+                "(training) labels; *_true: w.r.t. their true labels",
+            },
+        }
+    }
+    gd_phase: dict[str, Any] = {
+        key: _stat([_last(rows, key) for rows in gd_rows])
+        for key in (
+            "test_acc",
+            "test_loss",
+            "train_acc_clean",
+            "train_acc_corrupted",
+            "train_acc_corrupted_true",
+            "train_loss",
+            "sharpness_signed",
+            "sharpness_abs",
+            "tr_HS",
+            "tr_HS_iso",
+            "indicator_ratio",
+        )
+    }
+    gd_phase["wall_s"] = _stat([phases[s]["gd_phase"].get("wall_s") for s in seeds])
+    gd_phase["curves"] = {
+        k: _curve(gd_rows, k)
+        for k in _CURVE_KEYS
+        if any(r.get(k) is not None for rows in gd_rows for r in rows)
+    }
+    results["gd_phase"] = gd_phase
+    for dyn in config.dynamics:
+        rows_ps = [list(phases[s][dyn]["rows"]) for s in seeds]
+        # Curves start at θ*_GD: the last GD-phase measurement is t = 0 of every dynamics.
+        start = [[dict(r, t=0) for r in rows if r["t"] == config.gd_iterations] for rows in gd_rows]
+        full = [st + rows for st, rows in zip(start, rows_ps, strict=True)]
+        entry: dict[str, Any] = {
+            "label": LABELS[dyn],
+            "final_test_acc": _stat([_last(rows, "test_acc") for rows in rows_ps]),
+            "max_test_acc": _stat(
+                [
+                    max(
+                        (r["test_acc"] for r in rows if r.get("test_acc") is not None), default=None
+                    )
+                    for rows in rows_ps
+                ]
+            ),
+            "final_test_loss": _stat([_last(rows, "test_loss") for rows in rows_ps]),
+            "final_train_loss": _stat([_last(rows, "train_loss") for rows in rows_ps]),
+            "final_train_acc_clean": _stat([_last(rows, "train_acc_clean") for rows in rows_ps]),
+            "final_train_acc_corrupted": _stat(
+                [_last(rows, "train_acc_corrupted") for rows in rows_ps]
+            ),
+            "final_train_acc_corrupted_true": _stat(
+                [_last(rows, "train_acc_corrupted_true") for rows in rows_ps]
+            ),
+            "sharpness_signed": _stat([_last(rows, "sharpness_signed") for rows in rows_ps]),
+            "sharpness_abs": _stat([_last(rows, "sharpness_abs") for rows in rows_ps]),
+            "wall_s": _stat([phases[s][dyn].get("wall_s") for s in seeds]),
+        }
+        entry["seconds_per_step"] = _stat(
+            [(phases[s][dyn].get("wall_s") or math.nan) / config.iterations for s in seeds]
+        )
+        entry["curves"] = {
+            k: _curve(full, k)
+            for k in _CURVE_KEYS
+            if any(r.get(k) is not None for rows in full for r in rows)
+        }
+        results[dyn] = entry
+    return results
+
+
+def _flat_rows(phases: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    keys = ["seed", "phase", "t", "iteration", *_CURVE_KEYS]
+    out = []
+    for seed, per in phases.items():
+        for name, res in per.items():
+            for r in res["rows"]:
+                out.append(
+                    {k: (seed if k == "seed" else name if k == "phase" else r.get(k)) for k in keys}
+                )
+    return out
+
+
+def _fmt(st: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if not st or st.get("mean") is None:
+        return "—"
+    m = st["mean"]
+    s = st.get("std")
+    fmt = f"{{:.{digits}f}}" if abs(m) >= 1e-3 or m == 0 else f"{{:.{digits}g}}"
+    return fmt.format(m) + (" ± " + fmt.format(s) if s is not None else "")
+
+
+def summary_markdown(results: Mapping[str, Any]) -> str:
+    """A short human summary (tables of mean ± std over seeds)."""
+    meta = results["meta"]
+    gd = results["gd_phase"]
+    lines = [
+        f"# FashionMNIST with corrupted labels — profile `{meta['profile']}`",
+        "",
+        f"Seeds {meta['seeds']} (mean ± sample std; one seed shows the value only). "
+        f"Switch at iteration {meta['switch_iteration']} (GD lr {meta['gd_lr']}, then lr "
+        f"{meta['lr_after_switch']} for every dynamics, GD included). Training set "
+        f"{meta['n_train']} = {meta['n_clean']} clean + {meta['n_train'] - meta['n_clean']} random "
+        f"labels; {meta['n_test']} test images. Sharpness: σ = {meta['sharpness']['sigma']}, "
+        f"{meta['sharpness']['draws']} draws.",
+        "",
+        "## θ*_GD (end of the GD phase)",
+        "",
+        f"- test accuracy {_fmt(gd['test_acc'])} (paper's figure ≈ 0.66; re-implementations ≈ 0.70)",
+        f"- train accuracy: clean {_fmt(gd['train_acc_clean'])}, corrupted (random labels) "
+        f"{_fmt(gd['train_acc_corrupted'])}",
+        f"- expected sharpness signed {_fmt(gd['sharpness_signed'], 4)}, absolute "
+        f"{_fmt(gd['sharpness_abs'], 4)}",
+        f"- Tr(HΣ) {_fmt(gd['tr_HS'], 4)} vs Tr(HΣ̄) {_fmt(gd['tr_HS_iso'], 4)} "
+        f"(ratio {_fmt(gd['indicator_ratio'], 1)})",
+        f"- wall time {_fmt(gd['wall_s'], 0)} s",
+        "",
+        "## After the switch",
+        "",
+        "| dynamics | final test acc | max test acc | train acc clean | train acc corrupted | "
+        "sharpness (signed) | sharpness (abs) | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dyn in meta["dynamics"]:
+        e = results[dyn]
+        lines.append(
+            f"| {e['label']} | {_fmt(e['final_test_acc'])} | {_fmt(e['max_test_acc'])} | "
+            f"{_fmt(e['final_train_acc_clean'])} | {_fmt(e['final_train_acc_corrupted'])} | "
+            f"{_fmt(e['sharpness_signed'], 4)} | {_fmt(e['sharpness_abs'], 4)} | "
+            f"{_fmt(e['seconds_per_step'], 3)} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures (from results.json only)
+# --------------------------------------------------------------------------------------------
+
+
+def _band(ax: Any, curve: Mapping[str, Any], label: str, **kw: Any) -> None:
+    x = curve["iteration"]
+    m = [math.nan if v is None else v for v in curve["mean"]]
+    (line,) = ax.plot(x, m, label=label, **kw)
+    if any(s is not None for s in curve["std"]):
+        s = [0.0 if v is None else v for v in curve["std"]]
+        ax.fill_between(x, [a - b for a, b in zip(m, s, strict=True)],
+                        [a + b for a, b in zip(m, s, strict=True)], color=line.get_color(), alpha=0.2)  # fmt: skip
+
+
+def plot(run_dir: str | Path) -> list[Path]:
+    """Redraw the figures of a finished run from its ``results.json`` (no recomputation).
+
+    * ``fig2_test_acc`` — test accuracy vs iteration, the switch as a dashed line (poster Fig. 2
+      left);
+    * ``fig2_sharpness`` — expected sharpness (signed and absolute) vs iteration (Fig. 2 right);
+    * ``fig4_indicator`` — Tr(HΣ) (solid) and Tr(HΣ̄) (dotted) along the GD phase and along SGD
+      (Fig. 4 right).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rd = RunDir(run_dir)
+    res = rd.read_json("results.json")
+    meta = res["meta"]
+    switch = meta["switch_iteration"]
+    gd_curves = res["gd_phase"]["curves"]
+    colors = plt.get_cmap("tab10")
+    out: list[Path] = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if "test_acc" in gd_curves:
+        _band(ax, gd_curves["test_acc"], f"GD phase (lr {meta['gd_lr']:g})", color="black")
+    for i, dyn in enumerate(meta["dynamics"]):
+        c = res[dyn]["curves"].get("test_acc")
+        if c:
+            _band(ax, c, res[dyn]["label"], color=colors(i % 10))
+    ax.axvline(switch, ls="--", color="grey", lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"FashionMNIST (corrupted labels): test accuracy, switch at {switch}")
+    ax.legend(fontsize=7, ncol=2)
+    out += save_figure(fig, rd.path / "fig2_test_acc")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in (
+        (axes[0], "sharpness_signed", "E[L(θ+ν)] − L(θ) (poster)"),
+        (axes[1], "sharpness_abs", "E|L(θ+ν) − L(θ)| (released code)"),
+    ):
+        if key in gd_curves:
+            c = gd_curves[key]
+            ax.errorbar(c["iteration"], c["mean"], yerr=c.get("stderr"), color="black",
+                        marker="o", ms=3, label="GD phase")  # fmt: skip
+        for i, dyn in enumerate(meta["dynamics"]):
+            c = res[dyn]["curves"].get(key)
+            if c:
+                ax.errorbar(c["iteration"], c["mean"], yerr=c.get("stderr"), color=colors(i % 10),
+                            marker="o", ms=3, label=res[dyn]["label"])  # fmt: skip
+        ax.axvline(switch, ls="--", color="grey", lw=1)
+        ax.set_xlabel("iteration")
+        ax.set_title(f"{title}, σ = {meta['sharpness']['sigma']}", fontsize=9)
+    axes[0].set_ylabel("expected sharpness")
+    axes[1].legend(fontsize=7, ncol=2)
+    out += save_figure(fig, rd.path / "fig2_sharpness")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [("GD phase", gd_curves, "black")]
+    for i, dyn in enumerate(meta["dynamics"]):
+        series.append((res[dyn]["label"], res[dyn]["curves"], colors(i % 10)))
+    for label, curves, color in series:
+        if "tr_HS" not in curves:
+            continue
+        a, b = curves["tr_HS"], curves["tr_HS_iso"]
+        ax.errorbar(a["iteration"], a["mean"], yerr=a.get("stderr"), color=color, ls="-",
+                    marker="o", ms=3, label=f"{label}: Tr(HΣ)")  # fmt: skip
+        ax.errorbar(b["iteration"], b["mean"], yerr=b.get("stderr"), color=color, ls=":",
+                    marker="s", ms=3, label=f"{label}: Tr(HΣ̄)")  # fmt: skip
+    ax.axvline(switch, ls="--", color="grey", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("escape indicator")
+    kind = (
+        "exact"
+        if meta["indicator"]["exact_tr_HS"]
+        else f"sampled ({meta['indicator']['samples']} examples)"
+    )
+    ax.set_title(f"Tr(HΣ) vs Tr(HΣ̄), Σ of a mini-batch of {meta['indicator']['batch_size']} ({kind})",
+                 fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7)
+    out += save_figure(fig, rd.path / "fig4_indicator")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``sgdnoise fashion`` to the CLI."""
+    p = subparsers.add_parser(
+        "fashion",
+        help="FashionMNIST with corrupted labels: every dynamics from the GD minimum (Fig. 2, Fig. 4 right)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--profile", choices=list(PRESETS), default="quick",
+                   help="preset: smoke (seconds, for tests), quick (1 seed, 1,000 iterations after the switch, CPU), paper (3 seeds, 15,000 iterations, GPU)")  # fmt: skip
+    p.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="TOML file overriding preset values (keys = FashionConfig fields)")  # fmt: skip
+    p.add_argument("--dynamics", nargs="+", choices=list(ALL_DYNAMICS), default=None,
+                   help="dynamics to run after the switch (default: the preset's, i.e. all)")  # fmt: skip
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="initialisation/noise seeds (default: the preset's)")  # fmt: skip
+    p.add_argument("--iterations", type=int, default=None,
+                   help="iterations after the switch (default: the preset's)")  # fmt: skip
+    p.add_argument("--gd-iterations", type=int, default=None,
+                   help="iterations of the GD phase before the switch (default: the preset's)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the four FashionMNIST IDX files (default: Debian's "
+                   "/usr/share/datasets/fashion-mnist, then the torchvision cache)")  # fmt: skip
+    p.add_argument("--out", default=None,
+                   help="run directory (default: results/fashion_<profile>); rerunning the same command resumes")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plot-only", action="store_true",
+                   help="only redraw the figures of an existing run directory")  # fmt: skip
+    p.set_defaults(func=_main)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"results/fashion_{args.profile}")
+    if args.plot_only:
+        if not (out / "results.json").exists():
+            raise FileNotFoundError(
+                f"{out / 'results.json'} does not exist; run the experiment first"
+            )
+        for path in plot(out):
+            print(path)
+        return 0
+    config = config_from(
+        args.profile,
+        load_toml_config(args.config),
+        dynamics=tuple(args.dynamics) if args.dynamics else None,
+        seeds=tuple(args.seeds) if args.seeds else None,
+        iterations=args.iterations,
+        gd_iterations=args.gd_iterations,
+    )
+    resolve_device(args.device)
+    t0 = time.perf_counter()
+    results = run(
+        config, out, device=args.device, data_dir=args.data_dir, progress=not args.no_progress
+    )
+    print(summary_markdown(results))
+    print(f"wall time {time.perf_counter() - t0:.0f} s; results in {out}/results.json")
+    return 0

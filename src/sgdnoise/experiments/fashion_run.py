@@ -1,0 +1,355 @@
+"""The checkpointed training loop of the FashionMNIST experiment (one *phase* at a time).
+
+A phase is the GD phase of one seed (full-batch GD from initialisation, giving θ*_GD) or one
+dynamics run after the switch (from θ*_GD). Each phase lives in its own folder::
+
+    <run>/seed_<s>/<phase>/checkpoint.pt   θ_t, optimizer state (generator state included),
+                                           eigen-solver warm start, metric rows up to t
+    <run>/seed_<s>/<phase>/metrics.jsonl   the rows so far (for people; rewritten atomically)
+    <run>/seed_<s>/<phase>/final.pt        θ_T and every row — written once, when the phase ends
+
+Every file is written atomically (temporary file + rename), so a run killed at any moment (even
+``kill -9``) leaves either the previous or the new version of each file. Restarting loads the
+last checkpoint and continues; because every random number comes either from the optimizer's
+generator (saved in the checkpoint) or from a generator seeded by (seed, phase, iteration, use),
+a resumed run on the CPU reproduces an uninterrupted one bit for bit.
+
+Checkpoints are taken only at iterations that are multiples of every refresh period, so that
+GLD's refresh after a restart (it always rebuilds the covariance after ``load_state_dict``) falls
+on a step where the uninterrupted run refreshes anyway; for the Hessian structures, whose Lanczos
+solver is warm-started from the previous refresh, the previous eigenvectors are saved and restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
+from ..measures import escape_indicator, expected_sharpness
+from ..noise import noise_model
+from ..optim import GLD, ProblemOptimizer, make_optimizer
+from ..problem import Problem
+
+__all__ = ["PhaseSpec", "derive_seed", "evaluate_accuracy", "load_final", "run_phase"]
+
+#: structures whose refresh warm-starts Lanczos from the previous eigenvectors (state to save).
+_WARM_STARTED = ("gld_hessian", "gld_hessian_top1")
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (``derive_seed(seed, "sgd", "noise")``).
+
+    Independent of the order dynamics are run in and of Python's hash randomisation, so each
+    (seed, phase, use) has its own stream and adding a dynamics changes no other numbers.
+    """
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") & (2**63 - 1)
+
+
+def _generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 2500
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(correct [n] bool, loss [n])`` of a classifier, in chunks (no gradients)."""
+    correct, losses = [], []
+    for start in range(0, x.shape[0], chunk):
+        out = model(x[start : start + chunk])
+        yy = y[start : start + chunk]
+        correct.append(out.argmax(1) == yy)
+        losses.append(F.cross_entropy(out, yy, reduction="none"))
+    return torch.cat(correct), torch.cat(losses)
+
+
+@dataclass
+class PhaseData:
+    """Tensors a phase measures on (all on the run's device)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    corrupted: torch.Tensor  # bool [N]
+    y_train_original: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass
+class PhaseSpec:
+    """What one phase runs and measures.
+
+    Attributes:
+        seed: the run's seed. name: ``"gd_phase"`` or a dynamics name. num_steps: T.
+        iteration_offset: global iteration of t = 0 (0 for the GD phase, the GD length after).
+        lr, batch_size, refresh_every, options: the optimizer (see :func:`sgdnoise.make_optimizer`).
+        dynamics: the dynamics name given to :func:`sgdnoise.make_optimizer` (``"gd"`` for the GD
+            phase).
+        eval_every, sharpness_every, indicator_every: measurement periods in steps (< 0: never,
+            0: only at the last step; otherwise every multiple and the last step). The last step
+            is always evaluated. ``measure_start`` adds t = 0 to every (positive) schedule.
+        sharpness_sigma, sharpness_draws, indicator_samples, indicator_trace_matvecs: see
+            :class:`~sgdnoise.experiments.fashion.FashionConfig`.
+        checkpoint_every: steps between checkpoints (a multiple of ``refresh_every``).
+    """
+
+    seed: int
+    name: str
+    dynamics: str
+    num_steps: int
+    iteration_offset: int
+    lr: float
+    batch_size: int
+    refresh_every: int
+    options: dict[str, Any]
+    eval_every: int
+    sharpness_every: int
+    indicator_every: int
+    measure_start: bool
+    sharpness_sigma: float
+    sharpness_draws: int
+    indicator_samples: int | None
+    indicator_trace_matvecs: int
+    checkpoint_every: int
+
+
+def _due(t: int, every: int, spec: PhaseSpec) -> bool:
+    """Whether a measurement with period ``every`` is due at t (< 0: never; 0: only at the end)."""
+    if every < 0:
+        return False
+    if t == spec.num_steps:
+        return True
+    if every == 0:
+        return False
+    if t == 0:
+        return spec.measure_start
+    return t % every == 0
+
+
+def measure(problem: Problem, data: PhaseData, spec: PhaseSpec, t: int) -> dict[str, Any] | None:
+    """The metrics due at θ_t (``None`` when nothing is due)."""
+    do_eval = t == spec.num_steps or _due(t, spec.eval_every, spec)
+    do_sharp = _due(t, spec.sharpness_every, spec)
+    do_ind = _due(t, spec.indicator_every, spec)
+    if not (do_eval or do_sharp or do_ind):
+        return None
+    row: dict[str, Any] = {"t": t, "iteration": spec.iteration_offset + t}
+    model = problem.model
+    if do_eval:
+        ok, loss = evaluate_accuracy(model, data.x_test, data.y_test)
+        row["test_acc"] = float(ok.double().mean())
+        row["test_loss"] = float(loss.double().mean())
+        ok_tr, loss_tr = evaluate_accuracy(model, data.x_train, data.y_train)
+        bad = data.corrupted
+        row["train_loss"] = float(loss_tr.double().mean())
+        row["train_acc"] = float(ok_tr.double().mean())
+        row["train_acc_clean"] = float(ok_tr[~bad].double().mean()) if bool((~bad).any()) else None
+        row["train_acc_corrupted"] = float(ok_tr[bad].double().mean()) if bool(bad.any()) else None
+        if bool(bad.any()):
+            # Accuracy of the corrupted samples against their *true* labels: forgetting the random
+            # labels shows up as this rising while train_acc_corrupted falls.
+            with torch.no_grad():
+                pred = model(data.x_train[bad]).argmax(1)
+            row["train_acc_corrupted_true"] = float(
+                (pred == data.y_train_original[bad]).double().mean()
+            )
+    if do_sharp:
+        es = expected_sharpness(
+            problem,
+            spec.sharpness_sigma,
+            spec.sharpness_draws,
+            generator=_generator(spec.seed, spec.name, t, "sharpness"),
+        )
+        row["sharpness_signed"] = es.signed
+        row["sharpness_signed_stderr"] = es.signed_stderr
+        row["sharpness_abs"] = es.absolute
+        row["sharpness_abs_stderr"] = es.absolute_stderr
+    if do_ind:
+        ind = escape_indicator(
+            problem,
+            spec.batch_size,
+            num_samples=spec.indicator_samples,
+            generator=_generator(spec.seed, spec.name, t, "indicator"),
+            trace_matvecs=spec.indicator_trace_matvecs,
+        )
+        row["tr_HS"] = ind.tr_HS
+        row["tr_HS_stderr"] = ind.stderr
+        row["tr_HS_iso"] = ind.tr_HS_iso
+        # Tr(HΣ̄) = Tr(H) Tr(Σ)/D: its error comes from Tr(H) only (Tr Σ is exact).
+        row["tr_HS_iso_stderr"] = ind.tr_H_stderr * ind.tr_S / ind.dim
+        row["indicator_ratio"] = ind.ratio
+        row["tr_H"] = ind.tr_H
+        row["tr_S"] = ind.tr_S
+        row["indicator_exact"] = ind.exact and ind.tr_H_exact
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+# --------------------------------------------------------------------------------------------
+
+
+def _save(path: Path, obj: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
+    atomic_write_text(folder / "metrics.jsonl", text)
+
+
+def load_final(folder: Path) -> dict[str, Any] | None:
+    """``{"theta", "rows", "wall_s"}`` of a finished phase, or ``None`` if it has not finished."""
+    path = folder / "final.pt"
+    return _load(path) if path.exists() else None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _build_optimizer(
+    problem: Problem, spec: PhaseSpec, warm: torch.Tensor | None
+) -> ProblemOptimizer:
+    gen = _generator(spec.seed, spec.name, "dynamics")
+    if warm is not None and spec.dynamics in _WARM_STARTED:
+        # Restore the Lanczos warm start: build the structure (a cold refresh at θ_t), give it the
+        # eigenvectors of the last refresh before the checkpoint, and let GLD's post-load refresh
+        # at step t warm-start from them — exactly as the uninterrupted run does.
+        structure = noise_model(
+            spec.dynamics[len("gld_") :], problem, batch_size=spec.batch_size, **spec.options
+        )
+        structure.eigenvectors = warm.to(problem.device, problem.dtype)
+        return GLD(
+            problem.model.parameters(),
+            spec.lr,
+            noise=structure,
+            problem=problem,
+            batch_size=spec.batch_size,
+            refresh_every=spec.refresh_every,
+            generator=gen,
+        )
+    if spec.dynamics == "gd":
+        return make_optimizer("gd", problem, spec.lr)
+    if spec.dynamics == "sgd":
+        return make_optimizer("sgd", problem, spec.lr, generator=gen, batch_size=spec.batch_size)
+    return make_optimizer(
+        spec.dynamics,
+        problem,
+        spec.lr,
+        generator=gen,
+        batch_size=spec.batch_size,
+        refresh_every=spec.refresh_every,
+        **spec.options,
+    )
+
+
+def run_phase(
+    problem: Problem,
+    data: PhaseData,
+    spec: PhaseSpec,
+    folder: Path,
+    theta0: torch.Tensor,
+    *,
+    advance: Callable[[int, dict[str, Any] | None], None] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or just load) one phase; returns ``{"theta", "rows", "wall_s"}``.
+
+    Args:
+        problem: the training problem; its model's parameters are overwritten.
+        data: tensors to measure on.
+        spec: what to run.
+        folder: the phase folder (created).
+        theta0: θ at t = 0 (ignored when resuming from a checkpoint).
+        advance: progress callback ``advance(n, row)``: n more steps are done (all T for a phase
+            that had finished, t for a resumed one, then 1 per step), row = the metrics measured
+            after that step or ``None``.
+        stop_after: testing hook: return (without finishing) after this many steps of this call.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    done = load_final(folder)
+    if done is not None:
+        if advance is not None:
+            advance(spec.num_steps, None)
+        return done
+    ckpt_path = folder / "checkpoint.pt"
+    warm: torch.Tensor | None = None
+    start = time.perf_counter()
+    if ckpt_path.exists():
+        ckpt = _load(ckpt_path)
+        t0, rows, wall = int(ckpt["t"]), list(ckpt["rows"]), float(ckpt["wall_s"])
+        problem.set_theta(ckpt["theta"].to(problem.device, problem.dtype))
+        warm = ckpt.get("warm")
+        opt = _build_optimizer(problem, spec, warm)
+        opt.load_state_dict(ckpt["optim"])
+        if advance is not None:
+            advance(t0, None)
+    else:
+        t0, rows, wall = 0, [], 0.0
+        problem.set_theta(theta0.to(problem.device, problem.dtype))
+        opt = _build_optimizer(problem, spec, None)
+        row = measure(problem, data, spec, 0)
+        if row is not None:
+            rows.append(row)
+    for t in range(t0, spec.num_steps):
+        opt.step()
+        done_steps = t + 1
+        row = measure(problem, data, spec, done_steps)
+        if row is not None:
+            rows.append(row)
+        if done_steps % spec.checkpoint_every == 0 and done_steps < spec.num_steps:
+            structure = getattr(opt, "noise", None)
+            vecs = getattr(structure, "eigenvectors", None) if structure is not None else None
+            _save(
+                ckpt_path,
+                {
+                    "t": done_steps,
+                    "theta": problem.theta().cpu(),
+                    "optim": opt.state_dict(),
+                    "warm": vecs.cpu()
+                    if (vecs is not None and spec.dynamics in _WARM_STARTED)
+                    else None,
+                    "rows": rows,
+                    "wall_s": wall + time.perf_counter() - start,
+                },
+            )
+            _write_rows(folder, rows)
+        if advance is not None:
+            advance(1, row)
+        if stop_after is not None and done_steps - t0 >= stop_after and done_steps < spec.num_steps:
+            return {"theta": problem.theta(), "rows": rows, "wall_s": math.nan, "unfinished": True}
+    final = {
+        "theta": problem.theta().cpu(),
+        "rows": rows,
+        "wall_s": wall + time.perf_counter() - start,
+    }
+    _write_rows(folder, rows)
+    _save(folder / "final.pt", final)
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    return final
