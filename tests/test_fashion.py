@@ -78,7 +78,7 @@ def test_config_from_layers_toml_and_flags(tmp_path):
         ({"indicator_samples": 1}, "indicator_samples must be None"),
         ({"checkpoint_every": 7}, "checkpoint_every=7 must be a multiple of refresh_every"),
         ({"refresh_every": {"gld_nope": 2}}, "refresh_every has unknown names"),
-        ({"bogus_key": 1}, "unknown fashion config key"),
+        ({"bogus_key": 1}, "fashion config: unknown key"),
     ],
 )
 def test_config_errors_say_what_to_fix(overrides, match):

@@ -34,6 +34,7 @@ __all__ = [
     "RunDir",
     "env_info",
     "load_toml_config",
+    "replace_config",
     "resolve_device",
     "resolve_dtype",
     "save_figure",
@@ -236,6 +237,28 @@ def load_toml_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
         import tomli as tomllib
     with open(p, "rb") as fh:
         return tomllib.load(fh)
+
+
+def replace_config(base: T, values: Mapping[str, Any], *, what: str) -> T:
+    """``base`` (a frozen dataclass) with ``values`` replaced, for TOML files and CLI flags.
+
+    Unknown keys raise ``ValueError`` listing the valid ones; a list given for a field whose
+    current value is a tuple (TOML has no tuples) becomes a tuple.
+    """
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"{what} config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+        )
+    changes = {}
+    for key, value in values.items():
+        if isinstance(value, list) and isinstance(getattr(base, key), tuple | type(None)):
+            value = tuple(value)
+        changes[key] = value
+    return dataclasses.replace(base, **changes)  # type: ignore[type-var]
 
 
 class Progress:

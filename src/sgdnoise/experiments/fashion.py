@@ -33,7 +33,7 @@ import argparse
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from ._common import (
     Progress,
     RunDir,
     load_toml_config,
+    replace_config,
     resolve_device,
     resolve_dtype,
     save_figure,
@@ -412,24 +413,12 @@ def config_from(
     """A preset, then a TOML table, then explicit keyword overrides (``None`` = not given)."""
     if profile not in PRESETS:
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PRESETS)}")
-    base = PRESETS[profile]
-    names = {f.name for f in fields(FashionConfig)}
-    changes: dict[str, Any] = {}
+    config = PRESETS[profile]
     for source in (dict(toml or {}), {k: v for k, v in overrides.items() if v is not None}):
-        unknown = sorted(set(source) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown fashion config key(s) {unknown}; valid keys: {', '.join(sorted(names))}"
-            )
-        for key, value in source.items():
-            if key in ("dynamics", "seeds", "indicator_dynamics") and isinstance(value, list):
-                value = tuple(value)
-            if key == "refresh_every" and isinstance(value, Mapping):
-                merged = dict(changes.get("refresh_every", base.refresh_every))
-                merged.update(value)
-                value = merged
-            changes[key] = value
-    config = replace(base, **changes)
+        refresh = source.get("refresh_every")
+        if isinstance(refresh, Mapping):  # a partial table updates the preset's periods
+            source["refresh_every"] = {**config.refresh_every, **refresh}
+        config = replace_config(config, source, what="fashion")
     validate(config)
     return config
 

@@ -61,7 +61,15 @@ from ..data import one_hidden_layer_data
 from ..measures import alignment, escape_indicator
 from ..models import OneHiddenLayerNet, one_hidden_layer_loss
 from ..problem import Problem
-from ._common import Progress, RunDir, load_toml_config, resolve_device, resolve_dtype, save_figure
+from ._common import (
+    Progress,
+    RunDir,
+    load_toml_config,
+    replace_config,
+    resolve_device,
+    resolve_dtype,
+    save_figure,
+)
 
 __all__ = [
     "PRESETS",
@@ -271,18 +279,7 @@ class IndicatorConfig:
     @classmethod
     def from_mapping(cls, base: IndicatorConfig, values: dict[str, Any]) -> IndicatorConfig:
         """``base`` with ``values`` replaced (unknown keys raise, listing the valid ones)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(
-                f"indicator config: unknown key(s) {', '.join(unknown)}; valid keys: "
-                f"{', '.join(sorted(fields))}"
-            )
-        values = dict(values)
-        for key in ("widths", "seeds", "delta_sweep", "delta_sweep_seeds"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return dataclasses.replace(base, **values)
+        return replace_config(base, values, what="indicator")
 
     @property
     def sweep_seeds(self) -> tuple[int, ...]:

@@ -48,7 +48,7 @@ import torch
 
 from ..linalg.lanczos import top_eigenpairs
 from ..linalg.operators import LinearOperator
-from ._common import Progress, RunDir, load_toml_config, save_figure
+from ._common import Progress, RunDir, load_toml_config, replace_config, save_figure
 
 __all__ = [
     "NOISE_RESTS",
@@ -200,18 +200,7 @@ class Prop1Config:
     @classmethod
     def from_mapping(cls, base: Prop1Config, values: dict[str, Any]) -> Prop1Config:
         """``base`` with ``values`` replaced (unknown keys raise, listing the valid ones)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(
-                f"prop1 config: unknown key(s) {', '.join(unknown)}; valid keys: "
-                f"{', '.join(sorted(fields))}"
-            )
-        values = dict(values)
-        for key in ("dims", "exponents", "noise_rests"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return dataclasses.replace(base, **values)
+        return replace_config(base, values, what="prop1")
 
 
 PRESETS: dict[str, Prop1Config] = {

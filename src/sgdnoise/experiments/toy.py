@@ -46,6 +46,7 @@ from ._common import (
     Progress,
     RunDir,
     load_toml_config,
+    replace_config,
     resolve_device,
     resolve_dtype,
     save_figure,
@@ -180,17 +181,7 @@ class ToyConfig:
     @classmethod
     def from_mapping(cls, base: ToyConfig, values: dict[str, Any]) -> ToyConfig:
         """``base`` with ``values`` replaced (unknown keys raise, listing the valid ones)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(
-                f"toy config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}"
-            )
-        values = dict(values)
-        for key in ("start", "dynamics"):
-            if key in values and isinstance(values[key], list):
-                values[key] = tuple(values[key])
-        return dataclasses.replace(base, **values)
+        return replace_config(base, values, what="toy")
 
 
 PRESETS: dict[str, ToyConfig] = {
@@ -581,7 +572,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--profile", choices=sorted(PRESETS), default="paper",
-                   help="preset: smoke (8 runs × 60 steps), quick (50 runs), paper (100 runs × 500 steps)")  # fmt: skip
+                   help="preset: smoke (8 runs × 60 steps), quick = paper (100 runs × 500 steps)")  # fmt: skip
     p.add_argument("--config", metavar="FILE.toml", default=None,
                    help="TOML file with ToyConfig fields overriding the profile")  # fmt: skip
     p.add_argument(
