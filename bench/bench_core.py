@@ -243,7 +243,7 @@ def main() -> int:
             "top20_rel_error<=1e-3": s.get("top20_max_rel_error", 0.0) <= 1e-3,
             "trHS_speedup>=10": s["trHS_speedup"] >= 10,
             "per_sample_speedup>=3": max(
-                s["per_sample_speedup_hooks"], s["per_sample_speedup_vmap"]
+                s["per_sample_speedup_hooks"] or 0.0, s["per_sample_speedup_vmap"]
             )
             >= 3,
         }
