@@ -153,7 +153,9 @@ def _experiment_of(run_dir: Path) -> str:
             data = json.loads((run_dir / source).read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        name = data.get("experiment") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            continue
+        name = data.get("experiment") or (data.get("meta") or {}).get("experiment")
         if name in EXPERIMENTS:
             return name
     if run_dir.name in EXPERIMENTS:
