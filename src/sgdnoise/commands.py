@@ -19,12 +19,12 @@ __all__ = ["add_parsers", "reproduce"]
 
 PROFILES = ("smoke", "quick", "paper")
 
-#: Rough wall time of each experiment's presets (2-core CPU / one GPU), for ``sgdnoise list``.
+#: Wall time of each experiment's presets measured on a shared 2-core CPU, for ``sgdnoise list``.
 COST = {
-    "toy": {"smoke": "2 s", "quick": "15 s", "paper": "30 s"},
-    "indicator": {"smoke": "5 s", "quick": "2 min", "paper": "5 min"},
-    "prop1": {"smoke": "2 s", "quick": "10 s", "paper": "1 min"},
-    "fashion": {"smoke": "40 s", "quick": "25 min", "paper": "GPU: ~1 h per seed"},
+    "toy": {"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
+    "indicator": {"smoke": "10 s", "quick": "1 min", "paper": "2 min"},
+    "prop1": {"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
+    "fashion": {"smoke": "40 s", "quick": "65 min (CPU)", "paper": "GPU; many hours on CPU"},
 }
 
 

@@ -298,7 +298,7 @@ PRESETS: dict[str, IndicatorConfig] = {
         delta_sweep_width=4,
         delta_sweep_seeds=(0,),
     ),
-    "quick": IndicatorConfig(seeds=(0, 1), delta_sweep=(1e-3, 1e-2, 0.1), delta_sweep_seeds=(0,)),
+    "quick": IndicatorConfig(seeds=(0, 1, 2), delta_sweep=(1e-3, 1e-2, 0.1), delta_sweep_seeds=(0,)),
     "paper": IndicatorConfig(),
 }
 
@@ -1123,7 +1123,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--profile", choices=sorted(PRESETS), default="paper",
-                   help="preset: smoke (tiny, seconds), quick (2 seeds), paper (3 seeds, full δ sweep)")  # fmt: skip
+                   help="preset: smoke (tiny, seconds), quick (3 seeds, short δ sweep), paper (3 seeds, full δ sweep)")  # fmt: skip
     p.add_argument("--config", metavar="FILE.toml", default=None,
                    help="TOML file with IndicatorConfig fields overriding the profile")  # fmt: skip
     p.add_argument("--widths", type=int, nargs="+", default=None,
