@@ -298,7 +298,9 @@ PRESETS: dict[str, IndicatorConfig] = {
         delta_sweep_width=4,
         delta_sweep_seeds=(0,),
     ),
-    "quick": IndicatorConfig(seeds=(0, 1, 2), delta_sweep=(1e-3, 1e-2, 0.1), delta_sweep_seeds=(0,)),
+    "quick": IndicatorConfig(
+        seeds=(0, 1, 2), delta_sweep=(1e-3, 1e-2, 0.1), delta_sweep_seeds=(0,)
+    ),
     "paper": IndicatorConfig(),
 }
 
