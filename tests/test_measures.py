@@ -151,6 +151,17 @@ def test_expected_sharpness_leaves_model_unchanged_and_is_seeded(dtype: torch.dt
     )
     r2 = sgdnoise.expected_sharpness(problem, 0.01, 50, generator=5, draws_per_batch=7)
     assert r1 == r2
+    # One forward pass per draw (the default for models with convolutions) and one vmapped pass
+    # over the draws see the same draws and give the same losses.
+    r3 = sgdnoise.expected_sharpness(
+        problem, 0.01, 50, generator=5, draws_per_batch=7, vectorize=True
+    )
+    r4 = sgdnoise.expected_sharpness(
+        problem, 0.01, 50, generator=5, draws_per_batch=7, vectorize=False
+    )
+    assert r4 == r1
+    assert r3.signed == pytest.approx(r4.signed, rel=1e-4, abs=1e-9)
+    assert r3.absolute == pytest.approx(r4.absolute, rel=1e-4, abs=1e-9)
     for p, q in zip(problem.model.parameters(), before, strict=True):
         assert torch.equal(p, q)
     for bad in (0.0, -1.0, float("nan")):

@@ -65,6 +65,15 @@ def test_fashion_cnn_parameter_count_and_shapes():
         model(torch.zeros(4, 28, 28))
 
 
+def test_fashion_cnn_fast_pooling_without_autograd_gives_the_same_outputs():
+    model = FashionCNN(generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x[:, :, :10] = -1.0  # a constant background, as in FashionMNIST: tied pooling windows
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.equal(fast, model(x).detach())
+
+
 def test_fashion_cnn_init_truncated_normal_and_deterministic():
     a = FashionCNN(generator=torch.Generator().manual_seed(7))
     b = FashionCNN(generator=torch.Generator().manual_seed(7))

@@ -60,10 +60,15 @@ def per_sample_gradients_by_hooks(
     plan: Plan,
     x: torch.Tensor,
     y: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-sample gradients ``[n, D]`` and losses ``[n]`` at the model's current parameters, or
     ``None`` if a layer was not called exactly once (shared layers): the caller then falls back
-    to vmap. The losses come from the same forward pass (no second pass)."""
+    to vmap. The losses come from the same forward pass (no second pass).
+
+    ``out`` (``[n, D]``, may be a row slice of a larger matrix) receives the gradients in place,
+    so that no concatenated copy is made; it is also what is returned.
+    """
     layers = list({id(m): m for m, _ in plan}.values())
     inputs: dict[int, list[torch.Tensor]] = {id(m): [] for m in layers}
     outputs: dict[int, list[torch.Tensor]] = {id(m): [] for m in layers}
@@ -75,47 +80,71 @@ def per_sample_gradients_by_hooks(
     handles = [m.register_forward_hook(record) for m in layers]
     try:
         with torch.enable_grad():
-            out = model(x)
+            logits = model(x)
             if any(len(v) != 1 for v in outputs.values()):
                 return None
             n = x.shape[0]
             # The mean loss times n is Σ_i ℓ_i, whose gradient w.r.t. z_i is ∂ℓ_i/∂z_i.
-            total = loss_fn(out, y) * n
+            total = loss_fn(logits, y) * n
             zs = [outputs[id(m)][0] for m in layers]
             deltas = torch.autograd.grad(total, zs, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
 
-    per_layer: dict[int, dict[str, torch.Tensor]] = {}
-    for m, delta in zip(layers, deltas, strict=True):
-        a = inputs[id(m)][0]
-        z = outputs[id(m)][0]
-        if delta is None:
-            delta = torch.zeros_like(z)
-        grads: dict[str, torch.Tensor] = {}
-        if isinstance(m, nn.Linear):
-            d2 = delta.reshape(n, -1, delta.shape[-1])
-            a2 = a.reshape(n, -1, a.shape[-1])
-            grads["weight"] = torch.einsum("nto,nti->noi", d2, a2)
-            grads["bias"] = d2.sum(1)
-        else:
-            assert isinstance(m, nn.Conv2d)
-            # ∇_W ℓ_i[o, c, i, j] = Σ_{h,w} δ_i[o, h, w] · a_i[c, s·h + i, s·w + j]: a grouped
-            # convolution of the inputs (samples as channels) with the deltas as kernels, dilated by
-            # the stride. Much faster on CPU than unfold/einsum (which copies every patch).
-            ph, pw = m.padding
-            if ph or pw:
-                a = F.pad(a, (pw, pw, ph, ph))
-            (kh, kw), (sh, sw) = m.kernel_size, m.stride
-            O, Ho, Wo = delta.shape[1:]
-            kernels = delta.reshape(n * O, 1, Ho, Wo).to(a.dtype)
-            g = F.conv2d(a.transpose(0, 1), kernels, groups=n, dilation=(sh, sw))
-            g = g[:, :, :kh, :kw].reshape(a.shape[1], n, O, kh, kw)
-            grads["weight"] = g.permute(1, 2, 0, 3, 4)
-            grads["bias"] = delta.sum((2, 3))
-        per_layer[id(m)] = grads
-    G = torch.cat([per_layer[id(m)][leaf].reshape(n, -1) for m, leaf in plan], dim=1)
+    D = sum(getattr(m, leaf).numel() for m, leaf in plan)
+    if out is None:
+        first = getattr(plan[0][0], plan[0][1])
+        out = torch.empty(n, D, dtype=first.dtype, device=first.device)
+    offsets: dict[tuple[int, str], slice] = {}
+    start = 0
+    for m, leaf in plan:
+        size = getattr(m, leaf).numel()
+        offsets[(id(m), leaf)] = slice(start, start + size)
+        start += size
+
+    def block(m: nn.Module, leaf: str) -> torch.Tensor | None:
+        """The columns of ``out`` for this parameter, or ``None`` if it is frozen."""
+        pos = offsets.get((id(m), leaf))
+        return None if pos is None else out[:, pos]
+
     with torch.no_grad():
-        losses = vmap(lambda o, t: loss_fn(o[None], t[None]))(out.detach(), y)
-    return G, losses
+        for m, delta in zip(layers, deltas, strict=True):
+            a = inputs[id(m)][0]
+            z = outputs[id(m)][0]
+            if delta is None:
+                delta = torch.zeros_like(z)
+            delta = delta.detach()
+            w_out, b_out = block(m, "weight"), block(m, "bias")
+            if isinstance(m, nn.Linear):
+                d2 = delta.reshape(n, -1, delta.shape[-1])
+                a2 = a.reshape(n, -1, a.shape[-1])
+                if w_out is not None:
+                    target = w_out.view(n, d2.shape[2], a2.shape[2])
+                    if d2.shape[1] == 1:  # the common case: one position per sample
+                        torch.mul(d2[:, 0, :, None], a2[:, 0, None, :], out=target)
+                    else:
+                        torch.bmm(d2.transpose(1, 2), a2, out=target)
+                if b_out is not None:
+                    torch.sum(d2, dim=1, out=b_out)
+            else:
+                assert isinstance(m, nn.Conv2d)
+                if w_out is not None:
+                    # ∇_W ℓ_i[o, c, i, j] = Σ_{h,w} δ_i[o, h, w] · a_i[c, s·h + i, s·w + j]: a
+                    # grouped convolution of the inputs (samples as channels) with the deltas as
+                    # kernels, dilated by the stride. Much faster on CPU than unfold/einsum (which
+                    # copies every patch).
+                    ph, pw = m.padding
+                    if ph or pw:
+                        a = F.pad(a, (pw, pw, ph, ph))
+                    (kh, kw), (sh, sw) = m.kernel_size, m.stride
+                    O, Ho, Wo = delta.shape[1:]
+                    kernels = delta.reshape(n * O, 1, Ho, Wo).to(a.dtype)
+                    g = F.conv2d(a.transpose(0, 1), kernels, groups=n, dilation=(sh, sw))
+                    g = g[:, :, :kh, :kw].reshape(a.shape[1], n, O, kh, kw)
+                    w_out.view(n, O, a.shape[1], kh, kw).copy_(g.permute(1, 2, 0, 3, 4))
+                if b_out is not None:
+                    torch.sum(delta, dim=(2, 3), out=b_out)
+    with torch.no_grad():
+        losses = vmap(lambda o, t: loss_fn(o[None], t[None]))(logits.detach(), y)
+    return out, losses

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from ._utils import as_generator, check_finite, randn
 from .linalg.covariance import GradientNoiseCovariance, batch_scale
@@ -283,18 +284,25 @@ def expected_sharpness(
     *,
     generator: torch.Generator | int,
     draws_per_batch: int = 16,
+    vectorize: bool | None = None,
 ) -> ExpectedSharpness:
     """Expected sharpness ``E_ν[L(θ+ν)] − L(θ)`` and ``E_ν|L(θ+ν) − L(θ)|``, ν ~ N(0, σ² I_D).
 
-    Draws are evaluated ``draws_per_batch`` at a time with one vmapped forward pass over the data
-    (the model is never modified: its parameters are bit-for-bit unchanged afterwards).
+    Draws are made ``draws_per_batch`` at a time and evaluated either with one vmapped forward
+    pass over the data (``vectorize=True``) or one plain forward pass per draw (``False``). The
+    model is never modified: its parameters are bit-for-bit unchanged afterwards.
 
     Args:
         problem: model, loss and data (the training loss L).
         sigma: perturbation standard deviation σ > 0 (the poster uses 0.01).
         num_samples: number of draws (the poster uses 1000), ≥ 2.
         generator: a ``torch.Generator`` or int seed.
-        draws_per_batch: draws evaluated at once (memory ∝ draws × chunk of data).
+        draws_per_batch: draws made (and, vectorized, evaluated) at once; memory ∝ draws × chunk
+            of data. The draws do not depend on ``vectorize``.
+        vectorize: vmap the forward pass over the draws. ``None`` (default) picks ``False`` for
+            models with convolutions — vmap turns a convolution with per-draw weights into a
+            grouped convolution, which is slower on CPU than separate passes — and ``True``
+            otherwise.
     """
     if not (
         isinstance(sigma, int | float) and sigma > 0 and sigma == sigma and sigma != float("inf")
@@ -308,6 +316,8 @@ def expected_sharpness(
         )
     if not isinstance(draws_per_batch, int) or draws_per_batch < 1:
         raise ValueError(f"draws_per_batch must be a positive integer, got {draws_per_batch!r}")
+    if vectorize is None:
+        vectorize = not any(isinstance(m, nn.modules.conv._ConvNd) for m in problem.model.modules())
     gen = as_generator(generator)
     theta = problem.theta()
     L0 = problem.loss(theta)
@@ -315,7 +325,17 @@ def expected_sharpness(
     for start in range(0, num_samples, draws_per_batch):
         B = min(draws_per_batch, num_samples - start)
         nu = randn((B, problem.dim), generator=gen, dtype=problem.dtype, device=problem.device)
-        losses = problem.batched_loss(theta[None, :] + sigma * nu)
+        thetas = theta[None, :] + sigma * nu
+        if vectorize:
+            losses = problem.batched_loss(thetas)
+        else:
+            with torch.no_grad():
+                losses = torch.stack(
+                    [
+                        problem.reduce_mean(lambda x, y, th=th: problem._batch_loss(th, x, y))
+                        for th in thetas
+                    ]
+                )
         diffs.append(losses - L0)
     d = torch.cat(diffs).double()
     check_finite(d, "a perturbed loss", "Lower sigma: the perturbed model produced NaN/inf.")

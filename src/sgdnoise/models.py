@@ -134,10 +134,22 @@ class FashionCNN(nn.Module):
                 f"FashionCNN expects images of shape [n, 1, 28, 28], got {list(x.shape)}. "
                 "Add the channel axis with x.unsqueeze(1) if needed."
             )
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        # Without autograd (evaluation, expected sharpness) the 2×2 max pooling is taken as the
+        # elementwise maximum of strided slices: the same values, ~10× faster on CPU than
+        # max_pool2d's indexed kernel. With autograd, max_pool2d (whose gradient goes to one
+        # element of a tied window).
+        pool = F.max_pool2d if torch.is_grad_enabled() else _max_pool_2x2
+        x = F.relu(pool(self.conv1(x), 2))
+        x = F.relu(pool(self.conv2(x), 2))
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)
+
+
+def _max_pool_2x2(z: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
+    """``F.max_pool2d(z, 2)`` for even height and width, as maxima of strided slices."""
+    assert kernel_size == 2 and z.shape[-1] % 2 == 0 and z.shape[-2] % 2 == 0
+    rows = torch.maximum(z[..., 0::2], z[..., 1::2])
+    return torch.maximum(rows[..., 0::2, :], rows[..., 1::2, :])
 
 
 @torch.no_grad()

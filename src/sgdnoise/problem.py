@@ -403,15 +403,22 @@ class Problem:
             )
         per_sample = vmap(grad_and_value(self._sample_loss), in_dims=(None, 0, 0))
         size = self._per_sample_chunk_size()
-        grads, losses = [], []
-        for x, y, _ in self.chunks(idx, size):
+        n = self.num_samples if idx is None else int(idx.numel())
+        # One [n, D] buffer filled chunk by chunk (the hook path writes into it directly).
+        G = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        ell = torch.empty(n, dtype=self.dtype, device=self.device)
+        for x, y, pos in self.chunks(idx, size):
             got = None
             if plan is not None and at_current:
-                got = _hooks.per_sample_gradients_by_hooks(self.model, self.loss_fn, plan, x, y)
-            G, ell = per_sample(theta, x, y) if got is None else got
-            grads.append(G.detach())
-            losses.append(ell.detach())
-        G, ell = torch.cat(grads, dim=0), torch.cat(losses)
+                got = _hooks.per_sample_gradients_by_hooks(
+                    self.model, self.loss_fn, plan, x, y, out=G[pos]
+                )
+            if got is None:
+                g_chunk, l_chunk = per_sample(theta, x, y)
+                G[pos] = g_chunk.detach()
+            else:
+                l_chunk = got[1]
+            ell[pos] = l_chunk.detach()
         check_finite(G, "the per-sample gradients")
         check_finite(ell, "the per-sample losses")
         return G, ell
