@@ -8,8 +8,21 @@ pixel values), on the same device and in the same process, so the ratios are com
 
 with n a whole number of refresh periods (so refreshes are amortised as in training) and the GD
 time the mean of the two GD blocks measured right before and right after the dynamics (the load of
-a shared machine drifts over minutes; adjacent blocks see the same load). Targets (issue 5): ≤ 1.5× for GLD dynamic/diag/full, ≤ 3× for GLD Hessian, ≤ 4× for
-GLD 1st eigvec(H), ≤ 1.2× for multiplicative; the others are reported without a target.
+a shared machine drifts over minutes; adjacent blocks see the same load). Targets (issue 5): ≤ 1.5×
+for GLD dynamic/diag/full, ≤ 3× for GLD Hessian, ≤ 4× for GLD 1st eigvec(H), ≤ 1.2× for
+multiplicative; the others are reported without a target.
+
+Refresh periods and Lanczos budgets default to the ``quick`` profile's (the settings the figures
+are made with); ``--top1-refresh 1`` times the released code's every-step refresh instead.
+
+The same run also measures the building blocks, relative to one GD step: per-sample gradients of
+all N samples (``c_psg``), one Hessian-vector product (``c_hvp1``) and a batched block of k products
+per column (``c_hvp``). From them it reports the *floor* of the Hessian structures — the cost if a
+refresh did nothing but its per-sample pass and its Hessian products:
+
+    floor(GLD Hessian) = ((r − 1) + c_psg + m · c_hvp) / r     (m ≥ k products per refresh)
+
+so a target below the floor cannot be met by a faster eigensolver, only by cheaper products.
 
 Usage::
 
@@ -32,8 +45,10 @@ import torch.nn.functional as F
 import sgdnoise
 from sgdnoise.data import DataNotFoundError, corrupted_fashion_mnist
 from sgdnoise.experiments._common import env_info, resolve_device
-from sgdnoise.experiments.fashion import ALL_DYNAMICS, DEFAULT_REFRESH
+from sgdnoise.experiments.fashion import ALL_DYNAMICS, PRESETS
 from sgdnoise.models import FashionCNN
+
+QUICK = PRESETS["quick"]
 
 TARGETS = {
     "gld_dynamic": 1.5,
@@ -72,6 +87,42 @@ def _time_steps(opt: sgdnoise.ProblemOptimizer, n: int, device: torch.device) ->
     return (time.perf_counter() - t0) / n
 
 
+def _building_blocks(
+    problem: sgdnoise.Problem, theta: torch.Tensor, k: int, reps: int, device: torch.device
+) -> dict[str, float]:
+    """Seconds of GD, per-sample gradients and Hessian products at θ, as multiples of a GD step."""
+    problem.set_theta(theta)
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(problem.dim, k, generator=gen).to(device, problem.dtype)
+
+    def timed(fn, n: int) -> float:
+        fn()  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / n
+
+    gd = timed(problem.loss_and_gradient, reps)
+    psg = timed(problem.per_sample_gradients_and_losses, reps)
+    hvp1 = timed(lambda: problem.hvp(V[:, :1]), reps)
+    hvpk = timed(lambda: problem.hvp(V, max_columns=k), max(1, reps // 3))
+    gd2 = timed(problem.loss_and_gradient, reps)
+    g = (gd + gd2) / 2
+    return {
+        "gd_step_s": g,
+        "c_psg": psg / g,
+        "c_hvp1": hvp1 / g,
+        "c_hvp": hvpk / g / k,
+        "k": k,
+    }
+
+
+def _floor(blocks: dict[str, float], refresh: int, hvp_cost: float) -> float:
+    return ((refresh - 1) + blocks["c_psg"] + hvp_cost) / refresh
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -85,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-gd", type=int, default=30,
                         help="GD steps before timing (moves θ off the initialisation)")  # fmt: skip
     parser.add_argument("--n-train", type=int, default=1200, help="training images")
-    parser.add_argument("--hessian-matvecs", type=int, default=None,
-                        help="Lanczos budget per refresh of GLD Hessian (None: to convergence)")  # fmt: skip
-    parser.add_argument("--top1-matvecs", type=int, default=None,
-                        help="Lanczos budget per refresh of GLD 1st eigvec(H) (None: to convergence)")  # fmt: skip
+    parser.add_argument("--hessian-matvecs", type=int, default=QUICK.eigen_max_matvecs,
+                        help="Lanczos budget per refresh of GLD Hessian (0: to convergence)")  # fmt: skip
+    parser.add_argument("--top1-matvecs", type=int, default=QUICK.top1_max_matvecs,
+                        help="Lanczos budget per refresh of GLD 1st eigvec(H) (0: to convergence)")  # fmt: skip
     parser.add_argument("--top1-refresh", type=int, default=None,
-                        help="refresh period of GLD 1st eigvec(H) (default: the released 1)")  # fmt: skip
+                        help="refresh period of GLD 1st eigvec(H) (default: the quick profile's; "
+                        "the released code refreshes every step)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -114,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for dyn in args.dynamics:
         problem.set_theta(theta0)
-        refresh = DEFAULT_REFRESH.get(dyn, 1)
+        refresh = QUICK.refresh_every.get(dyn, 1)
         if dyn == "gld_hessian_top1" and args.top1_refresh:
             refresh = args.top1_refresh
         n = max(args.steps, refresh)
         n = -(-n // refresh) * refresh
         opts: dict = {}
         budget = {"gld_hessian": args.hessian_matvecs, "gld_hessian_top1": args.top1_matvecs}
-        if budget.get(dyn) is not None:
+        if budget.get(dyn):
             opts["max_matvecs"] = budget[dyn]
         if dyn in ("gld_hessian", "gld_hessian_top1"):
             opts["on_nonconvergence"] = "ignore"
@@ -146,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             **opts,
         }
         print(f"{dyn:20s} {step_s * 1e3:9.1f} ms/step", file=sys.stderr, flush=True)
+    blocks = _building_blocks(problem, theta0, QUICK.k, args.gd_steps, device)
     gd_s = statistics.median(gd_times)
     out_rows = {}
     for dyn, r in rows.items():
@@ -157,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             "target": target,
             "pass": None if target is None else bool(ratio <= target),
         }
+    for dyn, r in out_rows.items():
+        if dyn == "gld_hessian":
+            m = r.get("max_matvecs") or QUICK.k
+            r["floor_ratio"] = _floor(blocks, r["refresh_every"], m * blocks["c_hvp"])
+            r["floor_note"] = f"per-sample pass + {m} batched Hessian products per refresh"
+        elif dyn == "gld_hessian_top1":
+            m = r.get("max_matvecs") or 2
+            r["floor_ratio"] = _floor(blocks, r["refresh_every"], m * blocks["c_hvp1"])
+            r["floor_note"] = f"per-sample pass + {m} single Hessian products per refresh"
     result = {
         "benchmark": "fashion_steps",
         "what": "amortised seconds per step / seconds per full-batch GD step (adjacent GD blocks)",
@@ -168,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "gd_step_s": gd_s,
         "gd_step_s_blocks": gd_times,
         "dynamics": out_rows,
+        "building_blocks": blocks,
         "all_targets_pass": all(r["pass"] for r in out_rows.values() if r["pass"] is not None),
         "env": env_info(device),
     }
@@ -179,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         flag = "" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
         tgt = "" if r["target"] is None else f"(target <= {r['target']}x)"
         print(f"  {dyn:20s} {r['ratio']:6.2f}x {tgt:18s} {flag}")
+    print(
+        f"  building blocks (x GD step): per-sample gradients {blocks['c_psg']:.2f}, "
+        f"one HVP {blocks['c_hvp1']:.2f}, batched HVP {blocks['c_hvp']:.2f} per column"
+    )
+    for dyn in ("gld_hessian", "gld_hessian_top1"):
+        if "floor_ratio" in out_rows.get(dyn, {}):
+            r = out_rows[dyn]
+            print(f"  floor of {dyn}: {r['floor_ratio']:.2f}x ({r['floor_note']})")
     print(f"wrote {path}")
     return 0
 

@@ -111,6 +111,23 @@ def test_noise_covariance_float32_and_factor(dtype: torch.dtype) -> None:
     torch.testing.assert_close(L @ L.T, ref, **_tol(dtype))
 
 
+def test_noise_covariance_can_centre_a_handed_over_buffer_in_place() -> None:
+    problem = make_problem("cnn")
+    G = problem.per_sample_gradients()
+    ref = sgdnoise.GradientNoiseCovariance(problem, 3, per_sample=G.clone())
+    buf = G.clone()
+    S = sgdnoise.GradientNoiseCovariance(problem, 3, per_sample=buf, overwrite_per_sample=True)
+    assert S.centered is buf  # no copy: the buffer now holds the centred gradients
+    torch.testing.assert_close(buf, G - G.mean(0))
+    torch.testing.assert_close(S.to_dense(), ref.to_dense())
+    torch.testing.assert_close(S.trace(), ref.diagonal().sum())
+    torch.testing.assert_close(S.diagonal(), ref.diagonal())
+    z = torch.randn(
+        4, problem.num_samples, generator=torch.Generator().manual_seed(0), dtype=G.dtype
+    )
+    torch.testing.assert_close(S.sample_factor_product(z), z @ ref.factor().T)
+
+
 def test_batch_size_validation() -> None:
     problem = make_problem("mlp", n=10)
     for bad in (0, 11, 2.5, True):

@@ -67,6 +67,20 @@ def test_per_sample_gradients_match_loop(kind: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(G.mean(0), problem.gradient(), **_tol(dtype))
 
 
+def test_per_sample_gradients_into_a_buffer(kind: str) -> None:
+    problem = make_problem(kind, chunk_size=7)
+    G, losses = problem.per_sample_gradients_and_losses()
+    buf = torch.full_like(G, float("nan"))
+    G2, losses2 = problem.per_sample_gradients_and_losses(out=buf)
+    assert G2 is buf
+    torch.testing.assert_close(G2, G)
+    torch.testing.assert_close(losses2, losses)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        problem.per_sample_gradients_and_losses(out=buf[:-1])
+    with pytest.raises(ValueError, match="not contiguous"):
+        problem.per_sample_gradients_and_losses(out=G.T.contiguous().T)
+
+
 def test_batched_loss_matches_loop(kind: str) -> None:
     problem = make_problem(kind)
     thetas = problem.theta()[None] + 0.1 * torch.randn(

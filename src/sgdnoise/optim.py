@@ -374,6 +374,7 @@ class GLD(ProblemOptimizer):
                 f"noise must be a structure name or a NoiseModel, got {type(noise).__name__}"
             )
         self._spec = {"batch_size": batch_size, "replacement": bool(replacement), **options}
+        self._per_sample_buffer: torch.Tensor | None = None
 
     def _extra_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "generator_state": self.generator.get_state()}
@@ -386,13 +387,13 @@ class GLD(ProblemOptimizer):
     def _needs_per_sample(self) -> bool:
         return noise_class(self.noise_name).needs_per_sample
 
-    def _refresh(self, per_sample: torch.Tensor | None) -> NoiseModel:
+    def _refresh(self, per_sample: torch.Tensor | None, *, overwrite: bool = False) -> NoiseModel:
         if self.noise is None:
             self.noise = noise_model(
                 self.noise_name, self.problem, per_sample=per_sample, **self._spec
             )
         else:
-            self.noise.refresh(self.problem, per_sample=per_sample)
+            self.noise.refresh(self.problem, per_sample=per_sample, overwrite_per_sample=overwrite)
         return self.noise
 
     def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
@@ -412,9 +413,16 @@ class GLD(ProblemOptimizer):
             refresh = self._prebuilt_fresh = False
         self._force_refresh = False
         if refresh and self._needs_per_sample():
-            G, losses = per_sample_gradients_and_losses(p, theta)
+            # One [N, D] buffer for the whole run: the structure centres it in place and keeps
+            # it until the next refresh overwrites it (a fresh matrix per step costs page faults).
+            first = self.noise is None
+            buf = self._per_sample_buffer
+            if buf is None or buf.shape != (p.num_samples, p.dim) or buf.dtype != p.dtype:
+                buf = torch.empty(p.num_samples, p.dim, dtype=p.dtype, device=p.device)
+            G, losses = per_sample_gradients_and_losses(p, theta, out=buf)
             loss, grad = losses.mean(), G.mean(0)  # the full gradient from the same pass
-            model = self._refresh(G)
+            model = self._refresh(G, overwrite=not first)
+            self._per_sample_buffer = buf
         else:
             loss, grad = p.loss_and_gradient(theta)
             model = self._refresh(None) if refresh else self.noise

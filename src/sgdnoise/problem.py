@@ -381,11 +381,15 @@ class Problem:
         theta: torch.Tensor | None = None,
         *,
         method: str = "auto",
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample gradients ``[n, D]`` and losses ``ℓ(x_i; θ)`` ``[n]`` from the same passes.
 
         ``G.mean(0)`` is then ``∇L`` and ``losses.mean()`` is ``L`` (for all samples) without a
-        second pass. See :meth:`per_sample_gradients` for ``method``.
+        second pass. See :meth:`per_sample_gradients` for ``method``. ``out``: a contiguous
+        ``[n, D]`` tensor (problem dtype and device) to write the gradients into and return,
+        e.g. a buffer reused across training steps (allocating a fresh large matrix every step
+        costs page faults).
         """
         if method not in ("auto", "vmap", "hooks"):
             raise ValueError(f"method must be 'auto', 'vmap' or 'hooks', got {method!r}")
@@ -405,7 +409,21 @@ class Problem:
         size = self._per_sample_chunk_size()
         n = self.num_samples if idx is None else int(idx.numel())
         # One [n, D] buffer filled chunk by chunk (the hook path writes into it directly).
-        G = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        if out is None:
+            G = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        elif (
+            tuple(out.shape) != (n, self.dim)
+            or out.dtype != self.dtype
+            or out.device != self.device
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous [{n}, {self.dim}] tensor of dtype {self.dtype} on "
+                f"{self.device}, got {list(out.shape)} {out.dtype} on {out.device}"
+                + ("" if out.is_contiguous() else " (not contiguous)")
+            )
+        else:
+            G = out
         ell = torch.empty(n, dtype=self.dtype, device=self.device)
         for x, y, pos in self.chunks(idx, size):
             got = None

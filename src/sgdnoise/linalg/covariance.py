@@ -76,6 +76,7 @@ class GradientNoiseCovariance(LinearOperator):
         *,
         materialize: bool | None = None,
         per_sample: torch.Tensor | None = None,
+        overwrite_per_sample: bool = False,
     ) -> None:
         super().__init__(problem.dim, problem.dtype, problem.device)
         self.problem = problem
@@ -92,7 +93,11 @@ class GradientNoiseCovariance(LinearOperator):
             if G.shape != (N, D):
                 raise ValueError(f"per_sample must have shape [{N}, {D}], got {list(G.shape)}")
             self.mean_gradient = G.mean(0)
-            self.centered = G - self.mean_gradient
+            if overwrite_per_sample and per_sample is not None:
+                # The caller hands the buffer over: centre it in place (no [N, D] copy).
+                self.centered = G.sub_(self.mean_gradient)
+            else:
+                self.centered = G - self.mean_gradient
         else:
             self.mean_gradient = problem.gradient(self.theta)
             self.centered = None
@@ -159,17 +164,37 @@ class GradientNoiseCovariance(LinearOperator):
     def diagonal(self) -> torch.Tensor:
         """Exact ``diag Σ_b = s · (1/N) Σ_i c_i ⊙ c_i``."""
         if self._diag is None:
-            sq = (
-                (self.centered**2).sum(0) if self.centered is not None else self._streamed_squares()
-            )
+            if self.centered is not None:
+                # Squares summed a block of rows at a time: a small reused temporary instead of
+                # a second [N, D] matrix.
+                C = self.centered
+                sq = torch.zeros(C.shape[1], dtype=C.dtype, device=C.device)
+                rows = max(1, (1 << 19) // max(1, C.shape[1]))
+                for start in range(0, C.shape[0], rows):
+                    block = C[start : start + rows]
+                    sq += (block * block).sum(0)
+            else:
+                sq = self._streamed_squares()
             self._diag = sq * (self.scale / self.problem.num_samples)
         return self._diag.clone()
 
     def trace(self) -> torch.Tensor:
         """Exact ``Tr Σ_b = s · (1/N) Σ_i ‖c_i‖²``."""
         if self._trace is None:
-            self._trace = self.diagonal().sum()
+            if self._diag is None and self.centered is not None:
+                norm = torch.linalg.vector_norm(self.centered)
+                self._trace = norm * norm * (self.scale / self.problem.num_samples)
+            else:
+                self._trace = self.diagonal().sum()
         return self._trace.clone()
+
+    def sample_factor_product(self, z: torch.Tensor) -> torch.Tensor:
+        """Rows ``L z_j`` for ``z`` ``[num, N]`` with ``L = √(s/N) Cᵀ`` (:meth:`factor`), i.e.
+        ``(z C) √(s/N)``, without forming ``L`` (materialised mode only)."""
+        if self.centered is None:
+            self.factor()  # raises the explanatory error
+        assert self.centered is not None
+        return (z @ self.centered) * (self.scale / self.problem.num_samples) ** 0.5
 
 
 def gradient_noise_covariance(

@@ -140,7 +140,11 @@ class NoiseModel:
 
     # ------------------------------------------------------------------ refresh
     def refresh(
-        self, problem: Problem | None = None, *, per_sample: torch.Tensor | None = None
+        self,
+        problem: Problem | None = None,
+        *,
+        per_sample: torch.Tensor | None = None,
+        overwrite_per_sample: bool = False,
     ) -> NoiseModel:
         """Rebuild the covariance at the problem's current θ (returns ``self``).
 
@@ -149,6 +153,9 @@ class NoiseModel:
                 the same model on new data.
             per_sample: the ``[N, D]`` per-sample gradients at the current θ if the caller already
                 has them (an optimizer that also needs ``∇L = G.mean(0)``); saves a pass.
+            overwrite_per_sample: the structure may centre ``per_sample`` in place and keep it
+                (saves an ``[N, D]`` copy); the caller must not use it afterwards except to
+                overwrite it before the next refresh (what :class:`~sgdnoise.GLD` does).
         """
         problem = self.problem if problem is None else problem
         if problem is not self.problem:
@@ -167,7 +174,11 @@ class NoiseModel:
                 f"got {list(per_sample.shape)}"
             )
         self.theta = problem.theta()
-        self._refresh(per_sample)
+        self._overwrite = bool(overwrite_per_sample) and per_sample is not None
+        try:
+            self._refresh(per_sample)
+        finally:
+            self._overwrite = False
         self.num_refreshes += 1
         return self
 
@@ -180,7 +191,11 @@ class NoiseModel:
         """``Σ_b`` at the current θ (from ``per_sample`` when given); records ``sigma_trace``."""
         if per_sample is not None:
             cov = GradientNoiseCovariance(
-                self.problem, self.batch_size, self.replacement, per_sample=per_sample
+                self.problem,
+                self.batch_size,
+                self.replacement,
+                per_sample=per_sample,
+                overwrite_per_sample=getattr(self, "_overwrite", False),
             )
         else:
             cov = GradientNoiseCovariance(

@@ -21,7 +21,7 @@ __all__ = ["per_sample_gradients_and_losses", "weighted_gradients"]
 
 
 def per_sample_gradients_and_losses(
-    problem: Problem, theta: torch.Tensor | None = None
+    problem: Problem, theta: torch.Tensor | None = None, *, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradients ``G[i] = ∇ℓ(x_i; θ)`` ``[N, D]`` and losses ``ℓ(x_i; θ)`` ``[N]``.
 
@@ -34,9 +34,10 @@ def per_sample_gradients_and_losses(
     Args:
         problem: model, loss and data.
         theta: the flat parameters (default: the model's current θ).
+        out: an ``[N, D]`` buffer to fill (see :meth:`Problem.per_sample_gradients_and_losses`).
     """
     theta = (problem.theta() if theta is None else theta).detach()
-    return problem.per_sample_gradients_and_losses(theta=theta)
+    return problem.per_sample_gradients_and_losses(theta=theta, out=out)
 
 
 def weighted_gradients(

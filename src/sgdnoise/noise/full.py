@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg.covariance import GradientNoiseCovariance
 from ._base import NoiseModel, register_noise
 
 
@@ -21,7 +22,6 @@ class FullNoise(NoiseModel):
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         cov = self._sigma(per_sample, materialize=True)
-        self._factor = cov.factor()
         self.covariance = cov
 
     @property
@@ -29,4 +29,6 @@ class FullNoise(NoiseModel):
         return self.problem.num_samples
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self._factor.T
+        cov = self.covariance
+        assert isinstance(cov, GradientNoiseCovariance)
+        return cov.sample_factor_product(z)
