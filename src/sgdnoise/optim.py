@@ -375,24 +375,37 @@ class GLD(ProblemOptimizer):
             )
         self._spec = {"batch_size": batch_size, "replacement": bool(replacement), **options}
         self._per_sample_buffer: torch.Tensor | None = None
+        self._pending_warm_state: dict[str, torch.Tensor] | None = None
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "generator_state": self.generator.get_state()}
+        warm = self.noise.warm_state() if self.noise is not None else {}
+        return {
+            "num_steps": self.num_steps,
+            "generator_state": self.generator.get_state(),
+            # Eigen solvers warm-start from the last refresh: saved so that a resumed run's first
+            # refresh starts where the uninterrupted run's would.
+            "noise_warm_state": {k: v.cpu() for k, v in warm.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        warm = dict(state_dict.get("sgdnoise", {}).get("noise_warm_state") or {})
         super().load_state_dict(state_dict)
         self._force_refresh = True  # the cached covariance is not part of the state
         self._prebuilt_fresh = False
+        self._pending_warm_state = warm or None
 
     def _needs_per_sample(self) -> bool:
         return noise_class(self.noise_name).needs_per_sample
 
     def _refresh(self, per_sample: torch.Tensor | None, *, overwrite: bool = False) -> NoiseModel:
+        warm, self._pending_warm_state = self._pending_warm_state, None
         if self.noise is None:
             self.noise = noise_model(
-                self.noise_name, self.problem, per_sample=per_sample, **self._spec
+                self.noise_name, self.problem, per_sample=per_sample, warm_state=warm, **self._spec
             )
         else:
+            if warm:
+                self.noise.set_warm_state(warm)
             self.noise.refresh(self.problem, per_sample=per_sample, overwrite_per_sample=overwrite)
         return self.noise
 

@@ -77,6 +77,7 @@ class NoiseModel:
         *,
         replacement: bool = True,
         per_sample: torch.Tensor | None = None,
+        warm_state: Mapping[str, torch.Tensor] | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(problem, Problem):
@@ -90,6 +91,8 @@ class NoiseModel:
         self.problem = problem
         self.num_refreshes = 0
         self.sigma_trace: torch.Tensor | None = None
+        if warm_state:
+            self.set_warm_state(warm_state)
         self.refresh(problem, per_sample=per_sample)
 
     # ------------------------------------------------------------------ options
@@ -181,6 +184,30 @@ class NoiseModel:
             self._overwrite = False
         self.num_refreshes += 1
         return self
+
+    def warm_state(self) -> dict[str, torch.Tensor]:
+        """What the next refresh starts from (eigen solvers: the last eigenvectors), for
+        checkpoints; ``{}`` for structures that rebuild from scratch. Pass it back with
+        :meth:`set_warm_state` (or ``noise_model(..., warm_state=...)``) to continue exactly."""
+        vecs = getattr(self, "eigenvectors", None)
+        if vecs is None or not self.options.get("warm_start", False):
+            return {}
+        return {"eigenvectors": vecs.detach().clone()}
+
+    def set_warm_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`warm_state` (before a refresh)."""
+        unknown = sorted(set(state) - {"eigenvectors"})
+        if unknown:
+            raise ValueError(f"unknown warm-state entries {unknown}; expected 'eigenvectors'")
+        if "eigenvectors" in state:
+            p = self.problem
+            vecs = state["eigenvectors"]
+            if vecs.ndim != 2 or vecs.shape[0] != p.dim:
+                raise ValueError(
+                    f"warm-state eigenvectors must have shape [D, k] with D = {p.dim}, got "
+                    f"{list(vecs.shape)}"
+                )
+            self.eigenvectors = vecs.to(device=p.device, dtype=p.dtype)
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -279,6 +306,7 @@ def noise_model(
     *,
     replacement: bool = True,
     per_sample: torch.Tensor | None = None,
+    warm_state: Mapping[str, torch.Tensor] | None = None,
     **options: Any,
 ) -> NoiseModel:
     """Build the noise structure ``name`` for ``problem`` at its current θ.
@@ -292,6 +320,7 @@ def noise_model(
         batch_size: b, the mini-batch size whose SGD noise ``Σ_b`` is imitated.
         replacement: whether that mini-batch is drawn with replacement.
         per_sample: precomputed per-sample gradients ``[N, D]`` at the current θ (optional).
+        warm_state: a :meth:`NoiseModel.warm_state` to start the first refresh from (resuming).
         **options: structure options (see each class; unknown ones raise ``TypeError``).
 
     Example:
@@ -310,5 +339,10 @@ def noise_model(
         True
     """
     return noise_class(name)(
-        problem, batch_size, replacement=replacement, per_sample=per_sample, **options
+        problem,
+        batch_size,
+        replacement=replacement,
+        per_sample=per_sample,
+        warm_state=warm_state,
+        **options,
     )
