@@ -14,6 +14,8 @@ own peak resident memory):
 * exact Tr(HΣ): dense H + per-sample gradients by a loop + dense Σ; against
   :func:`sgdnoise.escape_indicator` (N batched Hessian products; Tr(H) by Hutch++).
 * per-sample gradients: a Python loop of backward passes; against sgdnoise (hooks and vmap).
+* expected sharpness, 1,000 draws (σ = 0.01): the released code's perturb-evaluate-restore loop
+  (timed on fewer draws on the CNN and scaled); against :func:`sgdnoise.expected_sharpness`.
 
 Writes JSON (ratios = baseline time / sgdnoise time, with the targets and pass/fail).
 Usage: ``python bench/bench_core.py [--out bench/out/core.json] [--device cpu] [--quick]``.
@@ -136,6 +138,26 @@ def case(name: str, what: str, device: str, dense_columns: int, loop_samples: in
                 seconds=math.nan, skipped=str(exc), peak_rss_mb=_rss_mb(), rss_increase_mb=0.0
             )
             return out
+    elif what == "sharp_released":
+        # The released flatness.py route: perturb the parameters in place, evaluate the training
+        # loss, restore; one draw at a time (timed on loop_samples // 2 draws, scaled).
+        draws = 1000 if loop_samples <= 0 else max(10, loop_samples // 2)
+        params = [p for p in problem.model.parameters() if p.requires_grad]
+        saved = [p.detach().clone() for p in params]
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            L0 = problem.loss_fn(problem.model(problem.inputs), problem.targets)
+            diffs = []
+            for _ in range(draws):
+                for p in params:
+                    p.add_(0.01 * torch.randn(p.shape, generator=gen).to(p))
+                diffs.append(problem.loss_fn(problem.model(problem.inputs), problem.targets) - L0)
+                for p, q in zip(params, saved, strict=True):
+                    p.copy_(q)
+        out["draws_timed"] = draws
+    elif what == "sharp_ours":
+        es = sgdnoise.expected_sharpness(problem, 0.01, 1000, generator=0)
+        out.update(draws_timed=1000, signed=es.signed, signed_stderr=es.signed_stderr)
     else:
         raise ValueError(what)
     sync()
@@ -184,6 +206,8 @@ def main() -> int:
             "psg_loop",
             "psg_hooks",
             "psg_vmap",
+            "sharp_released",
+            "sharp_ours",
         ):
             if what == "trhs_dense" and cols:
                 continue  # extrapolated from the eig_dense columns and the loop timing instead
@@ -227,6 +251,10 @@ def main() -> int:
             if r["psg_hooks"]["seconds"] == r["psg_hooks"]["seconds"]
             else None,
             "per_sample_speedup_vmap": loop_time / r["psg_vmap"]["seconds"],
+            "sharpness_1000_draws_ours_seconds": r["sharp_ours"]["seconds"],
+            "sharpness_1000_draws_released_seconds": r["sharp_released"]["seconds"]
+            * 1000
+            / r["sharp_released"]["draws_timed"],
             "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in r.items()},
             "dense_hessian_mb": D * D * 4 / 2**20,
         }
@@ -238,6 +266,9 @@ def main() -> int:
             s["trHS_rel_error"] = abs(r["trhs_ours"]["tr_HS"] - r["trhs_dense"]["tr_HS"]) / abs(
                 r["trhs_dense"]["tr_HS"]
             )
+        s["sharpness_speedup"] = (
+            s["sharpness_1000_draws_released_seconds"] / s["sharpness_1000_draws_ours_seconds"]
+        )
         s["targets"] = {
             "top20_speedup>=50": s["top20_speedup"] >= 50,
             "top20_rel_error<=1e-3": s.get("top20_max_rel_error", 0.0) <= 1e-3,

@@ -231,3 +231,17 @@ def test_hvp_of_a_loss_linear_in_theta_is_zero() -> None:
     for k in (1, 3):
         V = torch.ones(problem.dim, k, dtype=torch.float64)
         assert torch.equal(problem.hvp(V), torch.zeros_like(V))
+
+
+def test_check_finite_screens_large_tensors_by_their_sum() -> None:
+    from sgdnoise._utils import check_finite
+
+    big = torch.ones(10_000)
+    check_finite(big, "x")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[1234] = bad
+        with pytest.raises(FloatingPointError, match=r"x: not finite \(1 of 10000"):
+            check_finite(t, "x")
+    # Finite entries whose float32 sum overflows are not an error (the exact check runs then).
+    check_finite(torch.full((10_000,), 3e38), "x")
