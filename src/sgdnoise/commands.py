@@ -24,7 +24,7 @@ COST = {
     "toy": {"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
     "indicator": {"smoke": "10 s", "quick": "1 min", "paper": "2 min"},
     "prop1": {"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
-    "fashion": {"smoke": "40 s", "quick": "65 min (CPU)", "paper": "GPU; many hours on CPU"},
+    "fashion": {"smoke": "40 s", "quick": "50 min (CPU)", "paper": "GPU; many hours on CPU"},
 }
 
 

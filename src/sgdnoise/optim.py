@@ -20,6 +20,7 @@ second full-batch pass. :func:`make_optimizer` builds any of them from a dynamic
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -138,7 +139,7 @@ def _check_lr(lr: float) -> float:
     return float(lr)
 
 
-class ProblemOptimizer(torch.optim.Optimizer):
+class ProblemOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
     """Base of :class:`GD`, :class:`MinibatchSGD` and :class:`GLD`.
 
     ``params`` must be exactly the problem's trainable parameters (one parameter group); the
@@ -185,8 +186,9 @@ class ProblemOptimizer(torch.optim.Optimizer):
         self.last = info
         return loss
 
-    def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
+        """Take step t in place; return the loss at the step's start and its :class:`StepInfo`."""
 
     def _extra_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps}

@@ -9,6 +9,8 @@ with :meth:`LinearOperator.to_dense`. Subclasses implement one private hook, ``_
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 __all__ = [
@@ -24,7 +26,7 @@ __all__ = [
 DEFAULT_MAX_DENSE_DIM = 5000
 
 
-class LinearOperator:
+class LinearOperator(ABC):
     """A symmetric linear operator A: R^D → R^D, used only through products ``A @ V``.
 
     Attributes:
@@ -64,8 +66,9 @@ class LinearOperator:
         )
 
     # ------------------------------------------------------------------ products
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement _matmat")
+    @abstractmethod
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V`` for a checked ``V`` of shape ``[D, k]`` (subclasses)."""
 
     def _check_input(self, V: torch.Tensor) -> None:
         if not isinstance(V, torch.Tensor):

@@ -22,6 +22,7 @@ Every structure is one small class registered under a name; :func:`noise_model` 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -43,7 +44,7 @@ def _describe_options(cls: type[NoiseModel]) -> str:
     return ", ".join(f"{k} (default {v!r})" for k, v in cls.option_defaults.items())
 
 
-class NoiseModel:
+class NoiseModel(ABC):
     """Base class of the registered noise structures (see the module docstring).
 
     Subclasses set ``name``, ``option_defaults`` (option name → default; the only accepted
@@ -111,8 +112,8 @@ class NoiseModel:
         return resolved
 
     @classmethod
-    def _check_option(cls, key: str, value: Any) -> None:
-        """Raise ``ValueError`` for a bad option value (subclasses)."""
+    def _check_option(cls, key: str, value: Any) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` for a bad option value (subclasses may override; default: any)."""
 
     @staticmethod
     def _positive_int(cls_name: str, key: str, value: Any) -> None:
@@ -209,8 +210,9 @@ class NoiseModel:
                 )
             self.eigenvectors = vecs.to(device=p.device, dtype=p.dtype)
 
-    def _refresh(self, per_sample: torch.Tensor | None) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _refresh(self, per_sample: torch.Tensor | None) -> None:
+        """Rebuild ``self.covariance`` (and the sampling state) at ``self.problem``'s θ."""
 
     def _sigma(
         self, per_sample: torch.Tensor | None, *, materialize: bool | None = None
@@ -233,13 +235,13 @@ class NoiseModel:
 
     # ------------------------------------------------------------------ sampling
     @property
-    def unit_dim(self) -> int:  # pragma: no cover - abstract
+    @abstractmethod
+    def unit_dim(self) -> int:
         """r, the number of standard normal numbers per draw."""
-        raise NotImplementedError
 
-    def transform(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    @abstractmethod
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
         """Rows ``L z_j`` for ``z`` ``[num, r]`` with ``L Lᵀ = covariance`` (Gaussian structures)."""
-        raise NotImplementedError
 
     def _check_num(self, num: int) -> int:
         if isinstance(num, bool) or not isinstance(num, int) or num < 0:
