@@ -112,8 +112,9 @@ class NoiseModel(ABC):
         return resolved
 
     @classmethod
-    def _check_option(cls, key: str, value: Any) -> None:  # noqa: B027 - optional hook
+    def _check_option(cls, key: str, value: Any) -> None:
         """Raise ``ValueError`` for a bad option value (subclasses may override; default: any)."""
+        return None
 
     @staticmethod
     def _positive_int(cls_name: str, key: str, value: Any) -> None:
