@@ -284,7 +284,12 @@ class GLD(ProblemOptimizer):
     warm-start from the previous refresh). Between refreshes the cached covariance is sampled.
 
     * Structures that need per-sample gradients compute them once on refresh steps and use their
-      mean as ``∇L`` (no second pass); other steps do one ``loss_and_gradient`` pass.
+      mean as ``∇L`` (no second pass); other steps do one ``loss_and_gradient`` pass. The
+      ``[N, D]`` per-sample matrix is one buffer for the whole run, centred in place by the
+      structure, so ``opt.noise.covariance`` is valid until the next refresh (copy what you keep).
+    * ``state_dict()`` holds the step counter, the generator state and the eigen solvers' warm
+      start (:meth:`~sgdnoise.noise.NoiseModel.warm_state`); a run resumed on a refresh step
+      continues exactly.
     * ``multiplicative`` takes one gradient of the randomly re-weighted loss per step (at the
       current θ; ``refresh_every`` is irrelevant) — no Σ is formed.
     * ``noise_only_on_refresh=True`` reproduces the released ``gld_lead.py`` quirk (noise injected
