@@ -3,8 +3,8 @@
 A phase is the GD phase of one seed (full-batch GD from initialisation, giving θ*_GD) or one
 dynamics run after the switch (from θ*_GD). Each phase lives in its own folder::
 
-    <run>/seed_<s>/<phase>/checkpoint.pt   θ_t, optimizer state (generator state included),
-                                           eigen-solver warm start, metric rows up to t
+    <run>/seed_<s>/<phase>/checkpoint.pt   θ_t, optimizer state (generator state and the
+                                           eigen solvers' warm start included), rows up to t
     <run>/seed_<s>/<phase>/metrics.jsonl   the rows so far (for people; rewritten atomically)
     <run>/seed_<s>/<phase>/final.pt        θ_T and every row — written once, when the phase ends
 
@@ -16,8 +16,8 @@ a resumed run on the CPU reproduces an uninterrupted one bit for bit.
 
 Checkpoints are taken only at iterations that are multiples of every refresh period, so that
 GLD's refresh after a restart (it always rebuilds the covariance after ``load_state_dict``) falls
-on a step where the uninterrupted run refreshes anyway; for the Hessian structures, whose Lanczos
-solver is warm-started from the previous refresh, the previous eigenvectors are saved and restored.
+on a step where the uninterrupted run refreshes anyway; the optimizer state carries the Lanczos
+warm start of the Hessian structures, so that refresh starts where the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -37,14 +37,10 @@ import torch.nn.functional as F
 
 from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
 from ..measures import escape_indicator, expected_sharpness
-from ..noise import noise_model
-from ..optim import GLD, ProblemOptimizer, make_optimizer
+from ..optim import ProblemOptimizer, make_optimizer
 from ..problem import Problem
 
 __all__ = ["PhaseSpec", "derive_seed", "evaluate_accuracy", "load_final", "run_phase"]
-
-#: structures whose refresh warm-starts Lanczos from the previous eigenvectors (state to save).
-_WARM_STARTED = ("gld_hessian", "gld_hessian_top1")
 
 
 def derive_seed(*parts: object) -> int:
@@ -232,27 +228,8 @@ def load_final(folder: Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _build_optimizer(
-    problem: Problem, spec: PhaseSpec, warm: torch.Tensor | None
-) -> ProblemOptimizer:
+def _build_optimizer(problem: Problem, spec: PhaseSpec) -> ProblemOptimizer:
     gen = _generator(spec.seed, spec.name, "dynamics")
-    if warm is not None and spec.dynamics in _WARM_STARTED:
-        # Restore the Lanczos warm start: build the structure (a cold refresh at θ_t), give it the
-        # eigenvectors of the last refresh before the checkpoint, and let GLD's post-load refresh
-        # at step t warm-start from them — exactly as the uninterrupted run does.
-        structure = noise_model(
-            spec.dynamics[len("gld_") :], problem, batch_size=spec.batch_size, **spec.options
-        )
-        structure.eigenvectors = warm.to(problem.device, problem.dtype)
-        return GLD(
-            problem.model.parameters(),
-            spec.lr,
-            noise=structure,
-            problem=problem,
-            batch_size=spec.batch_size,
-            refresh_every=spec.refresh_every,
-            generator=gen,
-        )
     if spec.dynamics == "gd":
         return make_optimizer("gd", problem, spec.lr)
     if spec.dynamics == "sgd":
@@ -298,21 +275,23 @@ def run_phase(
             advance(spec.num_steps, None)
         return done
     ckpt_path = folder / "checkpoint.pt"
-    warm: torch.Tensor | None = None
     start = time.perf_counter()
     if ckpt_path.exists():
         ckpt = _load(ckpt_path)
         t0, rows, wall = int(ckpt["t"]), list(ckpt["rows"]), float(ckpt["wall_s"])
         problem.set_theta(ckpt["theta"].to(problem.device, problem.dtype))
-        warm = ckpt.get("warm")
-        opt = _build_optimizer(problem, spec, warm)
-        opt.load_state_dict(ckpt["optim"])
+        opt = _build_optimizer(problem, spec)
+        state = ckpt["optim"]
+        if ckpt.get("warm") is not None:  # checkpoints written before GLD saved its warm start
+            extra = state.setdefault("sgdnoise", {})
+            extra.setdefault("noise_warm_state", {"eigenvectors": ckpt["warm"]})
+        opt.load_state_dict(state)
         if advance is not None:
             advance(t0, None)
     else:
         t0, rows, wall = 0, [], 0.0
         problem.set_theta(theta0.to(problem.device, problem.dtype))
-        opt = _build_optimizer(problem, spec, None)
+        opt = _build_optimizer(problem, spec)
         row = measure(problem, data, spec, 0)
         if row is not None:
             rows.append(row)
@@ -323,17 +302,12 @@ def run_phase(
         if row is not None:
             rows.append(row)
         if done_steps % spec.checkpoint_every == 0 and done_steps < spec.num_steps:
-            structure = getattr(opt, "noise", None)
-            vecs = getattr(structure, "eigenvectors", None) if structure is not None else None
             _save(
                 ckpt_path,
                 {
                     "t": done_steps,
                     "theta": problem.theta().cpu(),
                     "optim": opt.state_dict(),
-                    "warm": vecs.cpu()
-                    if (vecs is not None and spec.dynamics in _WARM_STARTED)
-                    else None,
                     "rows": rows,
                     "wall_s": wall + time.perf_counter() - start,
                 },
