@@ -92,6 +92,7 @@ class NoiseModel(ABC):
         self.problem = problem
         self.num_refreshes = 0
         self.sigma_trace: torch.Tensor | None = None
+        self._overwrite = False  # True only inside refresh(..., overwrite_per_sample=True)
         if warm_state:
             self.set_warm_state(warm_state)
         self.refresh(problem, per_sample=per_sample)
@@ -225,7 +226,7 @@ class NoiseModel(ABC):
                 self.batch_size,
                 self.replacement,
                 per_sample=per_sample,
-                overwrite_per_sample=getattr(self, "_overwrite", False),
+                overwrite_per_sample=self._overwrite,
             )
         else:
             cov = GradientNoiseCovariance(
