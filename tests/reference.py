@@ -17,9 +17,10 @@ def dense_hessian(problem: sgdnoise.Problem) -> torch.Tensor:
         state = {n: b for n, b in problem.model.named_buffers()}
         state.update({n: p for n, p in problem.model.named_parameters() if not p.requires_grad})
         state.update(problem.unflatten(t))
-        return problem.loss_fn(
+        loss = problem.loss_fn(
             functional_call(problem.model, state, (problem.inputs,)), problem.targets
         )
+        return loss.mean()  # a per-sample vector (reduction="none") or already the mean
 
     return func_hessian(loss)(theta)
 
@@ -44,3 +45,22 @@ def dense_sigma(problem: sgdnoise.Problem, b: int = 1, replacement: bool = True)
     C = G - G.mean(0, keepdim=True)
     S1 = C.T @ C / N
     return S1 / b if replacement else S1 * (N - b) / (b * (N - 1))
+
+
+def dense_hessian_reverse(problem: sgdnoise.Problem) -> torch.Tensor:
+    """∇²L(θ) by ``torch.autograd.functional.hessian`` (reverse-over-reverse).
+
+    Use this where ``torch.func.hessian`` (forward-over-reverse over all D directions) is not
+    trustworthy: on ``nn.TransformerEncoderLayer`` it returns an asymmetric, run-dependent matrix
+    (torch 2.13, CPU, math attention kernel), while finite differences agree with this one.
+    """
+    state = {n: b for n, b in problem.model.named_buffers()}
+    state.update({n: p for n, p in problem.model.named_parameters() if not p.requires_grad})
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        full = dict(state)
+        full.update(problem.unflatten(t))
+        out = functional_call(problem.model, full, (problem.inputs,))
+        return problem.loss_fn(out, problem.targets).mean()
+
+    return torch.autograd.functional.hessian(loss, problem.theta())

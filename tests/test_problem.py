@@ -113,14 +113,14 @@ def test_no_trainable_parameters() -> None:
 
 
 def test_loss_not_scalar() -> None:
-    problem = sgdnoise.Problem(
-        nn.Linear(3, 2),
-        lambda o, t: F.cross_entropy(o, t, reduction="none"),
-        torch.zeros(4, 3),
-        torch.zeros(4, dtype=torch.long),
-    )
+    # Refused when the Problem is built (the loss convention is checked on the first samples).
     with pytest.raises(ValueError, match="scalar mean loss.*reduction='mean'"):
-        problem.loss()
+        sgdnoise.Problem(
+            nn.Linear(3, 2),
+            lambda o, t: F.cross_entropy(o, t, reduction="none"),
+            torch.zeros(4, 3),
+            torch.zeros(4, dtype=torch.long),
+        )
 
 
 def test_non_finite_loss_and_gradient() -> None:
@@ -131,7 +131,10 @@ def test_non_finite_loss_and_gradient() -> None:
         problem.loss()
     with pytest.raises(FloatingPointError, match="not finite"):
         problem.gradient()
-    with pytest.raises(FloatingPointError, match="per-sample gradients: not finite"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"per-sample losses or gradients: not finite .*sample\(s\) 0, 1, 2",
+    ):
         sgdnoise.per_sample_gradients(problem)
 
 
@@ -218,8 +221,11 @@ def test_per_sample_gradients_hooks_fallbacks() -> None:
     torch.testing.assert_close(problem.per_sample_gradients(), loop_per_sample_gradients(problem))
     off = problem.theta() + 0.1  # not the current parameters: vmap is used
     assert problem.per_sample_gradients(theta=off).shape == (5, problem.dim)
-    with pytest.raises(ValueError, match="method='hooks' needs"):
+    with pytest.raises(ValueError, match=r"cannot be used here: layer lin \(Linear\) was called 2"):
         problem.per_sample_gradients(theta=off, method="hooks")
+    plain = make_problem("mlp")
+    with pytest.raises(ValueError, match="cannot be used here: theta is not the model's current"):
+        plain.per_sample_gradients(theta=plain.theta() + 0.1, method="hooks")
     with pytest.raises(ValueError, match="method must be 'auto', 'vmap' or 'hooks'"):
         problem.per_sample_gradients(method="loop")
 

@@ -1,16 +1,32 @@
-"""Fast per-sample gradients for networks built from ``nn.Linear`` and ``nn.Conv2d`` layers.
+"""Fast per-sample gradients for networks built from ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers.
 
 One ordinary forward pass records each layer's input ``a`` and output ``z``; one backward pass of
 the *summed* loss gives ``∂(Σ_j ℓ_j)/∂z``, whose slice for sample i is ``∂ℓ_i/∂z_i`` (samples are
 independent). A layer's per-sample weight gradient is then a small contraction per sample:
 
 * Linear: ``∇_W ℓ_i = Σ_t δ_{i,t} a_{i,t}ᵀ`` (t runs over any extra leading positions);
-* Conv2d: ``∇_W ℓ_i = Σ_{positions} δ_i ⊗ patch(a_i)`` (a contraction over output positions).
+* Conv: ``∇_W ℓ_i`` is the correlation of the padded input ``a_i`` with ``δ_i`` (stride and
+  dilation swap roles), computed for all samples at once as one grouped convolution.
 
 This costs about one forward + one backward + one extra contraction, instead of vmap's batched
-per-sample backward, which is several times slower for convolutions on a CPU. It is used when
-every trainable parameter is the ``weight``/``bias`` of a supported layer called exactly once per
-forward; otherwise :class:`~sgdnoise.Problem` falls back to ``torch.func.vmap``.
+per-sample backward, which is several times slower for convolutions on a CPU.
+
+**When the fast path is used** (the rule; everything else goes through ``torch.func.vmap``):
+
+1. every trainable parameter is the ``weight`` or ``bias`` of a layer whose type is exactly
+   ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (zero padding mode; any stride, padding, dilation and
+   groups), and no parameter is registered under two names (tied weights);
+2. the dtype is float32 or float64;
+3. at run time, checked on every pass: each such layer is called exactly once per forward, its
+   input and output have the batch on dimension 0, and neither was changed in place afterwards
+   (``ReLU(inplace=True)``, ``h += ...``: detected through the tensors' version counters);
+4. once per :class:`~sgdnoise.Problem`, on the first chunk: the sum of the per-sample gradients
+   equals the gradient of the summed loss, and the first sample's row equals its gradient
+   computed alone. This catches what the static rules cannot see (a parameter also used outside
+   its layer, e.g. ``F.linear(h, enc.weight.t())`` or a penalty inside ``loss_fn``; a model that
+   reorders the batch dimension).
+
+When a check fails, the caller falls back to the general path and records why.
 """
 
 from __future__ import annotations
@@ -20,82 +36,114 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
 
-__all__ = ["hook_plan", "per_sample_gradients_by_hooks"]
+__all__ = ["HookFailure", "hook_plan", "per_sample_gradients_by_hooks"]
 
 Plan = list[
     tuple[nn.Module, str]
 ]  # (layer, "weight" | "bias") for every trainable parameter, in θ order
 
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
-def _supported(module: nn.Module) -> bool:
-    if type(module) is nn.Linear:
-        return True
-    if type(module) is nn.Conv2d:
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple)
-        )
-    return False
+
+class HookFailure(str):
+    """Why the fast path could not be used for a pass (a readable sentence naming the module)."""
+
+
+def unsupported_reason(model: nn.Module, param_names: list[str]) -> str | None:
+    """``None`` if the static rules (1) hold, else a sentence naming the first offending parameter."""
+    modules = dict(model.named_modules())
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad and id(p) in seen and seen[id(p)] != name:
+            return f"parameter {seen[id(p)]} is also registered as {name} (tied weights)"
+        seen.setdefault(id(p), name)
+    for name in param_names:
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if module is None or leaf not in ("weight", "bias"):
+            return f"parameter {name} is not the weight or bias of a layer"
+        kind = type(module)
+        if kind is nn.Linear:
+            continue
+        if kind not in _CONV:
+            return f"parameter {name} belongs to {kind.__name__}, not Linear/Conv1d/2d/3d"
+        if module.padding_mode != "zeros" or not hasattr(
+            module, "_reversed_padding_repeated_twice"
+        ):
+            return f"{owner} ({kind.__name__}) uses padding_mode={module.padding_mode!r}"
+    return None
 
 
 def hook_plan(model: nn.Module, param_names: list[str]) -> Plan | None:
-    """Map each trainable parameter (in θ order) to its layer, or ``None`` if unsupported."""
+    """Map each trainable parameter (in θ order) to its layer, or ``None`` if rule 1 fails."""
+    if unsupported_reason(model, param_names) is not None:
+        return None
     modules = dict(model.named_modules())
     plan: Plan = []
     for name in param_names:
         owner, _, leaf = name.rpartition(".")
-        module = modules.get(owner)
-        if module is None or leaf not in ("weight", "bias") or not _supported(module):
-            return None
-        plan.append((module, leaf))
+        plan.append((modules[owner], leaf))
     return plan
 
 
 def per_sample_gradients_by_hooks(
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    total_loss: Callable[[torch.Tensor], torch.Tensor],
     plan: Plan,
     x: torch.Tensor,
-    y: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-sample gradients ``[n, D]`` and losses ``[n]`` at the model's current parameters, or
-    ``None`` if a layer was not called exactly once (shared layers): the caller then falls back
-    to vmap. The losses come from the same forward pass (no second pass).
+    out: torch.Tensor,
+    names: dict[int, str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | HookFailure:
+    """Per-sample gradients written into ``out`` ``[n, D]`` and the model's outputs ``[n, ...]``.
 
-    ``out`` (``[n, D]``, may be a row slice of a larger matrix) receives the gradients in place,
-    so that no concatenated copy is made; it is also what is returned.
+    ``total_loss(outputs)`` must return the *summed* loss ``Σ_i ℓ_i`` of the chunk. ``out`` may be
+    a row slice of a larger matrix; it is filled in place and returned. Returns a
+    :class:`HookFailure` (nothing usable was written) when a run-time rule (3) fails.
     """
+    names = names or {}
     layers = list({id(m): m for m, _ in plan}.values())
-    inputs: dict[int, list[torch.Tensor]] = {id(m): [] for m in layers}
-    outputs: dict[int, list[torch.Tensor]] = {id(m): [] for m in layers}
+    records: dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {
+        id(m): [] for m in layers
+    }
 
-    def record(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        inputs[id(module)].append(args[0].detach())
-        outputs[id(module)].append(out)
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...], z: torch.Tensor) -> None:
+        a = args[0]
+        records[id(module)].append((a, z, a._version, z._version))
 
+    def label(m: nn.Module) -> str:
+        return f"{names.get(id(m), '?')} ({type(m).__name__})"
+
+    n = x.shape[0]
     handles = [m.register_forward_hook(record) for m in layers]
     try:
         with torch.enable_grad():
-            logits = model(x)
-            if any(len(v) != 1 for v in outputs.values()):
-                return None
-            n = x.shape[0]
-            # The mean loss times n is Σ_i ℓ_i, whose gradient w.r.t. z_i is ∂ℓ_i/∂z_i.
-            total = loss_fn(logits, y) * n
-            zs = [outputs[id(m)][0] for m in layers]
+            outputs = model(x)
+            for m in layers:
+                calls = records[id(m)]
+                if len(calls) != 1:
+                    return HookFailure(
+                        f"layer {label(m)} was called {len(calls)} times per forward"
+                    )
+                a, z, va, vz = calls[0]
+                if not isinstance(a, torch.Tensor) or a.ndim < 2 or a.shape[0] != n:
+                    return HookFailure(f"layer {label(m)} does not see the batch on dimension 0")
+                if z.shape[0] != n:
+                    return HookFailure(f"layer {label(m)} does not output the batch on dimension 0")
+            total = total_loss(outputs)
+            for m in layers:
+                a, z, va, vz = records[id(m)][0]
+                if a._version != va or z._version != vz:
+                    return HookFailure(
+                        f"the input or output of layer {label(m)} is modified in place after the "
+                        "layer (e.g. ReLU(inplace=True) or h += ...)"
+                    )
+            zs = [records[id(m)][0][1] for m in layers]
             deltas = torch.autograd.grad(total, zs, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
 
-    D = sum(getattr(m, leaf).numel() for m, leaf in plan)
-    if out is None:
-        first = getattr(plan[0][0], plan[0][1])
-        out = torch.empty(n, D, dtype=first.dtype, device=first.device)
     offsets: dict[tuple[int, str], slice] = {}
     start = 0
     for m, leaf in plan:
@@ -110,11 +158,8 @@ def per_sample_gradients_by_hooks(
 
     with torch.no_grad():
         for m, delta in zip(layers, deltas, strict=True):
-            a = inputs[id(m)][0]
-            z = outputs[id(m)][0]
-            if delta is None:
-                delta = torch.zeros_like(z)
-            delta = delta.detach()
+            a, z = records[id(m)][0][0].detach(), records[id(m)][0][1]
+            delta = torch.zeros_like(z) if delta is None else delta.detach()
             w_out, b_out = block(m, "weight"), block(m, "bias")
             if isinstance(m, nn.Linear):
                 d2 = delta.reshape(n, -1, delta.shape[-1])
@@ -128,23 +173,38 @@ def per_sample_gradients_by_hooks(
                 if b_out is not None:
                     torch.sum(d2, dim=1, out=b_out)
             else:
-                assert isinstance(m, nn.Conv2d)
                 if w_out is not None:
-                    # ∇_W ℓ_i[o, c, i, j] = Σ_{h,w} δ_i[o, h, w] · a_i[c, s·h + i, s·w + j]: a
-                    # grouped convolution of the inputs (samples as channels) with the deltas as
-                    # kernels, dilated by the stride. Much faster on CPU than unfold/einsum (which
-                    # copies every patch).
-                    ph, pw = m.padding
-                    if ph or pw:
-                        a = F.pad(a, (pw, pw, ph, ph))
-                    (kh, kw), (sh, sw) = m.kernel_size, m.stride
-                    O, Ho, Wo = delta.shape[1:]
-                    kernels = delta.reshape(n * O, 1, Ho, Wo).to(a.dtype)
-                    g = F.conv2d(a.transpose(0, 1), kernels, groups=n, dilation=(sh, sw))
-                    g = g[:, :, :kh, :kw].reshape(a.shape[1], n, O, kh, kw)
-                    w_out.view(n, O, a.shape[1], kh, kw).copy_(g.permute(1, 2, 0, 3, 4))
+                    _conv_weight_gradients(m, a, delta, w_out)
                 if b_out is not None:
-                    torch.sum(delta, dim=(2, 3), out=b_out)
-    with torch.no_grad():
-        losses = vmap(lambda o, t: loss_fn(o[None], t[None]))(logits.detach(), y)
-    return out, losses
+                    torch.sum(delta.flatten(2), dim=2, out=b_out)
+    return out, outputs
+
+
+def _conv_weight_gradients(
+    m: nn.Module, a: torch.Tensor, delta: torch.Tensor, w_out: torch.Tensor
+) -> None:
+    """Per-sample ``∇_W ℓ_i`` of a convolution, written into ``w_out`` ``[n, numel(W)]``.
+
+    ``∇_W ℓ_i[o, c, κ] = Σ_p δ_i[o, p] · a_i[c, s·p + d·κ]`` (s stride, d dilation, a padded): a
+    correlation of the inputs with the deltas as kernels, where the forward's stride becomes the
+    dilation and its dilation the stride. All samples and groups at once: samples × groups are
+    the groups of one convolution (channels first). Much faster on CPU than unfold/einsum.
+    """
+    conv = _CONV[type(m)]
+    n, g = a.shape[0], m.groups
+    a = (
+        F.pad(a, m._reversed_padding_repeated_twice)
+        if any(m._reversed_padding_repeated_twice)
+        else a
+    )
+    C, O = a.shape[1], delta.shape[1]
+    spatial_in, spatial_out = a.shape[2:], delta.shape[2:]
+    kernel = m.kernel_size
+    # input channels of group j for sample i become channel block (i·g + j): [C/g, n·g, *S]
+    inp = a.reshape(n * g, C // g, *spatial_in).transpose(0, 1)
+    kernels = delta.reshape(n * O, 1, *spatial_out).to(a.dtype)
+    res = conv(inp, kernels, groups=n * g, stride=m.dilation, dilation=m.stride)
+    crop = (slice(None), slice(None), *(slice(0, k) for k in kernel))
+    res = res[crop]  # [C/g, n·O, *kernel]
+    res = res.reshape(C // g, n, O, *kernel).transpose(0, 1).transpose(1, 2)  # [n, O, C/g, *k]
+    w_out.view(n, O, C // g, *kernel).copy_(res)

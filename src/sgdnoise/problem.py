@@ -7,9 +7,19 @@ Conventions (followed everywhere in sgdnoise):
   and buffers are constants.
 * **Loss.** ``loss_fn(outputs, targets)`` returns the *mean* loss over a batch (like
   ``F.cross_entropy``), so ``L(θ) = (1/N) Σ_i ℓ(x_i; θ)`` over all N samples and
-  ``ℓ(x_i; θ) = loss_fn(model(x_i[None]), y_i[None])``.
+  ``ℓ(x_i; θ) = loss_fn(model(x_i[None]), y_i[None])``. This is checked, not assumed: a loss that
+  is not the mean of its per-sample losses (``reduction='sum'``; a token mean over padded
+  sequences, which weights samples by their token count) is refused with an error. Such losses
+  are passed as ``reduction="none"``: ``loss_fn`` then returns one loss per sample ``[n]`` (e.g.
+  the masked token mean of each sequence) and L is their mean, whatever the chunking.
 * **Evaluation point.** Every quantity is evaluated at the model's *current* parameters (read
   anew at each call, so training the model in between is fine); dtype and device follow the model.
+* **Routes.** Where PyTorch lacks a rule the computation takes a working route automatically:
+  attention runs on the math kernel inside second-order and vmapped passes (fused kernels have
+  no double backward or forward-mode derivative); Hessian products fall back from
+  forward-over-reverse to double backward (e.g. ``F.mse_loss``'s ZeroTensor paths), and from
+  batched to column-by-column; per-sample passes fall back from ``vmap`` to a loop over samples
+  (e.g. ``nn.LSTM``, which has no batching rule). ``Problem.routes`` records what was chosen.
 * **Reductions.** Every average over samples (loss, gradient, Hessian products, sums in
   estimators) goes through :meth:`Problem.reduce_mean`, chunk by chunk, each chunk weighted by its
   size. This is the one place a later version shards over processes.
@@ -17,7 +27,8 @@ Conventions (followed everywhere in sgdnoise):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +43,35 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Per-sample gradient chunks hold chunk × D numbers; keep them near 32M entries by default.
 _PER_SAMPLE_BUDGET = 2**25
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the self-checks (rounding of sums over a batch in ``dtype``)."""
+    if dtype == torch.float64:
+        return 1e-9
+    if dtype in _LOW_PRECISION:
+        return 3e-2
+    return 2e-4
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """Scaled-dot-product attention on the math kernel (fused kernels have no double backward
+    and no forward-mode derivative, on CPU too)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _coupling_modules(model: nn.Module) -> list[str]:
@@ -75,6 +115,7 @@ class Problem:
         targets: torch.Tensor,
         *,
         chunk_size: int | None = None,
+        reduction: str = "mean",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,6 +135,12 @@ class Problem:
             raise ValueError("the data set is empty (N = 0); pass at least one sample")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if reduction not in ("mean", "none"):
+            raise ValueError(
+                f"reduction must be 'mean' (loss_fn returns the mean loss of a batch) or 'none' "
+                f"(loss_fn returns one loss per sample, shape [n]), got {reduction!r}"
+            )
+        self.reduction = reduction
 
         self.model = model
         self.loss_fn = loss_fn
@@ -121,7 +168,13 @@ class Problem:
         self.targets = targets.to(self.device, self.dtype if targets.is_floating_point() else None)
         self.num_samples: int = int(inputs.shape[0])
         self.chunk_size = chunk_size
-        self._forward_mode_ok = True
+        #: the computational routes chosen so far (what ran, and why a faster one was not used).
+        self.routes: dict[str, str] = {}
+        self._hvp_mode = "forward-over-reverse"
+        self._vmap_ok: bool | None = None
+        self._batched_theta_ok: bool | None = None
+        self._hooks_state = "unverified"  # "ok" once verified, "failed" with routes["hooks"]
+        self._check_loss_convention()
 
     # ------------------------------------------------------------------ flat parameters
     def __repr__(self) -> str:
@@ -189,26 +242,157 @@ class Problem:
             )
 
     def _state(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = {n: b for n, b in self.model.named_buffers()}
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                state[n] = p
-        state.update(self.unflatten(theta))
+        """Every (module, attribute) slot of the model, once, with θ's pieces in the trainable ones.
+
+        Each module *object* appears once (a layer registered or called twice is swapped once) and
+        a parameter shared by two modules gets the same piece of θ in both (tied weights). This
+        is used with ``tie_weights=False``: torch's own tying swaps a module registered under two
+        names twice and restores it wrongly (it leaves ``requires_grad=False`` behind).
+        """
+        pieces = dict(zip(self._trainable_ids(), self.unflatten(theta).values(), strict=True))
+        state: dict[str, torch.Tensor] = {}
+        for prefix, module in self.model.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            for name, p in module._parameters.items():
+                if p is not None:
+                    state[dot + name] = pieces.get(id(p), p)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    state[dot + name] = b
         return state
 
-    def _batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, self._state(theta), (x,))
+    def _trainable_ids(self) -> list[int]:
+        return [id(p) for p in self._trainable()]
+
+    def _outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self._state(theta), (x,), tie_weights=False)
+
+    def _reduce_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a batch from the model's outputs (either reduction)."""
         loss = self.loss_fn(out, y)
+        if self.reduction == "none":
+            n = y.shape[0]
+            if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (n,):
+                shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"with reduction='none', loss_fn must return one loss per sample, shape [{n}], "
+                    f"got {shape}"
+                )
+            return loss.mean()
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
                 f"loss_fn must return a scalar mean loss over the batch, got {shape}. Use a mean "
-                "reduction (e.g. F.cross_entropy(out, y) with reduction='mean')."
+                "reduction (e.g. F.cross_entropy(out, y) with reduction='mean'), or pass "
+                "reduction='none' to Problem if loss_fn returns one loss per sample."
             )
         return loss
 
+    def _batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._reduce_outputs(self._outputs(theta, x), y)
+
     def _sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._batch_loss(theta, x.unsqueeze(0), y.unsqueeze(0))
+
+    def _losses_from_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``[n]`` from a batch's outputs (``loss_fn`` on each sample's rows)."""
+        if self.reduction == "none":
+            return self.loss_fn(out, y)
+        if self._vmap_ok is not False:
+            try:
+                return vmap(lambda o, t: self.loss_fn(o[None], t[None]))(out, y)
+            except (RuntimeError, NotImplementedError):
+                pass
+        return torch.stack([self.loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(y.shape[0])])
+
+    def sample_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``[ℓ(x_i; θ)]_i`` ``[n]`` of one batch, differentiable in ``theta``.
+
+        Each sample is evaluated as a batch of one (``reduction='mean'``: ``vmap`` over the
+        samples, or a loop for layers without a batching rule such as ``nn.LSTM``), or read from
+        ``loss_fn``'s per-sample output (``reduction='none'``). Works under ``torch.func`` transforms
+        (``jvp``, ``vjp``, ``grad``), so Jacobian products of the per-sample losses can be taken.
+
+        Args:
+            theta: flat parameters ``[D]``.
+            x, y: a batch of inputs ``[n, ...]`` and targets ``[n, ...]``.
+        """
+        with _math_attention():
+            if self.reduction == "none":
+                return self.loss_fn(self._outputs(theta, x), y)
+            if self._vmap_ok is not False:
+                try:
+                    out = vmap(self._sample_loss, in_dims=(None, 0, 0))(theta, x, y)
+                    self._vmap_ok = True
+                    return out
+                except (RuntimeError, NotImplementedError) as exc:
+                    if self._vmap_ok:
+                        raise
+                    self._vmap_failed(exc)
+            return torch.stack([self._sample_loss(theta, x[i], y[i]) for i in range(x.shape[0])])
+
+    def _vmap_failed(self, exc: BaseException) -> None:
+        self._vmap_ok = False
+        self.routes["per_sample"] = (
+            f"a loop over samples: torch.func.vmap failed on this model ({_first_line(exc)})"
+        )
+
+    def _check_loss_convention(self) -> None:
+        """Refuse a loss that is not a mean over samples, on the first few samples (cheap).
+
+        The same check runs on every chunk of every per-sample pass (see
+        :meth:`per_sample_gradients_and_losses`), so data further on is covered as it is used.
+        """
+        k = min(self.num_samples, 3)
+        if k < 2 or _coupling_modules(self.model):
+            return
+        theta = self.theta()
+        x, y = self.inputs[:k], self.targets[:k]
+        try:
+            with torch.no_grad(), _math_attention():
+                out = self._outputs(theta, x)
+                raw = self.loss_fn(out, y)
+                if self.reduction == "none":
+                    self._reduce_outputs(out, y)  # shape check
+                    return
+                if not isinstance(raw, torch.Tensor) or raw.ndim != 0:
+                    self._reduce_outputs(out, y)  # raises the explanatory error
+                singles = torch.stack([self._sample_loss(theta, x[i], y[i]) for i in range(k)])
+        except ValueError:
+            raise
+        except Exception:  # the model's own errors surface on its first real use
+            return
+        self._compare_batch_and_samples(raw, singles, 0)
+
+    def _compare_batch_and_samples(
+        self, batch: torch.Tensor, singles: torch.Tensor, start: int
+    ) -> None:
+        """Raise if the loss of a batch is not the mean of its per-sample losses."""
+        if not bool(torch.isfinite(batch)) or not bool(torch.isfinite(singles).all()):
+            return  # reported by the finiteness checks, with the samples named
+        b, mean = float(batch), float(singles.double().mean())
+        scale = float(singles.double().abs().mean())
+        if abs(b - mean) <= _rtol(self.dtype) * scale + 1e-30:
+            return
+        n = singles.numel()
+        what = (
+            f"loss_fn(outputs, targets) on samples {start}..{start + n - 1} gives {b:.6g}, but the "
+            f"mean of their {n} single-sample losses is {mean:.6g}"
+        )
+        if scale > 0 and abs(b - n * mean) <= 10 * _rtol(self.dtype) * n * scale:
+            raise ValueError(
+                f"{what} (= their sum): the loss is summed over samples. sgdnoise's convention is "
+                "the *mean* loss L = (1/N) Σ_i ℓ_i; use reduction='mean' (e.g. "
+                "nn.CrossEntropyLoss(reduction='mean')) or divide by the batch size."
+            )
+        raise ValueError(
+            f"{what}: the loss of a batch is not the mean of its per-sample losses. Either the loss "
+            "is not a sample mean (a token mean over padded sequences or ignore_index weights "
+            "samples by their number of tokens; a sum), or the model couples the samples of a "
+            "batch (batch statistics). sgdnoise needs L = (1/N) Σ_i ℓ_i: pass reduction='none' to "
+            "Problem with a loss_fn that returns one loss per sample (e.g. the masked token mean "
+            "of each sequence), or make the model treat samples independently."
+        )
 
     # ------------------------------------------------------------------ the one reduction
     def check_indices(self, indices: torch.Tensor | Sequence[int] | None) -> torch.Tensor | None:
@@ -309,8 +493,13 @@ class Problem:
 
         Forward-over-reverse (``vmap`` over ``jvp(grad(L))``): the primal forward/backward is
         shared by all columns and only the tangents are batched, ``max_columns`` at a time to
-        bound memory. Falls back to batched double backward for operations without forward-mode
-        derivatives.
+        bound memory. Operations without a forward-mode derivative or a batching rule make it fall
+        back, once per problem, to batched double backward and then to double backward column by
+        column (recorded in ``routes["hvp"]``). Attention runs on the math kernel.
+
+        Raises:
+            RuntimeError: if no route can differentiate the model twice (names the failing
+                operation and what to change).
         """
         self._check_decoupled("Hessian-vector products")
         theta = (self.theta() if theta is None else theta).detach()
@@ -329,26 +518,56 @@ class Problem:
     def _hvp_block(
         self, theta: torch.Tensor, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
-        if self._forward_mode_ok:
-            g = grad(lambda t: self._batch_loss(t, x, y))
+        with _math_attention():
+            if self._hvp_mode == "forward-over-reverse":
+                g = grad(lambda t: self._batch_loss(t, x, y))
+                try:
+                    # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
+                    return vmap(lambda v: jvp(g, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(
+                        V
+                    )
+                except (NotImplementedError, RuntimeError) as exc:
+                    self._hvp_mode = "double backward"
+                    self.routes["hvp"] = (
+                        f"double backward: forward-over-reverse failed ({_first_line(exc)})"
+                    )
+            th = theta.clone().requires_grad_(True)
             try:
-                # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
-                return vmap(lambda v: jvp(g, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(V)
+                with torch.enable_grad():
+                    loss = self._batch_loss(th, x, y)
+                    (g,) = torch.autograd.grad(loss, th, create_graph=True)
+                    if not g.requires_grad:  # the loss is linear in θ: H = 0
+                        return torch.zeros_like(V)
+                    if V.shape[1] == 1 or self._hvp_mode == "double backward, column by column":
+                        cols = [
+                            torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
+                            for j in range(V.shape[1])
+                        ]
+                        return torch.stack(cols, dim=1)
+                    try:
+                        (hv,) = torch.autograd.grad(
+                            g, th, grad_outputs=V.T, is_grads_batched=True, retain_graph=True
+                        )
+                        return hv.T
+                    except (NotImplementedError, RuntimeError) as exc:
+                        self._hvp_mode = "double backward, column by column"
+                        self.routes["hvp"] = (
+                            f"double backward column by column: batched products failed "
+                            f"({_first_line(exc)})"
+                        )
+                        cols = [
+                            torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
+                            for j in range(V.shape[1])
+                        ]
+                        return torch.stack(cols, dim=1)
             except (NotImplementedError, RuntimeError) as exc:
-                if "forward" not in str(exc).lower() and "jvp" not in str(exc).lower():
-                    raise
-                self._forward_mode_ok = False  # e.g. an op without a forward-mode derivative
-        th = theta.clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self._batch_loss(th, x, y)
-            (g,) = torch.autograd.grad(loss, th, create_graph=True)
-            if not g.requires_grad:  # the loss is linear in θ: H = 0
-                return torch.zeros_like(V)
-            if V.shape[1] == 1:
-                (hv,) = torch.autograd.grad(g, th, grad_outputs=V[:, 0])
-                return hv[:, None]
-            (hv,) = torch.autograd.grad(g, th, grad_outputs=V.T, is_grads_batched=True)
-        return hv.T
+                raise RuntimeError(
+                    "Hessian-vector products need second derivatives of the model, and PyTorch has "
+                    f"none for an operation in it: {_first_line(exc)}. Replace that operation by one "
+                    "with a double-backward rule (fused attention: torch.nn.attention.sdpa_kernel("
+                    "SDPBackend.MATH) around your own call; custom autograd.Functions: make their "
+                    "backward differentiable), then run sgdnoise.check(problem)."
+                ) from exc
 
     # ------------------------------------------------------------------ per-sample quantities
     def _per_sample_chunk_size(self) -> int:
@@ -368,10 +587,11 @@ class Problem:
         Args:
             indices: sample indices (``None``: all N).
             theta: evaluation point (``None``: the model's current parameters).
-            method: ``"vmap"`` (``torch.func.vmap(grad(...))``, any model), ``"hooks"`` (one
-                forward and one backward pass with layer hooks; models whose trainable parameters
-                all belong to ``nn.Linear``/``nn.Conv2d`` layers, at the current parameters), or
-                ``"auto"`` (hooks where possible, else vmap).
+            method: ``"vmap"`` (``torch.func.vmap(grad(...))``, any model; a loop over samples
+                where vmap has no batching rule), ``"hooks"`` (one forward and one backward pass
+                with layer hooks, at the current parameters, only where its assumptions hold —
+                see :mod:`sgdnoise._per_sample` for the rule — else ``ValueError`` naming the
+                module), or ``"auto"`` (hooks where their assumptions are verified, else vmap).
         """
         return self.per_sample_gradients_and_losses(indices, theta, method=method)[0]
 
@@ -390,6 +610,13 @@ class Problem:
         ``[n, D]`` tensor (problem dtype and device) to write the gradients into and return,
         e.g. a buffer reused across training steps (allocating a fresh large matrix every step
         costs page faults).
+
+        Every chunk is also checked against the loss convention: the loss of the chunk must be
+        the mean of its per-sample losses (``ValueError`` otherwise, see :class:`Problem`).
+
+        Raises:
+            FloatingPointError: a per-sample loss or gradient is NaN/inf; the message names the
+                samples (and the usual cause: a sample whose targets are all ``ignore_index``).
         """
         if method not in ("auto", "vmap", "hooks"):
             raise ValueError(f"method must be 'auto', 'vmap' or 'hooks', got {method!r}")
@@ -397,15 +624,8 @@ class Problem:
         idx = self.check_indices(indices)
         current = self.theta()
         theta = current if theta is None else theta.detach()
-        plan = _hooks.hook_plan(self.model, self.param_names) if method != "vmap" else None
         at_current = theta is current or torch.equal(theta, current)
-        if method == "hooks" and (plan is None or not at_current):
-            raise ValueError(
-                "method='hooks' needs every trainable parameter to be the weight/bias of an "
-                "nn.Linear or nn.Conv2d (groups=1, zero padding) layer and theta to be the model's "
-                "current parameters; use method='vmap' for other models"
-            )
-        per_sample = vmap(grad_and_value(self._sample_loss), in_dims=(None, 0, 0))
+        use_hooks = method != "vmap" and self._hooks_usable(method, at_current)
         size = self._per_sample_chunk_size()
         n = self.num_samples if idx is None else int(idx.numel())
         # One [n, D] buffer filled chunk by chunk (the hook path writes into it directly).
@@ -426,20 +646,157 @@ class Problem:
             G = out
         ell = torch.empty(n, dtype=self.dtype, device=self.device)
         for x, y, pos in self.chunks(idx, size):
-            got = None
-            if plan is not None and at_current:
-                got = _hooks.per_sample_gradients_by_hooks(
-                    self.model, self.loss_fn, plan, x, y, out=G[pos]
-                )
-            if got is None:
-                g_chunk, l_chunk = per_sample(theta, x, y)
-                G[pos] = g_chunk.detach()
-            else:
-                l_chunk = got[1]
+            batch_loss = None
+            if use_hooks:
+                got = self._hooks_chunk(theta, x, y, G[pos], method)
+                if got is None:
+                    use_hooks = False
+                else:
+                    l_chunk, batch_loss = got
+            if not use_hooks:
+                g_chunk, l_chunk = self._general_per_sample(theta, x, y)
+                G[pos] = g_chunk
             ell[pos] = l_chunk.detach()
-        check_finite(G, "the per-sample gradients")
-        check_finite(ell, "the per-sample losses")
+            self._check_per_sample_finite(G[pos], ell[pos], idx, pos)
+            if self.reduction == "mean" and pos.stop - pos.start > 1:
+                if batch_loss is None:
+                    with torch.no_grad(), _math_attention():
+                        batch_loss = self._batch_loss(theta, x, y)
+                first = pos.start if idx is None else int(idx[pos.start])
+                self._compare_batch_and_samples(batch_loss.detach(), ell[pos], first)
         return G, ell
+
+    def _check_per_sample_finite(
+        self, G: torch.Tensor, ell: torch.Tensor, idx: torch.Tensor | None, pos: slice
+    ) -> None:
+        bad = ~torch.isfinite(ell)
+        if not bool(bad.any()):
+            try:
+                check_finite(G, "the per-sample gradients")  # cheap screen by the sum
+                return
+            except FloatingPointError:
+                bad = ~torch.isfinite(G).all(dim=1)
+        rows = bad.nonzero().flatten() + pos.start
+        samples = (rows if idx is None else idx[rows]).tolist()
+        shown = ", ".join(map(str, samples[:10])) + (", ..." if len(samples) > 10 else "")
+        raise FloatingPointError(
+            f"the per-sample losses or gradients: not finite (NaN/inf) for sample(s) {shown} "
+            f"({len(samples)} of {self.num_samples} samples). If every target of such a sample is ignore_index "
+            "(e.g. a sequence that is all padding), its loss is 0/0 in a token mean: drop those "
+            "samples from the data. Otherwise check those inputs and the model's parameters for "
+            "NaN/inf."
+        )
+
+    def _hooks_usable(self, method: str, at_current: bool) -> bool:
+        """Whether the layer-hook path may be tried (static rules), else the reason is recorded."""
+        why = None
+        if self._hooks_state == "failed":
+            why = self.routes.get("hooks", "its checks failed earlier on this problem")
+        elif self.dtype not in (torch.float32, torch.float64):
+            why = f"the hook path runs in float32/float64 only, the model is {self.dtype}"
+        elif not at_current:
+            why = "theta is not the model's current parameters"
+        else:
+            why = _hooks.unsupported_reason(self.model, self.param_names)
+        if why is None:
+            return True
+        self.routes["per_sample"] = f"vmap: the layer-hook fast path does not apply ({why})"
+        if method == "hooks":
+            raise ValueError(
+                f"method='hooks' cannot be used here: {why}. Use method='auto' or 'vmap'."
+            )
+        return False
+
+    def _hooks_chunk(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, method: str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Hook-path gradients into ``out``; ``(losses, batch loss)``, or ``None`` (fall back)."""
+        plan = _hooks.hook_plan(self.model, self.param_names)
+        assert plan is not None
+        n = x.shape[0]
+        names = {id(m): name for name, m in self.model.named_modules()}
+
+        def total_loss(outputs: torch.Tensor) -> torch.Tensor:
+            return self._reduce_outputs(outputs, y) * n
+
+        with _math_attention():
+            got = _hooks.per_sample_gradients_by_hooks(self.model, total_loss, plan, x, out, names)
+        why: str | None = got if isinstance(got, str) else None
+        if why is None:
+            assert not isinstance(got, str)
+            outputs = got[1].detach()
+            with torch.no_grad():
+                losses = self._losses_from_outputs(outputs, y)
+                batch_loss = self._reduce_outputs(outputs, y)
+            if self._hooks_state == "unverified":
+                why = self._verify_hooks(theta, x, y, out)
+        if why is not None:
+            self._hooks_state = "failed"
+            self.routes["hooks"] = why
+            self.routes["per_sample"] = f"vmap: the layer-hook fast path does not apply ({why})"
+            if method == "hooks":
+                raise ValueError(
+                    f"method='hooks' cannot be used here: {why}. Use method='auto' or 'vmap'."
+                )
+            return None
+        self._hooks_state = "ok"
+        self.routes.setdefault("per_sample", "layer hooks (assumptions verified)")
+        return losses, batch_loss
+
+    def _verify_hooks(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, G: torch.Tensor
+    ) -> str | None:
+        """Check the hook path once: Σ_i G_i = ∇(Σ_i ℓ_i) per parameter, and row 0 alone."""
+        rtol = _rtol(self.dtype)
+        th = theta.clone().requires_grad_(True)
+        with torch.enable_grad(), _math_attention():
+            (total,) = torch.autograd.grad(self._batch_loss(th, x, y) * x.shape[0], th)
+            (first,) = torch.autograd.grad(self._sample_loss(th, x[0], y[0]), th)
+        got_sum = G.sum(0)
+        bound = G.abs().sum(0)
+        start = 0
+        for name, size in zip(self.param_names, self.param_numels, strict=True):
+            sl = slice(start, start + size)
+            start += size
+            err = float((got_sum[sl] - total[sl]).norm())
+            if err > rtol * float(bound[sl].norm()) + 1e-300:
+                return (
+                    f"the per-sample gradients of {name} do not add up to its gradient (relative "
+                    f"error {err / max(float(total[sl].norm()), 1e-300):.2g}): the parameter is "
+                    "also used outside its layer (tied weights, a functional reuse, a penalty in "
+                    "loss_fn)"
+                )
+        err = float((G[0] - first).norm())
+        if err > rtol * (float(first.norm()) + float(G[0].norm())) + 1e-300:
+            return (
+                "the first sample's gradient computed alone differs from its hook-path row "
+                f"(relative error {err / max(float(first.norm()), 1e-300):.2g}): the model mixes "
+                "samples or does not keep the batch on dimension 0"
+            )
+        return None
+
+    def _general_per_sample(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vmap(grad)`` over the chunk, or a loop over samples where vmap has no rule."""
+        with _math_attention():
+            if self._vmap_ok is not False:
+                try:
+                    per_sample = vmap(grad_and_value(self._sample_loss), in_dims=(None, 0, 0))
+                    g, ell = per_sample(theta, x, y)
+                    self._vmap_ok = True
+                    self.routes.setdefault("per_sample", "torch.func.vmap")
+                    return g.detach(), ell.detach()
+                except (RuntimeError, NotImplementedError) as exc:
+                    if self._vmap_ok:
+                        raise
+                    self._vmap_failed(exc)
+            one = grad_and_value(self._sample_loss)
+            rows = [one(theta, x[i], y[i]) for i in range(x.shape[0])]
+        return (
+            torch.stack([r[0].detach() for r in rows]),
+            torch.stack([r[1].detach() for r in rows]),
+        )
 
     def per_sample_losses(
         self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
@@ -448,21 +805,40 @@ class Problem:
         self._check_decoupled("per_sample_losses")
         idx = self.check_indices(indices)
         theta = (self.theta() if theta is None else theta).detach()
-        per_sample = vmap(self._sample_loss, in_dims=(None, 0, 0))
         with torch.no_grad():
-            parts = [per_sample(theta, x, y) for x, y, _ in self.chunks(idx)]
+            parts = [self.sample_losses(theta, x, y) for x, y, _ in self.chunks(idx)]
         return torch.cat(parts)
 
     def batched_loss(
         self, thetas: torch.Tensor, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``L(θ_j)`` for a batch of parameter vectors ``thetas`` ``[B, D]`` → ``[B]`` (vmapped)."""
+        """``L(θ_j)`` for a batch of parameter vectors ``thetas`` ``[B, D]`` → ``[B]``.
+
+        Vmapped over the parameter vectors; a loop over them for layers without a batching rule.
+        """
         self._check_decoupled("batched_loss")
         if thetas.ndim != 2 or thetas.shape[1] != self.dim:
             raise ValueError(f"thetas must have shape [B, {self.dim}], got {list(thetas.shape)}")
-        many = vmap(self._batch_loss, in_dims=(0, None, None))
-        with torch.no_grad():
-            return self.reduce_mean(lambda x, y: many(thetas, x, y), indices)
+        with torch.no_grad(), _math_attention():
+            if self._batched_theta_ok is not False:
+                many = vmap(self._batch_loss, in_dims=(0, None, None))
+                try:
+                    out = self.reduce_mean(lambda x, y: many(thetas, x, y), indices)
+                    self._batched_theta_ok = True
+                    return out
+                except (RuntimeError, NotImplementedError) as exc:
+                    if self._batched_theta_ok:
+                        raise
+                    self._batched_theta_ok = False
+                    self.routes["batched_loss"] = (
+                        f"a loop over parameter vectors: vmap failed ({_first_line(exc)})"
+                    )
+            return torch.stack(
+                [
+                    self.reduce_mean(lambda x, y, th=th: self._batch_loss(th, x, y), indices)
+                    for th in thetas
+                ]
+            )
 
 
 def per_sample_gradients(

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..data import one_hidden_layer_data
 from ..measures import alignment, escape_indicator
@@ -353,7 +353,7 @@ class OneHiddenLayerProblem(Problem):
         x = self.inputs if idx is None else self.inputs[idx]
 
         def output(th: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.model, self._state(th), (xi[None],))[0]
+            return self._outputs(th, xi[None])[0]
 
         size = self._per_sample_chunk_size()
         parts = [
