@@ -28,6 +28,7 @@ Conventions (followed everywhere in sgdnoise):
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -59,6 +60,28 @@ def _rtol(dtype: torch.dtype) -> float:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def _map_tensors(fn: Callable[[torch.Tensor], object], obj: object) -> object:
+    """Apply ``fn`` to every tensor in a (nested) tuple/list/dict of model outputs."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _tensors(obj: object) -> list[torch.Tensor]:
+    """The tensors in a (nested) tuple/list/dict."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
 
 
 @contextlib.contextmanager
@@ -101,10 +124,21 @@ class Problem:
         chunk_size: largest number of samples processed at once by every pass over the data
             (``None``: all N at once for losses and Hessian products, and an automatic size for
             per-sample gradients, about 32M numbers per chunk).
+        reduction: ``"mean"`` (default): ``loss_fn`` returns the mean loss of a batch, and this is
+            checked (the first samples when the problem is built, every chunk of every
+            per-sample pass); ``"none"``: ``loss_fn`` returns one loss per sample ``[n]`` (e.g.
+            the masked token mean of each sequence) and sgdnoise takes their mean — the way to
+            use token-level losses, padding and ``ignore_index`` so that every quantity is
+            independent of the chunking.
+
+    Attributes:
+        routes: ``{quantity: how it is computed}`` for quantities whose fast route did not apply to
+            this model (e.g. ``"per_sample"``, ``"hvp"``), with the reason.
 
     Raises:
         ValueError: if the model has no trainable parameters, inputs and targets differ in length,
-            or ``chunk_size`` is not positive.
+            ``chunk_size`` is not positive, or the loss is not a mean over samples (e.g.
+            ``reduction='sum'``), with what to change.
     """
 
     def __init__(
@@ -174,6 +208,8 @@ class Problem:
         self._vmap_ok: bool | None = None
         self._batched_theta_ok: bool | None = None
         self._hooks_state = "unverified"  # "ok" once verified, "failed" with routes["hooks"]
+        self._hvp_verified = False
+        self._hvp_error: str | None = None
         self._check_loss_convention()
 
     # ------------------------------------------------------------------ flat parameters
@@ -303,7 +339,12 @@ class Problem:
                 return vmap(lambda o, t: self.loss_fn(o[None], t[None]))(out, y)
             except (RuntimeError, NotImplementedError):
                 pass
-        return torch.stack([self.loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(y.shape[0])])
+        return torch.stack(
+            [
+                self.loss_fn(_map_tensors(lambda t, i=i: t[i : i + 1], out), y[i : i + 1])
+                for i in range(y.shape[0])
+            ]
+        )
 
     def sample_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample losses ``[ℓ(x_i; θ)]_i`` ``[n]`` of one batch, differentiable in ``theta``.
@@ -503,6 +544,15 @@ class Problem:
         """
         self._check_decoupled("Hessian-vector products")
         theta = (self.theta() if theta is None else theta).detach()
+        if self._hvp_error is not None:
+            raise RuntimeError(self._hvp_error)
+        if not self._hvp_verified:
+            self._hvp_verified = True
+            try:
+                self._verify_hvp(theta)
+            except RuntimeError as exc:
+                self._hvp_error = str(exc)
+                raise
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             blocks = [
@@ -561,13 +611,149 @@ class Problem:
                         ]
                         return torch.stack(cols, dim=1)
             except (NotImplementedError, RuntimeError) as exc:
+                where = self._module_without_second_derivative(x)
                 raise RuntimeError(
                     "Hessian-vector products need second derivatives of the model, and PyTorch has "
-                    f"none for an operation in it: {_first_line(exc)}. Replace that operation by one "
-                    "with a double-backward rule (fused attention: torch.nn.attention.sdpa_kernel("
-                    "SDPBackend.MATH) around your own call; custom autograd.Functions: make their "
-                    "backward differentiable), then run sgdnoise.check(problem)."
+                    f"none for an operation{where}: {_first_line(exc)}. Replace that operation by "
+                    "one with a double-backward rule (fused attention: torch.nn.attention."
+                    "sdpa_kernel(SDPBackend.MATH) around your own call; a custom autograd.Function: "
+                    "make its backward differentiable, without @once_differentiable), then run "
+                    "sgdnoise.check(problem)."
                 ) from exc
+
+    def _verify_hvp(self, theta: torch.Tensor) -> None:
+        """Once per problem: ``H v`` against central differences of ∇L on the first samples.
+
+        Catches a wrong second derivative anywhere in the model or in PyTorch (a custom
+        ``autograd.Function`` whose backward is not differentiable returns a wrong product without
+        any error). Along up to three random unit directions, differences at steps h and h/2 are
+        taken; a direction where the two disagree (a ReLU kink crossed, rounding) is
+        inconclusive, and the check raises only when the differences agree with each other and
+        not with ``H v``. Below float64 the check runs on a float64 copy of the model (the same
+        operations, with differences that carry digits) when that copy is small (≤ 2^27
+        parameters); otherwise in float32, and not at all in 16-bit precision.
+        """
+        if self.dtype != torch.float64 and self.dim <= 2**27:
+            try:
+                k = min(self.num_samples, 64)
+                twin = Problem(
+                    copy.deepcopy(self.model).to(torch.float64),
+                    self.loss_fn,
+                    self.inputs[:k].to(torch.float64)
+                    if self.inputs.is_floating_point()
+                    else self.inputs[:k],
+                    self.targets[:k].to(torch.float64)
+                    if self.targets.is_floating_point()
+                    else self.targets[:k],
+                    reduction=self.reduction,
+                )
+            except Exception:  # a model that cannot run in float64: check in its own dtype
+                twin = None
+            if twin is not None:
+                twin._verify_hvp(twin.theta())
+                self.routes["hvp_check"] = twin.routes.get("hvp_check", "") + " (float64 copy)"
+                return
+        if self.dtype in _LOW_PRECISION:
+            return
+        idx = torch.arange(min(self.num_samples, 64), device=self.device)
+        eps_mach = torch.finfo(self.dtype).eps
+        h = eps_mach ** (1 / 3) * max(1.0, float(theta.norm()) / max(1.0, self.dim**0.5))
+        tol = 1e-4 if self.dtype == torch.float64 else 3e-2
+        gen = torch.Generator().manual_seed(0)
+
+        def central(v: torch.Tensor, step: float) -> tuple[torch.Tensor, float]:
+            g_plus, g_minus = (
+                self.gradient(theta + step * v, idx),
+                self.gradient(theta - step * v, idx),
+            )
+            noise = 10 * eps_mach * float(g_plus.norm() + g_minus.norm()) / (2 * step)
+            return (g_plus - g_minus) / (2 * step), noise
+
+        for _ in range(3):
+            v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(
+                self.device, self.dtype
+            )
+            v = v / v.norm()
+            (fd1, n1), (fd2, n2) = central(v, h), central(v, h / 2)
+            scale = float(fd1.norm() + fd2.norm())
+            if float((fd1 - fd2).norm()) > tol * scale + n1 + n2:
+                continue  # the differences themselves are unreliable along v: inconclusive
+            with torch.no_grad():
+                hv = self.hvp_unchecked(v[:, None], theta, idx)[:, 0]
+            err = float((hv - fd2).norm())
+            rel = err / max(float(hv.norm() + fd2.norm()) / 2, 1e-300)
+            if err <= tol * float(hv.norm() + fd2.norm()) + n2:
+                self.routes["hvp_check"] = (
+                    f"agrees with finite differences (relative error {rel:.1e})"
+                )
+                return
+            where = self._module_without_second_derivative(self.inputs[:1])
+            raise RuntimeError(
+                f"Hessian-vector products disagree with finite differences of the gradient "
+                f"(relative error {rel:.2g}, tolerance {tol:g}, differences consistent at two "
+                f"step sizes): an operation{where or ' in the model'} has a wrong second "
+                "derivative — typically a custom autograd.Function whose backward is not itself "
+                "differentiable (@once_differentiable, or torch.no_grad / .detach() inside "
+                "backward). Make that backward differentiable; sgdnoise.check(problem) reports "
+                "the details."
+            )
+        self.routes["hvp_check"] = "inconclusive (finite differences unreliable along 3 directions)"
+
+    def hvp_unchecked(
+        self, V: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`hvp` without the one-time finite-difference check (for diagnostics)."""
+        saved = self._hvp_verified, self._hvp_error
+        self._hvp_verified, self._hvp_error = True, None
+        try:
+            return self.hvp(V, theta, indices)
+        finally:
+            self._hvp_verified, self._hvp_error = saved
+
+    def _module_without_second_derivative(self, x: torch.Tensor) -> str:
+        """`` in module NAME (Type)`` for the innermost module that cannot be differentiated twice
+        on its own (a diagnosis run only after a failure), or ``""``."""
+        calls: list[tuple[nn.Module, tuple[object, ...], dict[str, object]]] = []
+
+        def record(module: nn.Module, args: tuple, kwargs: dict, _: object) -> None:
+            calls.append((module, args, kwargs))
+
+        handles = [m.register_forward_hook(record, with_kwargs=True) for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                self.model(x[:1])
+        except Exception:  # the diagnosis must not hide the original error
+            return ""
+        finally:
+            for h in handles:
+                h.remove()
+        names = {id(m): n for n, m in self.model.named_modules()}
+
+        def fresh(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().requires_grad_(t.is_floating_point())
+
+        for module, args, kwargs in calls:  # post-hooks fire innermost first
+            args2, kwargs2 = _map_tensors(fresh, tuple(args)), _map_tensors(fresh, dict(kwargs))
+            ins = [t for t in _tensors((args2, kwargs2)) if t.requires_grad]
+            ins += [p for p in module.parameters() if p.requires_grad]
+            try:
+                with torch.enable_grad():
+                    outs = [o for o in _tensors(module(*args2, **kwargs2)) if o.requires_grad]
+            except Exception:  # a module that cannot run on its own: try the next one
+                continue
+            if not outs or not ins:
+                continue
+            try:
+                with torch.enable_grad():
+                    total = sum((o * o).sum() for o in outs)
+                    grads = torch.autograd.grad(total, ins, create_graph=True, allow_unused=True)
+                    second = sum(g.sum() for g in grads if g is not None and g.requires_grad)
+                    if isinstance(second, torch.Tensor):
+                        torch.autograd.grad(second, ins, allow_unused=True)
+            except (RuntimeError, NotImplementedError):
+                name = names.get(id(module)) or "(the model itself)"
+                return f" in module {name} ({type(module).__name__})"
+        return ""
 
     # ------------------------------------------------------------------ per-sample quantities
     def _per_sample_chunk_size(self) -> int:
@@ -724,12 +910,12 @@ class Problem:
         why: str | None = got if isinstance(got, str) else None
         if why is None:
             assert not isinstance(got, str)
-            outputs = got[1].detach()
+            outputs = _map_tensors(torch.Tensor.detach, got[1])
             with torch.no_grad():
                 losses = self._losses_from_outputs(outputs, y)
                 batch_loss = self._reduce_outputs(outputs, y)
             if self._hooks_state == "unverified":
-                why = self._verify_hooks(theta, x, y, out)
+                why = self._verify_hooks(theta, x, y, out, losses)
         if why is not None:
             self._hooks_state = "failed"
             self.routes["hooks"] = why
@@ -744,14 +930,21 @@ class Problem:
         return losses, batch_loss
 
     def _verify_hooks(
-        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, G: torch.Tensor
+        self,
+        theta: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        G: torch.Tensor,
+        losses: torch.Tensor,
     ) -> str | None:
         """Check the hook path once: Σ_i G_i = ∇(Σ_i ℓ_i) per parameter, and row 0 alone."""
         rtol = _rtol(self.dtype)
         th = theta.clone().requires_grad_(True)
         with torch.enable_grad(), _math_attention():
             (total,) = torch.autograd.grad(self._batch_loss(th, x, y) * x.shape[0], th)
-            (first,) = torch.autograd.grad(self._sample_loss(th, x[0], y[0]), th)
+            first_loss = self._sample_loss(th, x[0], y[0])
+            (first,) = torch.autograd.grad(first_loss, th)
+            first_loss = first_loss.detach()
         got_sum = G.sum(0)
         bound = G.abs().sum(0)
         start = 0
@@ -766,6 +959,12 @@ class Problem:
                     "also used outside its layer (tied weights, a functional reuse, a penalty in "
                     "loss_fn)"
                 )
+        if abs(float(losses[0]) - float(first_loss)) > rtol * abs(float(first_loss)) + 1e-300:
+            return (
+                f"the first sample's loss computed alone ({float(first_loss):.6g}) differs from "
+                f"its row of the batch ({float(losses[0]):.6g}): the model's outputs do not keep "
+                "the batch on dimension 0, or the model mixes samples"
+            )
         err = float((G[0] - first).norm())
         if err > rtol * (float(first.norm()) + float(G[0].norm())) + 1e-300:
             return (
