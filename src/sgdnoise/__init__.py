@@ -7,11 +7,13 @@ Public API (names and meanings are fixed; see the README for the conventions):
   ingredients, as tensors or matrix-free :class:`~sgdnoise.linalg.LinearOperator` s.
 * :func:`top_eigenpairs` (Lanczos), :func:`trace_estimate` (Hutchinson / Hutch++).
 * :func:`escape_indicator` (Tr(HΣ) vs Tr(HΣ̄)), :func:`alignment`, :func:`expected_sharpness`.
+* :func:`gradient_noise_scale` — B_simple = Tr Σ₁ / ‖∇L‖², exact or from two batch sizes.
 * :func:`noise_model` / :func:`noise_structures` — registered gradient-noise structures.
 * :class:`GLD`, :class:`GD`, :class:`MinibatchSGD`, :func:`make_optimizer`, :func:`run_dynamics`,
   :func:`gld_step` — noise-injected dynamics sharing one code path.
 """
 
+from .diagnostics import CheckReport, check
 from .linalg import (
     ConvergenceError,
     DenseOperator,
@@ -45,6 +47,7 @@ from .noise import (
     per_sample_gradients_and_losses,
     weighted_gradients,
 )
+from .noise_scale import GradientNoiseScale, gradient_noise_scale
 from .optim import (
     GD,
     GLD,
@@ -63,6 +66,7 @@ __all__ = [
     "GD",
     "GLD",
     "Alignment",
+    "CheckReport",
     "ConvergenceError",
     "DenseOperator",
     "DiagonalOperator",
@@ -70,6 +74,7 @@ __all__ = [
     "EscapeIndicator",
     "ExpectedSharpness",
     "GradientNoiseCovariance",
+    "GradientNoiseScale",
     "HessianOperator",
     "LinearOperator",
     "LowRankOperator",
@@ -83,11 +88,13 @@ __all__ = [
     "__version__",
     "alignment",
     "batch_scale",
+    "check",
     "dynamics_names",
     "escape_indicator",
     "expected_sharpness",
     "gld_step",
     "gradient_noise_covariance",
+    "gradient_noise_scale",
     "hessian",
     "make_optimizer",
     "noise_model",

@@ -28,7 +28,7 @@ Conventions (followed everywhere in sgdnoise):
 from __future__ import annotations
 
 import contextlib
-import copy
+import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -41,6 +41,41 @@ from ._utils import check_finite
 __all__ = ["Problem", "per_sample_gradients"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ParamSpec = nn.Module | str | torch.Tensor | Sequence[nn.Module | str | torch.Tensor]
+
+
+def _select_parameters(
+    model: nn.Module, named: list[tuple[str, torch.Tensor]], spec: ParamSpec
+) -> list[tuple[str, torch.Tensor]]:
+    """The trainable ``(name, parameter)`` pairs picked by ``spec``, in the model's order."""
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not items:
+        raise ValueError("params is empty; pass a module, a name pattern or a list of them")
+    chosen: set[int] = set()
+    for item in items:
+        if isinstance(item, nn.Module):
+            found = {id(p) for p in item.parameters()}
+            what = f"module {type(item).__name__}"
+        elif isinstance(item, str):
+            found = {id(p) for n, p in named if fnmatch.fnmatchcase(n, item)}
+            what = f"pattern {item!r}"
+        elif isinstance(item, torch.Tensor):
+            found = {id(item)}
+            what = f"a tensor of shape {list(item.shape)}"
+        else:
+            raise TypeError(
+                "params entries must be modules, name patterns or parameter tensors, got "
+                f"{type(item).__name__}"
+            )
+        hit = found & {id(p) for _, p in named}
+        if not hit:
+            names = ", ".join(n for n, _ in named[:8]) + (", ..." if len(named) > 8 else "")
+            raise ValueError(
+                f"params: {what} selects no trainable parameter of the model (trainable: {names})"
+            )
+        chosen |= hit
+    return [(n, p) for n, p in named if id(p) in chosen]
+
 
 # Per-sample gradient chunks hold chunk × D numbers; keep them near 32M entries by default.
 _PER_SAMPLE_BUDGET = 2**25
@@ -124,6 +159,10 @@ class Problem:
         chunk_size: largest number of samples processed at once by every pass over the data
             (``None``: all N at once for losses and Hessian products, and an automatic size for
             per-sample gradients, about 32M numbers per chunk).
+        params: restrict θ to a block of the trainable parameters, the others held fixed at
+            their current values (per-layer quantities): a module (its parameters), a name
+            pattern (``fnmatch``, e.g. ``"layer1.*"``), or a list of modules, names, patterns or
+            parameter tensors. ``None``: every trainable parameter. θ keeps the model's order.
         reduction: ``"mean"`` (default): ``loss_fn`` returns the mean loss of a batch, and this is
             checked (the first samples when the problem is built, every chunk of every
             per-sample pass); ``"none"``: ``loss_fn`` returns one loss per sample ``[n]`` (e.g.
@@ -150,6 +189,7 @@ class Problem:
         *,
         chunk_size: int | None = None,
         reduction: str = "mean",
+        params: ParamSpec | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -183,6 +223,8 @@ class Problem:
             raise ValueError(
                 "the model has no trainable parameters (requires_grad=True); θ would be empty"
             )
+        if params is not None:
+            named = _select_parameters(model, named, params)
         self.param_names: list[str] = [n for n, _ in named]
         self.param_shapes: list[torch.Size] = [p.shape for _, p in named]
         self.param_numels: list[int] = [p.numel() for _, p in named]
@@ -622,82 +664,29 @@ class Problem:
                 ) from exc
 
     def _verify_hvp(self, theta: torch.Tensor) -> None:
-        """Once per problem: ``H v`` against central differences of ∇L on the first samples.
+        """Once per problem: ``H v`` against central differences of ∇L on the first 16 samples.
 
         Catches a wrong second derivative anywhere in the model or in PyTorch (a custom
         ``autograd.Function`` whose backward is not differentiable returns a wrong product without
-        any error). Along up to three random unit directions, differences at steps h and h/2 are
-        taken; a direction where the two disagree (a ReLU kink crossed, rounding) is
-        inconclusive, and the check raises only when the differences agree with each other and
-        not with ``H v``. Below float64 the check runs on a float64 copy of the model (the same
-        operations, with differences that carry digits) when that copy is small (≤ 2^27
-        parameters); otherwise in float32, and not at all in 16-bit precision.
+        any error). The rule is :func:`sgdnoise.diagnostics.hvp_finite_difference_check` (the
+        one :func:`sgdnoise.check` reports): differences at several step sizes, on a float64 copy
+        of the model below float64; inconclusive directions (ReLU kinks) pass. Skipped for
+        models above 2^27 parameters, where the copy would cost too much memory.
         """
-        if self.dtype != torch.float64 and self.dim <= 2**27:
-            try:
-                k = min(self.num_samples, 64)
-                twin = Problem(
-                    copy.deepcopy(self.model).to(torch.float64),
-                    self.loss_fn,
-                    self.inputs[:k].to(torch.float64)
-                    if self.inputs.is_floating_point()
-                    else self.inputs[:k],
-                    self.targets[:k].to(torch.float64)
-                    if self.targets.is_floating_point()
-                    else self.targets[:k],
-                    reduction=self.reduction,
-                )
-            except Exception:  # a model that cannot run in float64: check in its own dtype
-                twin = None
-            if twin is not None:
-                twin._verify_hvp(twin.theta())
-                self.routes["hvp_check"] = twin.routes.get("hvp_check", "") + " (float64 copy)"
-                return
-        if self.dtype in _LOW_PRECISION:
+        if self.dim > 2**27:
+            self.routes["hvp_check"] = "skipped (D > 2^27); run sgdnoise.check(problem)"
             return
-        idx = torch.arange(min(self.num_samples, 64), device=self.device)
-        eps_mach = torch.finfo(self.dtype).eps
-        h = eps_mach ** (1 / 3) * max(1.0, float(theta.norm()) / max(1.0, self.dim**0.5))
-        tol = 1e-4 if self.dtype == torch.float64 else 3e-2
-        gen = torch.Generator().manual_seed(0)
+        from .diagnostics import hvp_finite_difference_check
 
-        def central(v: torch.Tensor, step: float) -> tuple[torch.Tensor, float]:
-            g_plus, g_minus = (
-                self.gradient(theta + step * v, idx),
-                self.gradient(theta - step * v, idx),
-            )
-            noise = 10 * eps_mach * float(g_plus.norm() + g_minus.norm()) / (2 * step)
-            return (g_plus - g_minus) / (2 * step), noise
-
-        for _ in range(3):
-            v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(
-                self.device, self.dtype
-            )
-            v = v / v.norm()
-            (fd1, n1), (fd2, n2) = central(v, h), central(v, h / 2)
-            scale = float(fd1.norm() + fd2.norm())
-            if float((fd1 - fd2).norm()) > tol * scale + n1 + n2:
-                continue  # the differences themselves are unreliable along v: inconclusive
-            with torch.no_grad():
-                hv = self.hvp_unchecked(v[:, None], theta, idx)[:, 0]
-            err = float((hv - fd2).norm())
-            rel = err / max(float(hv.norm() + fd2.norm()) / 2, 1e-300)
-            if err <= tol * float(hv.norm() + fd2.norm()) + n2:
-                self.routes["hvp_check"] = (
-                    f"agrees with finite differences (relative error {rel:.1e})"
-                )
-                return
-            where = self._module_without_second_derivative(self.inputs[:1])
-            raise RuntimeError(
-                f"Hessian-vector products disagree with finite differences of the gradient "
-                f"(relative error {rel:.2g}, tolerance {tol:g}, differences consistent at two "
-                f"step sizes): an operation{where or ' in the model'} has a wrong second "
-                "derivative — typically a custom autograd.Function whose backward is not itself "
-                "differentiable (@once_differentiable, or torch.no_grad / .detach() inside "
-                "backward). Make that backward differentiable; sgdnoise.check(problem) reports "
-                "the details."
-            )
-        self.routes["hvp_check"] = "inconclusive (finite differences unreliable along 3 directions)"
+        few = torch.arange(min(self.num_samples, 16), device=self.device)
+        result = hvp_finite_difference_check(self, theta, few, torch.Generator().manual_seed(0))
+        if result.passed:
+            self.routes["hvp_check"] = result.detail
+            return
+        where = self._module_without_second_derivative(self.inputs[:1])
+        raise RuntimeError(
+            f"Hessian-vector products are wrong for this model{where}: {result.detail}"
+        )
 
     def hvp_unchecked(
         self, V: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor | None = None
