@@ -13,6 +13,7 @@ Public API (names and meanings are fixed; see the README for the conventions):
   :func:`gld_step` — noise-injected dynamics sharing one code path.
 """
 
+from .blocks import LayerTable, by_layer
 from .diagnostics import CheckReport, check
 from .linalg import (
     ConvergenceError,
@@ -76,6 +77,7 @@ __all__ = [
     "GradientNoiseCovariance",
     "GradientNoiseScale",
     "HessianOperator",
+    "LayerTable",
     "LinearOperator",
     "LowRankOperator",
     "MinibatchSGD",
@@ -88,6 +90,7 @@ __all__ = [
     "__version__",
     "alignment",
     "batch_scale",
+    "by_layer",
     "check",
     "dynamics_names",
     "escape_indicator",

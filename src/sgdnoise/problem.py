@@ -254,6 +254,19 @@ class Problem:
         self._hvp_error: str | None = None
         self._check_loss_convention()
 
+    def restrict(self, params: ParamSpec) -> Problem:
+        """The same model, loss and data with θ restricted to a block of parameters (see
+        ``params`` in :class:`Problem`); the other parameters are held fixed."""
+        return Problem(
+            self.model,
+            self.loss_fn,
+            self.inputs,
+            self.targets,
+            chunk_size=self.chunk_size,
+            reduction=self.reduction,
+            params=params,
+        )
+
     # ------------------------------------------------------------------ flat parameters
     def __repr__(self) -> str:
         return (
@@ -332,8 +345,8 @@ class Problem:
         for prefix, module in self.model.named_modules():
             dot = f"{prefix}." if prefix else ""
             for name, p in module._parameters.items():
-                if p is not None:
-                    state[dot + name] = pieces.get(id(p), p)
+                if p is not None:  # parameters outside θ are constants
+                    state[dot + name] = pieces.get(id(p), p.detach())
             for name, b in module._buffers.items():
                 if b is not None:
                     state[dot + name] = b
