@@ -165,6 +165,7 @@ def test_noise_only_on_refresh_reproduces_the_released_quirk():
 def test_refresh_steps_reuse_per_sample_gradients(noise, monkeypatch):
     """On refresh steps ∇L is the mean of the per-sample gradients: no second gradient pass."""
     problem = make_problem()
+    problem.hvp(torch.zeros(problem.dim, 1, dtype=problem.dtype))  # the one-time H@v self-check
     calls = {"full": 0, "per_sample": 0}
     orig_full, orig_ps = problem.loss_and_gradient, problem.per_sample_gradients_and_losses
 

@@ -32,10 +32,13 @@ When a check fails, the caller falls back to the general path and records why.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._data import batch_size_of, call_model
 
 __all__ = ["HookFailure", "hook_plan", "per_sample_gradients_by_hooks"]
 
@@ -91,7 +94,7 @@ def per_sample_gradients_by_hooks(
     model: nn.Module,
     total_loss: Callable[[torch.Tensor], torch.Tensor],
     plan: Plan,
-    x: torch.Tensor,
+    x: Any,
     out: torch.Tensor,
     names: dict[int, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | HookFailure:
@@ -114,11 +117,11 @@ def per_sample_gradients_by_hooks(
     def label(m: nn.Module) -> str:
         return f"{names.get(id(m), '?')} ({type(m).__name__})"
 
-    n = x.shape[0]
+    n = batch_size_of(x)
     handles = [m.register_forward_hook(record) for m in layers]
     try:
         with torch.enable_grad():
-            outputs = model(x)
+            outputs = call_model(model, x)
             for m in layers:
                 calls = records[id(m)]
                 if len(calls) != 1:

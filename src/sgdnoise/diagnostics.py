@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._data import _leaves
 from ._utils import as_generator
 from .problem import Problem
 
@@ -199,7 +200,7 @@ def _unit(problem: Problem, gen: torch.Generator) -> torch.Tensor:
 
 def _single_loss(problem: Problem, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``loss_fn`` of one batch holding exactly the samples ``idx`` (no chunking)."""
-    x, y = problem.inputs[idx], problem.targets[idx]
+    x, y = problem.take(idx)
     batch_loss = getattr(problem, "_batch_loss", None)
     with torch.no_grad():
         if batch_loss is not None:
@@ -242,7 +243,7 @@ def _float64_reference(
         if getattr(p, "reduction", "mean") != "mean":
             kwargs["reduction"] = p.reduction
         model = copy.deepcopy(p.model).to(torch.float64)
-        ref = Problem(model, p.loss_fn, p.inputs[few], p.targets[few], **kwargs)
+        ref = Problem(model, p.loss_fn, *p.take(few), **kwargs)
         local = torch.arange(len(few), device=ref.device)
         if ref.dim != p.dim or ref.param_names != p.param_names:
             raise ValueError("the float64 copy has other parameters")
@@ -389,11 +390,13 @@ class _Checker:
     # 1b
     def data_finite(self) -> CheckResult:
         bad = []
-        for what, t in (("inputs", self.p.inputs), ("targets", self.p.targets)):
-            if t.is_floating_point() or t.is_complex():
-                rows = ~torch.isfinite(t[self.sub]).reshape(len(self.sub), -1).all(1)
-                if bool(rows.any()):
-                    bad.append(f"{what} of samples {self.sub[rows].tolist()[:10]}")
+        for what, part in zip(("inputs", "targets"), self.p.take(self.sub), strict=True):
+            rows = torch.zeros(len(self.sub), dtype=torch.bool, device=self.sub.device)
+            for t in _leaves(part):
+                if t.is_floating_point() or t.is_complex():
+                    rows |= ~torch.isfinite(t).reshape(len(self.sub), -1).all(1).to(rows.device)
+            if bool(rows.any()):
+                bad.append(f"{what} of samples {self.sub[rows].tolist()[:10]}")
         if bad:
             return CheckResult(
                 "data_finite",

@@ -245,24 +245,58 @@ def alignment(
     ``a = u₁ᵀ Σ_b u₁ · Tr(H) / (λ₁ · Tr(Σ_b))`` with ``(λ₁, u₁)`` the top Hessian eigenpair, and
     ``overlap = ‖U_Hᵀ U_Σ‖_F² / k`` with ``U_H``, ``U_Σ`` the top-k eigenvectors of H and Σ_b
     (Lanczos on both, from ``generator``). ``a`` does not depend on b (Σ_b scales out).
+
+    The top-k eigenspace of Σ_b is defined only for k up to its rank, which is at most
+    ``min(N − 1, D)`` (N centred per-sample gradients sum to zero); beyond it any basis of the null
+    space would do and the overlap would change with the seed. So k is refused when it exceeds
+    N − 1, and also when the computed k-th eigenvalue of Σ_b is numerically zero relative to the
+    first (``μ_k ≤ max(tol², 10 ε) μ_1``, with ``tol`` the Lanczos tolerance used and ε the
+    machine epsilon of the model's dtype: e.g. duplicated samples lower the rank). When Σ_b = 0
+    altogether (b = N without replacement, or equal per-sample gradients) ``a`` and ``overlap``
+    are NaN.
+
+    Raises:
+        ValueError: k outside ``[1, D]``, or above the (numerical) rank of Σ_b (the message gives
+            the rank; pass a smaller k).
     """
-    D = problem.dim
+    D, N = problem.dim, problem.num_samples
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
         raise ValueError(f"k must be an integer in [1, D] = [1, {D}], got {k!r}")
+    if k > N - 1:
+        raise ValueError(
+            f"alignment: k = {k} exceeds the rank of Σ (at most N − 1 = {N - 1} for N = {N} "
+            f"samples), so its top-{k} eigenspace is not defined; pass k ≤ {max(N - 1, 1)}"
+            + (" with more samples" if N <= 1 else "")
+        )
     gen = as_generator(0 if generator is None else generator)
     H = HessianOperator(problem)
     cov = GradientNoiseCovariance(problem, batch_size, replacement)
     lam, U_H = top_eigenpairs(H, k, tol=tol, generator=gen)
-    mu, U_S = top_eigenpairs(cov, k, tol=tol, generator=gen)
+    noise_pairs = top_eigenpairs(cov, k, tol=tol, generator=gen)
+    mu, U_S = noise_pairs
     tr_S = float(cov.trace())
+    mu1, muk = float(mu[0]), float(mu[-1])
+    sigma_zero = tr_S == 0 or mu1 <= 0
+    if not sigma_zero and k > 1:
+        floor = max(noise_pairs.tol**2, 10 * torch.finfo(problem.dtype).eps) * mu1
+        if muk <= floor:
+            rank = int((mu > floor).sum())
+            raise ValueError(
+                f"alignment: k = {k} exceeds the numerical rank of Σ: its {k}-th eigenvalue is "
+                f"numerically zero ({muk:.3g} vs μ₁ = {mu1:.3g}, floor {floor:.3g}), Σ has "
+                f"numerical rank {rank} (≤ N − 1 = {N - 1}; duplicated or equivalent samples "
+                f"lower it), so its top-{k} eigenspace is not defined; pass k ≤ {rank}"
+            )
     tr_H, _, tr_H_exact = hessian_trace(
         H, exact_max_dim=exact_trace_max_dim, num_matvecs=trace_matvecs, generator=gen
     )
+    # Eigenvectors come back in float32 for 16-bit models: products need the operator's dtype.
     u1 = U_H[:, 0]
-    u1_S_u1 = float(u1 @ (cov @ u1))
+    u1_S_u1 = float(u1.double() @ (cov @ u1.to(cov.dtype)).double())
     lam1 = float(lam[0])
-    a = u1_S_u1 * tr_H / (lam1 * tr_S) if lam1 != 0 and tr_S != 0 else float("nan")
-    overlap = float((U_H.T @ U_S).pow(2).sum()) / k
+    nan = float("nan")
+    a = u1_S_u1 * tr_H / (lam1 * tr_S) if lam1 != 0 and tr_S != 0 else nan
+    overlap = nan if sigma_zero else float((U_H.T @ U_S).double().pow(2).sum()) / k
     return Alignment(
         a=a,
         overlap=overlap,

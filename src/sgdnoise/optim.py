@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ._utils import as_generator
+from .linalg import covariance as _covariance
 from .linalg.covariance import batch_scale
 from .noise import (
     NoiseModel,
@@ -100,6 +101,13 @@ def sample_batch(
 # --------------------------------------------------------------------------------------------
 
 
+def _materializes(problem: Problem) -> bool:
+    """Whether the ``[N, D]`` per-sample matrix may be stored: ``N·D ≤ MATERIALIZE_LIMIT``, the
+    rule of :func:`~sgdnoise.gradient_noise_covariance` (read at call time, so lowering
+    ``sgdnoise.linalg.covariance.MATERIALIZE_LIMIT`` takes effect at once)."""
+    return problem.num_samples * problem.dim <= _covariance.MATERIALIZE_LIMIT
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """What one step saw.
@@ -142,30 +150,95 @@ def _check_lr(lr: float) -> float:
 class ProblemOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
     """Base of :class:`GD`, :class:`MinibatchSGD` and :class:`GLD`.
 
-    ``params`` must be exactly the problem's trainable parameters (one parameter group); the
-    optimizer reads θ with ``problem.theta()`` and writes it back with ``problem.set_theta``.
-    ``step()`` returns the loss at θ_t (a 0-dim tensor) and stores a :class:`StepInfo` in
-    ``last``. The learning rate lives in ``param_groups[0]["lr"]``, so torch LR schedulers work.
+    ``params`` is an iterable of the model's parameters, e.g. ``problem.model.parameters()``:
+    frozen ones (``requires_grad=False``) are filtered out — they are constants of the problem and
+    stay bit-for-bit unchanged — and the remaining set must be exactly the problem's trainable
+    parameters (one parameter group; otherwise a ``ValueError`` names the extra or missing
+    parameters). The optimizer reads θ with ``problem.theta()`` and writes it back with
+    ``problem.set_theta``. ``step()`` returns the loss at θ_t (a 0-dim tensor) and stores a
+    :class:`StepInfo` in ``last``. The learning rate lives in ``param_groups[0]["lr"]``, so torch
+    LR schedulers work.
+
+    Attributes:
+        trained_parameter_names: names (as in ``model.named_parameters()``) of the parameters the
+            optimizer trains, in θ's order (= ``problem.param_names``).
+        frozen_parameter_names: names of the frozen parameters that were passed and skipped.
+        problem, num_steps, last: the problem, the steps taken, the last :class:`StepInfo`.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, *, problem: Problem) -> None:
         if not isinstance(problem, Problem):
             raise TypeError(f"problem must be a sgdnoise.Problem, got {type(problem).__name__}")
+        if isinstance(params, torch.Tensor):
+            params = [params]
         params = list(params)
         if any(isinstance(p, dict) for p in params):
             raise ValueError(
                 f"{type(self).__name__} takes one parameter group (θ is one flat vector); pass "
                 "problem.model.parameters() itself, not a list of groups"
             )
-        super().__init__(params, {"lr": _check_lr(lr)})
-        mine = {id(p) for p in self.param_groups[0]["params"]}
-        theirs = {id(p) for p in problem._trainable()}
-        if mine != theirs:
-            raise ValueError(
-                f"{type(self).__name__} must optimise exactly the problem's trainable parameters "
-                f"({len(theirs)} tensors, D = {problem.dim}); got {len(mine)} tensors. Pass "
-                "problem.model.parameters() (frozen parameters are skipped automatically)."
+        cls = type(self).__name__
+        names = {id(p): n for n, p in problem.model.named_parameters(remove_duplicate=False)}
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"{cls} expected parameters (tensors) such as problem.model.parameters(), got "
+                    f"an element of type {type(p).__name__}"
+                )
+        trained = [p for p in params if p.requires_grad]
+        self.frozen_parameter_names = [
+            names.get(id(p), f"<tensor {list(p.shape)}>") for p in params if not p.requires_grad
+        ]
+        theirs = problem._trainable()
+        theirs_ids = {id(p) for p in theirs}
+        mine_ids = {id(p) for p in trained}
+        missing = [
+            n for n, p in zip(problem.param_names, theirs, strict=True) if id(p) not in mine_ids
+        ]
+        extra, seen = [], set(theirs_ids)
+        for p in trained:
+            if id(p) not in seen:
+                seen.add(id(p))
+                extra.append(p)
+        if missing or extra:
+            parts = []
+            if missing:
+                pairs = zip(problem.param_names, theirs, strict=True)
+                now_frozen = {n for n, p in pairs if not p.requires_grad}
+                parts.append(
+                    "missing "
+                    + ", ".join(
+                        f"{n} (requires_grad=False now but trainable when the Problem was built: "
+                        "rebuild the Problem)"
+                        if n in now_frozen
+                        else n
+                        for n in missing
+                    )
+                )
+            if extra:
+                described = []
+                for p in extra:
+                    if id(p) in names:
+                        described.append(
+                            f"{names[id(p)]} (trainable but not in the Problem's θ: frozen when "
+                            "the Problem was built, or left out by its params= selection)"
+                        )
+                    else:
+                        described.append(f"a tensor of shape {list(p.shape)} not in problem.model")
+                parts.append(f"extra {', '.join(described)}")
+            fix = (
+                "pass only the parameters named in problem.param_names, or build the optimizer "
+                "with make_optimizer(...)"
+                if extra
+                else "pass problem.model.parameters() (frozen parameters are skipped automatically)"
             )
+            raise ValueError(
+                f"{cls} must train exactly the problem's trainable parameters "
+                f"({', '.join(problem.param_names)}; D = {problem.dim}) but got {'; '.join(parts)}; "
+                + fix
+            )
+        super().__init__(trained, {"lr": _check_lr(lr)})
+        self.trained_parameter_names: list[str] = list(problem.param_names)
         self.problem = problem
         self.num_steps = 0
         self.last: StepInfo | None = None
@@ -287,6 +360,11 @@ class GLD(ProblemOptimizer):
       mean as ``∇L`` (no second pass); other steps do one ``loss_and_gradient`` pass. The
       ``[N, D]`` per-sample matrix is one buffer for the whole run, centred in place by the
       structure, so ``opt.noise.covariance`` is valid until the next refresh (copy what you keep).
+    * Memory follows :func:`~sgdnoise.gradient_noise_covariance`: the ``[N, D]`` buffer exists
+      only when ``N·D ≤ sgdnoise.linalg.covariance.MATERIALIZE_LIMIT`` (2²⁷ numbers; a module
+      attribute read at every refresh, so it can be lowered). Above it ``∇L`` comes from
+      ``loss_and_gradient`` and the structure streams Σ_b (its trace, diagonal, products — and for
+      ``full`` one weighted-gradient pass per draw); ``_per_sample_buffer`` stays ``None``.
     * ``state_dict()`` holds the step counter, the generator state and the eigen solvers' warm
       start (:meth:`~sgdnoise.noise.NoiseModel.warm_state`); a run resumed on a refresh step
       continues exactly.
@@ -297,7 +375,7 @@ class GLD(ProblemOptimizer):
       energy by ``refresh_every``, which is not the dynamics the paper describes.
 
     Args:
-        params: the problem's trainable parameters (``problem.model.parameters()``).
+        params: the model's parameters (``problem.model.parameters()``; frozen ones are skipped).
         lr: step size η (gradient-level noise; parameter covariance η² Cov(n)).
         noise: structure name or a NoiseModel built on ``problem``.
         problem: model, loss and data.
@@ -432,7 +510,7 @@ class GLD(ProblemOptimizer):
         if self._prebuilt_fresh:
             refresh = self._prebuilt_fresh = False
         self._force_refresh = False
-        if refresh and self._needs_per_sample():
+        if refresh and self._needs_per_sample() and _materializes(p):
             # One [N, D] buffer for the whole run: the structure centres it in place and keeps
             # it until the next refresh overwrites it (a fresh matrix per step costs page faults).
             first = self.noise is None
@@ -444,6 +522,11 @@ class GLD(ProblemOptimizer):
             model = self._refresh(G, overwrite=not first)
             self._per_sample_buffer = buf
         else:
+            if refresh:
+                # No [N, D] buffer above the limit (even if it was lowered mid-run): the structure
+                # streams Σ_b itself (the rule of gradient_noise_covariance), and the refresh
+                # below replaces its covariance, dropping the last reference to an old buffer.
+                self._per_sample_buffer = None
             loss, grad = p.loss_and_gradient(theta)
             model = self._refresh(None) if refresh else self.noise
         assert model is not None
@@ -482,7 +565,8 @@ def make_optimizer(
 
     Args:
         dynamics: ``"gd"``, ``"sgd"`` or ``"gld_<structure>"`` (see :func:`dynamics_names`).
-        problem: model, loss and data (the optimizer works on ``problem.model``'s parameters).
+        problem: model, loss and data (the optimizer trains the parameters in the problem's θ;
+            frozen ones are skipped and listed in ``frozen_parameter_names``).
         lr: step size η.
         generator: randomness for SGD batches and GLD noise (required for those).
         batch_size: b — SGD's batch size, or the b whose Σ_b the GLD structure imitates.
@@ -491,7 +575,10 @@ def make_optimizer(
     names = dynamics_names()
     if dynamics not in names:
         raise ValueError(f"unknown dynamics {dynamics!r}; valid names: {', '.join(names)}")
-    params = problem.model.parameters()
+    # The model's parameters: θ's tensors plus the frozen ones (skipped, and reported in
+    # frozen_parameter_names); tensors held fixed by a Problem built on a block of θ are left out.
+    in_theta = {id(p) for p in problem._trainable()}
+    params = [p for p in problem.model.parameters() if id(p) in in_theta or not p.requires_grad]
     if dynamics == "gd":
         if options:
             raise TypeError(f"'gd' takes no noise options, got {sorted(options)}")

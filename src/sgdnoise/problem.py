@@ -30,11 +30,13 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
+from . import _data
 from . import _per_sample as _hooks
 from ._utils import check_finite
 
@@ -97,26 +99,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
-def _map_tensors(fn: Callable[[torch.Tensor], object], obj: object) -> object:
-    """Apply ``fn`` to every tensor in a (nested) tuple/list/dict of model outputs."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(fn, o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(fn, v) for k, v in obj.items()}
-    return obj
+_map_tensors = _data.map_tensors
+_tensors = _data._leaves
 
 
-def _tensors(obj: object) -> list[torch.Tensor]:
-    """The tensors in a (nested) tuple/list/dict."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
+def _row(obj: Any, i: int) -> Any:
+    """Sample i of a batch (the batch dimension removed)."""
+    return _map_tensors(lambda t: t[i], obj)
+
+
+def _slice(obj: Any, i: int) -> Any:
+    """Sample i of a batch as a batch of one."""
+    return _map_tensors(lambda t: t[i : i + 1], obj)
 
 
 @contextlib.contextmanager
@@ -152,10 +146,18 @@ class Problem:
     Args:
         model: any ``torch.nn.Module``; its trainable parameters define θ (see module docstring).
         loss_fn: ``loss_fn(outputs, targets)`` → scalar *mean* loss over the batch.
-        inputs: tensor ``[N, ...]``; floating inputs are cast to the model's dtype and moved to its
-            device.
+        inputs: tensor ``[N, ...]``, or a tuple/list of tensors (the model is called as
+            ``model(*inputs)``) or a dict of tensors (``model(**inputs)``, as Hugging Face models
+            take them), batch on dimension 0; floating tensors are cast to the model's dtype and
+            moved to its device. **Or**, with ``targets`` omitted, the whole data set: a map-style
+            ``torch.utils.data.Dataset`` (``ds[i] -> (x, y)``), a ``DataLoader`` (without
+            shuffling), or any re-iterable of ``(inputs, targets)`` batches; samples are then read
+            chunk by chunk, so N may exceed what fits in memory. Batches are weighted by their
+            size (a smaller last batch is fine); the order must be the same on every pass
+            (checked).
         targets: tensor ``[N, ...]`` (class indices, regression targets, ...), moved to the model's
-            device; floating targets are cast to the model's dtype.
+            device; floating targets are cast to the model's dtype. ``None`` when ``inputs`` is a
+            data set.
         chunk_size: largest number of samples processed at once by every pass over the data
             (``None``: all N at once for losses and Hessian products, and an automatic size for
             per-sample gradients, about 32M numbers per chunk).
@@ -184,8 +186,8 @@ class Problem:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
+        inputs: Any,
+        targets: Any = None,
         *,
         chunk_size: int | None = None,
         reduction: str = "mean",
@@ -195,18 +197,6 @@ class Problem:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> mean loss")
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise TypeError(
-                "inputs and targets must be tensors with the sample dimension first, got "
-                f"{type(inputs).__name__} and {type(targets).__name__}"
-            )
-        if inputs.ndim == 0 or targets.ndim == 0 or inputs.shape[0] != targets.shape[0]:
-            raise ValueError(
-                "inputs and targets must have the same number of samples along dimension 0, got "
-                f"inputs of shape {list(inputs.shape)} and targets of shape {list(targets.shape)}"
-            )
-        if inputs.shape[0] == 0:
-            raise ValueError("the data set is empty (N = 0); pass at least one sample")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if reduction not in ("mean", "none"):
@@ -240,9 +230,10 @@ class Problem:
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.dim: int = sum(self.param_numels)
-        self.inputs = inputs.to(self.device, self.dtype if inputs.is_floating_point() else None)
-        self.targets = targets.to(self.device, self.dtype if targets.is_floating_point() else None)
-        self.num_samples: int = int(inputs.shape[0])
+        self._source = _data.make_source(inputs, targets, self.device, self.dtype)
+        self.num_samples: int = int(self._source.num_samples)
+        if self.num_samples == 0:
+            raise ValueError("the data set is empty (N = 0); pass at least one sample")
         self.chunk_size = chunk_size
         #: the computational routes chosen so far (what ran, and why a faster one was not used).
         self.routes: dict[str, str] = {}
@@ -254,14 +245,39 @@ class Problem:
         self._hvp_error: str | None = None
         self._check_loss_convention()
 
+    @property
+    def inputs(self) -> Any:
+        """All inputs (problems built from tensors; use :meth:`take` for data sets)."""
+        if isinstance(self._source, _data.TensorSource):
+            return self._source.inputs
+        raise AttributeError(
+            "this Problem reads its samples from a data set; use problem.take(indices) for rows"
+        )
+
+    @property
+    def targets(self) -> Any:
+        """All targets (problems built from tensors; use :meth:`take` for data sets)."""
+        if isinstance(self._source, _data.TensorSource):
+            return self._source.targets
+        raise AttributeError(
+            "this Problem reads its samples from a data set; use problem.take(indices) for rows"
+        )
+
+    def take(self, indices: torch.Tensor | Sequence[int]) -> tuple[Any, Any]:
+        """The samples ``indices`` (any order, repeats allowed) as one batch ``(inputs, targets)``
+        on the model's device."""
+        idx = self.check_indices(indices)
+        assert idx is not None
+        return self._source.take(idx)
+
     def restrict(self, params: ParamSpec) -> Problem:
         """The same model, loss and data with θ restricted to a block of parameters (see
         ``params`` in :class:`Problem`); the other parameters are held fixed."""
         return Problem(
             self.model,
             self.loss_fn,
-            self.inputs,
-            self.targets,
+            self._source,
+            None,
             chunk_size=self.chunk_size,
             reduction=self.reduction,
             params=params,
@@ -356,13 +372,17 @@ class Problem:
         return [id(p) for p in self._trainable()]
 
     def _outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, self._state(theta), (x,), tie_weights=False)
+        if isinstance(x, dict):
+            args, kwargs = (), x
+        else:
+            args, kwargs = (tuple(x) if isinstance(x, (tuple, list)) else (x,)), None
+        return functional_call(self.model, self._state(theta), args, kwargs, tie_weights=False)
 
     def _reduce_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of a batch from the model's outputs (either reduction)."""
         loss = self.loss_fn(out, y)
         if self.reduction == "none":
-            n = y.shape[0]
+            n = _data.batch_size_of(y, "targets")
             if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (n,):
                 shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(
@@ -383,7 +403,8 @@ class Problem:
         return self._reduce_outputs(self._outputs(theta, x), y)
 
     def _sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._batch_loss(theta, x.unsqueeze(0), y.unsqueeze(0))
+        one = _map_tensors(lambda t: t.unsqueeze(0), x), _map_tensors(lambda t: t.unsqueeze(0), y)
+        return self._batch_loss(theta, *one)
 
     def _losses_from_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample losses ``[n]`` from a batch's outputs (``loss_fn`` on each sample's rows)."""
@@ -396,8 +417,8 @@ class Problem:
                 pass
         return torch.stack(
             [
-                self.loss_fn(_map_tensors(lambda t, i=i: t[i : i + 1], out), y[i : i + 1])
-                for i in range(y.shape[0])
+                self.loss_fn(_slice(out, i), _slice(y, i))
+                for i in range(_data.batch_size_of(y, "targets"))
             ]
         )
 
@@ -425,7 +446,12 @@ class Problem:
                     if self._vmap_ok:
                         raise
                     self._vmap_failed(exc)
-            return torch.stack([self._sample_loss(theta, x[i], y[i]) for i in range(x.shape[0])])
+            return torch.stack(
+                [
+                    self._sample_loss(theta, _row(x, i), _row(y, i))
+                    for i in range(_data.batch_size_of(x))
+                ]
+            )
 
     def _vmap_failed(self, exc: BaseException) -> None:
         self._vmap_ok = False
@@ -443,7 +469,7 @@ class Problem:
         if k < 2 or _coupling_modules(self.model):
             return
         theta = self.theta()
-        x, y = self.inputs[:k], self.targets[:k]
+        x, y = self._source.take(torch.arange(k))
         try:
             with torch.no_grad(), _math_attention():
                 out = self._outputs(theta, x)
@@ -453,7 +479,9 @@ class Problem:
                     return
                 if not isinstance(raw, torch.Tensor) or raw.ndim != 0:
                     self._reduce_outputs(out, y)  # raises the explanatory error
-                singles = torch.stack([self._sample_loss(theta, x[i], y[i]) for i in range(k)])
+                singles = torch.stack(
+                    [self._sample_loss(theta, _row(x, i), _row(y, i)) for i in range(k)]
+                )
         except ValueError:
             raise
         except Exception:  # the model's own errors surface on its first real use
@@ -507,19 +535,9 @@ class Problem:
 
     def chunks(
         self, indices: torch.Tensor | None = None, chunk_size: int | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor, slice]]:
-        """Split the (selected) data into ``(x, y, positions)`` chunks of at most ``chunk_size``."""
-        n = self.num_samples if indices is None else int(indices.numel())
-        size = chunk_size or self.chunk_size or n
-        out = []
-        for start in range(0, n, size):
-            pos = slice(start, min(n, start + size))
-            if indices is None:
-                out.append((self.inputs[pos], self.targets[pos], pos))
-            else:
-                sel = indices[pos]
-                out.append((self.inputs[sel], self.targets[sel], pos))
-        return out
+    ) -> Iterator[tuple[Any, Any, slice]]:
+        """Consecutive ``(x, y, positions)`` pieces of at most ``chunk_size`` selected samples."""
+        return self._source.chunks(indices, chunk_size or self.chunk_size)
 
     def reduce_mean(
         self,
@@ -696,7 +714,7 @@ class Problem:
         if result.passed:
             self.routes["hvp_check"] = result.detail
             return
-        where = self._module_without_second_derivative(self.inputs[:1])
+        where = self._module_without_second_derivative(self._source.take(torch.arange(1))[0])
         raise RuntimeError(
             f"Hessian-vector products are wrong for this model{where}: {result.detail}"
         )
@@ -723,7 +741,7 @@ class Problem:
         handles = [m.register_forward_hook(record, with_kwargs=True) for m in self.model.modules()]
         try:
             with torch.no_grad():
-                self.model(x[:1])
+                _data.call_model(self.model, _slice(x, 0))
         except Exception:  # the diagnosis must not hide the original error
             return ""
         finally:
@@ -901,7 +919,7 @@ class Problem:
         """Hook-path gradients into ``out``; ``(losses, batch loss)``, or ``None`` (fall back)."""
         plan = _hooks.hook_plan(self.model, self.param_names)
         assert plan is not None
-        n = x.shape[0]
+        n = _data.batch_size_of(x)
         names = {id(m): name for name, m in self.model.named_modules()}
 
         def total_loss(outputs: torch.Tensor) -> torch.Tensor:
@@ -943,8 +961,9 @@ class Problem:
         rtol = _rtol(self.dtype)
         th = theta.clone().requires_grad_(True)
         with torch.enable_grad(), _math_attention():
-            (total,) = torch.autograd.grad(self._batch_loss(th, x, y) * x.shape[0], th)
-            first_loss = self._sample_loss(th, x[0], y[0])
+            n = _data.batch_size_of(x)
+            (total,) = torch.autograd.grad(self._batch_loss(th, x, y) * n, th)
+            first_loss = self._sample_loss(th, _row(x, 0), _row(y, 0))
             (first,) = torch.autograd.grad(first_loss, th)
             first_loss = first_loss.detach()
         got_sum = G.sum(0)
@@ -993,7 +1012,7 @@ class Problem:
                         raise
                     self._vmap_failed(exc)
             one = grad_and_value(self._sample_loss)
-            rows = [one(theta, x[i], y[i]) for i in range(x.shape[0])]
+            rows = [one(theta, _row(x, i), _row(y, i)) for i in range(_data.batch_size_of(x))]
         return (
             torch.stack([r[0].detach() for r in rows]),
             torch.stack([r[1].detach() for r in rows]),

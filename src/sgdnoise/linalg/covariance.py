@@ -27,6 +27,9 @@ from .operators import LinearOperator
 __all__ = ["GradientNoiseCovariance", "batch_scale", "gradient_noise_covariance"]
 
 #: ``materialize=None`` stores the N×D centred gradients when they hold at most this many numbers.
+#: Read at call time by every user (the noise structures and :class:`~sgdnoise.GLD` too), so
+#: lowering it (e.g. in a test, ``monkeypatch.setattr(covariance, "MATERIALIZE_LIMIT", 0)``)
+#: switches them all to streaming.
 MATERIALIZE_LIMIT = 2**27
 
 
@@ -121,7 +124,8 @@ class GradientNoiseCovariance(LinearOperator):
         if self.centered is None:
             raise RuntimeError(
                 "factor() needs the materialised per-sample gradients; build the operator with "
-                "materialize=True (N·D numbers of memory)"
+                "materialize=True (N·D numbers of memory), or use sample_factor_product(z), "
+                "which streams"
             )
         return self.centered.T * (self.scale / self.problem.num_samples) ** 0.5
 
@@ -129,11 +133,12 @@ class GradientNoiseCovariance(LinearOperator):
     def _streaming_products(self, V: torch.Tensor) -> torch.Tensor:
         """``(1/N) Cᵀ C V`` chunk by chunk, with Jacobian products of the per-sample losses."""
         problem, theta, gbar = self.problem, self.theta, self.mean_gradient
-        losses = vmap(problem._sample_loss, in_dims=(None, 0, 0))
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             def f(th: torch.Tensor) -> torch.Tensor:
-                return losses(th, x, y)
+                # vmap over samples, a loop for layers without batching rules, or the loss's
+                # own per-sample output (reduction='none')
+                return problem.sample_losses(th, x, y)
 
             GV = vmap(lambda v: jvp(f, (theta,), (v,))[1], in_dims=1, out_dims=1)(V)  # [n, k]
             W = GV - (gbar @ V)[None, :]  # C V, centred sample by sample
@@ -189,12 +194,24 @@ class GradientNoiseCovariance(LinearOperator):
         return self._trace.clone()
 
     def sample_factor_product(self, z: torch.Tensor) -> torch.Tensor:
-        """Rows ``L z_j`` for ``z`` ``[num, N]`` with ``L = √(s/N) Cᵀ`` (:meth:`factor`), i.e.
-        ``(z C) √(s/N)``, without forming ``L`` (materialised mode only)."""
-        if self.centered is None:
-            self.factor()  # raises the explanatory error
-        assert self.centered is not None
-        return (z @ self.centered) * (self.scale / self.problem.num_samples) ** 0.5
+        """Rows ``L z_j`` for ``z`` ``[num, N]`` with ``L = √(s/N) Cᵀ`` (:meth:`factor`), without
+        forming ``L``.
+
+        Materialised: ``(z C) √(s/N)``. Streaming: ``√(s/N) (Gᵀ z − ḡ (1ᵀ z))`` with ``Gᵀ z`` the
+        gradient of the re-weighted loss ``Σ_i z_i ℓ_i`` at :attr:`theta` — one forward and one
+        (num-column) backward pass over the data (:func:`~sgdnoise.noise.weighted_gradients`),
+        never the ``[N, D]`` matrix. The two agree to rounding.
+        """
+        N = self.problem.num_samples
+        if z.ndim != 2 or z.shape[1] != N:
+            raise ValueError(f"z must have shape [num, N] = [num, {N}], got {list(z.shape)}")
+        root = (self.scale / N) ** 0.5
+        if self.centered is not None:
+            return (z @ self.centered) * root
+        from ..noise._gradients import weighted_gradients  # noise imports this module
+
+        Gz = weighted_gradients(self.problem, z, self.theta)[0] * N  # [num, D] = (Gᵀ z)ᵀ
+        return (Gz - z.sum(1, keepdim=True) * self.mean_gradient[None, :]) * root
 
 
 def gradient_noise_covariance(

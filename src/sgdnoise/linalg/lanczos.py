@@ -12,6 +12,11 @@ products cheap (one double-backward graph for the whole block).
 Convergence: Ritz pair ``(λ, u)`` is accepted when ``‖A u − λ u‖ ≤ tol · ‖A‖_est``, with
 ``‖A‖_est`` the largest |Ritz value| seen (an absolute value: a negative estimate must not stop
 early).
+
+Low precision: for a float16/bfloat16 operator the basis, its image and all small dense algebra
+(Gram–Schmidt, QR, ``eigh``) are kept in float32 (``eigh`` in float64); only the operator products
+run in the operator's dtype (each block is cast down for the product and the result cast back up).
+PyTorch has no 16-bit QR/eigh, and a 16-bit basis would lose orthogonality at the 1e-2 level.
 """
 
 from __future__ import annotations
@@ -23,7 +28,31 @@ import torch
 from .._utils import as_generator, randn
 from .operators import LinearOperator
 
-__all__ = ["ConvergenceError", "EigenPairs", "top_eigenpairs"]
+__all__ = ["ConvergenceError", "EigenPairs", "default_tol", "top_eigenpairs", "work_dtype"]
+
+#: Default relative Ritz-residual tolerance per operator dtype (see :func:`default_tol`).
+DEFAULT_TOL = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-3,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the solvers keep their vectors and small dense algebra in for an operator dtype:
+    float32 for float16/bfloat16 (PyTorch has no 16-bit QR or ``eigh``), the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Default relative tolerance of :func:`top_eigenpairs` for an operator of this dtype.
+
+    1e-6 (float64), 1e-3 (float32), 1e-2 (float16: products carry ~1e-3 relative rounding, which
+    accumulates through a network) and 3e-2 (bfloat16: ~4e-3 per rounding, ~1e-2 per product), so
+    that the default is reachable with products in the operator's own precision.
+    """
+    return DEFAULT_TOL.get(dtype, 1e-3)
 
 
 class ConvergenceError(RuntimeError):
@@ -44,6 +73,9 @@ class EigenPairs(tuple):
     Attributes:
         eigenvalues: the k algebraically largest eigenvalues, descending.
         eigenvectors: orthonormal columns, ``[D, k]``.
+
+    Both are in the solver's working dtype (:func:`work_dtype`): the operator's dtype, except
+    **float32 for float16/bfloat16 operators** (cast with ``.to(op.dtype)`` before ``op @ u``).
         residuals: ``‖A u_i − λ_i u_i‖`` for each pair.
         num_matvecs: operator products used (columns).
         converged: whether every pair met the tolerance.
@@ -134,8 +166,10 @@ def top_eigenpairs(
     Args:
         op: a symmetric :class:`~sgdnoise.linalg.LinearOperator` (Hessian, covariance, dense...).
         k: number of pairs, ``1 <= k <= D``.
-        tol: relative residual tolerance, ``‖A u − λ u‖ ≤ tol · max|λ|``; default 1e-6 in float64
-            and 1e-3 in float32/lower precision.
+        tol: relative residual tolerance, ``‖A u − λ u‖ ≤ tol · max|λ|``; default
+            (:func:`default_tol`) 1e-6 in float64, 1e-3 in float32, 1e-2 in float16 and 3e-2 in
+            bfloat16 (residuals of 16-bit operators are measured on their 16-bit products, whose
+            relative rounding is ~1e-2; eigenvalues are then accurate to about that level).
         generator: random start (a generator or an int seed); ``None`` uses seed 0, so results are
             reproducible. Never the global RNG.
         v0: warm start ``[D]`` or ``[D, j]`` (e.g. the eigenvectors of a previous refresh); random
@@ -149,7 +183,9 @@ def top_eigenpairs(
 
     Returns:
         :class:`EigenPairs` — ``(eigenvalues [k] descending, eigenvectors [D, k] orthonormal)``
-        plus ``residuals``, ``num_matvecs``, ``converged``.
+        plus ``residuals``, ``num_matvecs``, ``converged``; in the operator's dtype, or in float32
+        for float16/bfloat16 operators (the basis and the Rayleigh–Ritz step run in float32/float64
+        there; only the products are 16-bit).
 
     Raises:
         ValueError: for k outside ``[1, D]`` or bad options.
@@ -164,9 +200,10 @@ def top_eigenpairs(
         raise ValueError(
             f"on_nonconvergence must be 'raise', 'warn' or 'ignore', got {on_nonconvergence!r}"
         )
-    dtype, device = op.dtype, op.device
+    op_dtype, device = op.dtype, op.device
+    dtype = work_dtype(op_dtype)  # basis and small dense algebra; products in op_dtype
     if tol is None:
-        tol = 1e-6 if dtype == torch.float64 else 1e-3
+        tol = default_tol(op_dtype)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     gen = as_generator(0 if generator is None else generator)
@@ -204,7 +241,7 @@ def top_eigenpairs(
         Xq = _orthonormalize_against(X[:, :room], Q, gen)
         if Xq.shape[1] == 0:
             return 0
-        AX = op @ Xq
+        AX = op @ Xq if op_dtype == dtype else (op @ Xq.to(op_dtype)).to(dtype)
         matvecs += Xq.shape[1]
         Q = torch.cat([Q, Xq], dim=1)
         AQ = torch.cat([AQ, AX], dim=1)
@@ -246,7 +283,13 @@ def top_eigenpairs(
         msg = (
             f"top_eigenpairs: {int((res[:k] > tol * norm_est).sum())} of {k} eigenpairs did not "
             f"converge within {matvecs} products (worst relative residual {worst:.2e} > tol "
-            f"{tol:.1e}). Raise max_matvecs or basis_size, loosen tol, or use float64."
+            f"{tol:.1e}). Raise max_matvecs or basis_size, loosen tol, or use float64"
+            + (
+                f" (products in {op_dtype} carry ~1e-2 relative rounding; tol below that is not "
+                "reachable)."
+                if op_dtype != dtype
+                else "."
+            )
         )
         if on_nonconvergence == "raise":
             raise ConvergenceError(msg, result)

@@ -158,7 +158,9 @@ class NoiseModel(ABC):
             problem: a problem with the same D, dtype and device (default: the current one), e.g.
                 the same model on new data.
             per_sample: the ``[N, D]`` per-sample gradients at the current θ if the caller already
-                has them (an optimizer that also needs ``∇L = G.mean(0)``); saves a pass.
+                has them (an optimizer that also needs ``∇L = G.mean(0)``); saves a pass. Without
+                them Σ_b is stored or streamed by the rule of
+                :func:`~sgdnoise.gradient_noise_covariance` (``N·D ≤ MATERIALIZE_LIMIT``).
             overwrite_per_sample: the structure may centre ``per_sample`` in place and keep it
                 (saves an ``[N, D]`` copy); the caller must not use it afterwards except to
                 overwrite it before the next refresh (what :class:`~sgdnoise.GLD` does).

@@ -65,13 +65,12 @@ def weighted_gradients(
         raise ValueError(f"weights must have shape [m, {N}] or [{N}], got {list(weights.shape)}")
     W = W.to(device=problem.device, dtype=problem.dtype)
     theta = (problem.theta() if theta is None else theta).detach()
-    losses_fn = vmap(problem._sample_loss, in_dims=(None, 0, 0))
     total = torch.zeros(W.shape[0], problem.dim, dtype=problem.dtype, device=problem.device)
     losses = []
     for x, y, pos in problem.chunks(None):
 
         def f(th: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            return losses_fn(th, x, y)
+            return problem.sample_losses(th, x, y)
 
         l, pullback = vjp(f, theta)
         Wc = W[:, pos]

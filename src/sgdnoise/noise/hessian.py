@@ -43,7 +43,11 @@ class _HessianEigenNoise(NoiseModel):
             on_nonconvergence=o["on_nonconvergence"],
         )
         self.num_matvecs = pairs.num_matvecs
-        self.hessian_eigenvalues, self.eigenvectors = pairs.eigenvalues, pairs.eigenvectors
+        # top_eigenpairs works in float32 for 16-bit problems: the structure keeps the model's
+        # dtype, so that its covariance and its draws are in the dtype of the parameters.
+        dtype = self.problem.dtype
+        self.hessian_eigenvalues = pairs.eigenvalues.to(dtype)
+        self.eigenvectors = pairs.eigenvectors.to(dtype)
         return pairs
 
     @property
@@ -79,13 +83,13 @@ class HessianNoise(_HessianEigenNoise):
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         trace = self._sigma(per_sample).trace()
-        pairs = self._hessian_pairs(self.options["k"])
-        lam = pairs.eigenvalues.clamp_min(0)
+        self._hessian_pairs(self.options["k"])
+        lam = self.hessian_eigenvalues.clamp_min(0)
         total = lam.sum()
         self.degenerate = not bool(total > 0)
         s = torch.zeros_like(lam) if self.degenerate else lam * (trace / total)
         self._std = s.sqrt()
-        self.covariance = LowRankOperator(pairs.eigenvectors, s)
+        self.covariance = LowRankOperator(self.eigenvectors, s)
 
 
 @register_noise
@@ -107,7 +111,7 @@ class HessianTop1Noise(_HessianEigenNoise):
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         trace = self._sigma(per_sample).trace()
-        pairs = self._hessian_pairs(1)
-        s = trace.reshape(1).clamp_min(0)
+        self._hessian_pairs(1)
+        s = trace.reshape(1).clamp_min(0).to(self.problem.dtype)
         self._std = s.sqrt()
-        self.covariance = LowRankOperator(pairs.eigenvectors, s)
+        self.covariance = LowRankOperator(self.eigenvectors, s)

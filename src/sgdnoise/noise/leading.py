@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..linalg import covariance as _cov
 from ..linalg.lanczos import top_eigenpairs
 from ..linalg.operators import LowRankOperator
 from ._base import NoiseModel, register_noise
@@ -51,7 +52,8 @@ class LeadingNoise(NoiseModel):
 
     Solvers:
 
-    * ``gram`` (default when the per-sample gradients fit in memory): with ``L = √(s/N) Cᵀ``
+    * ``gram`` (default when the per-sample gradients fit in memory, ``N·D ≤ MATERIALIZE_LIMIT``;
+      asking for it above the limit is a ``ValueError``): with ``L = √(s/N) Cᵀ``
       ``[D, N]``, ``Σ_b = L Lᵀ`` and the Gram matrix ``M = Lᵀ L`` ``[N, N]`` share their non-zero
       eigenvalues; ``M = W Λ Wᵀ`` (float64 ``eigh`` with CPU / shifted fallbacks, see
       :func:`safe_eigh`) gives ``v_j = L w_j / √λ_j``. Exact, no iteration.
@@ -93,6 +95,14 @@ class LeadingNoise(NoiseModel):
         o = self.options
         p = self.problem
         solver = o["solver"]
+        N, D = p.num_samples, p.dim
+        if solver == "gram" and per_sample is None and N * D > _cov.MATERIALIZE_LIMIT:
+            raise ValueError(
+                f"noise structure 'leading': solver='gram' needs the [N, D] = [{N}, {D}] per-sample "
+                f"gradients ({N * D:,} numbers > MATERIALIZE_LIMIT = {_cov.MATERIALIZE_LIMIT:,}); "
+                "use solver='auto' or 'lanczos' (streams), or raise "
+                "sgdnoise.linalg.covariance.MATERIALIZE_LIMIT if you have the memory"
+            )
         cov = self._sigma(per_sample, materialize=True if solver == "gram" else None)
         if solver == "auto":
             solver = "gram" if cov.centered is not None else "lanczos"
@@ -120,7 +130,9 @@ class LeadingNoise(NoiseModel):
                 max_matvecs=o["max_matvecs"],
                 on_nonconvergence=o["on_nonconvergence"],
             )
-            gamma, V = pairs.eigenvalues.clamp_min(0), pairs.eigenvectors
+            # top_eigenpairs works in float32 for 16-bit problems: back to the model's dtype.
+            gamma = pairs.eigenvalues.clamp_min(0).to(p.dtype)
+            V = pairs.eigenvectors.to(p.dtype)
             self.num_matvecs = pairs.num_matvecs
             self.eigh_path = "lanczos"
         self.eigenvalues, self.eigenvectors = gamma, V

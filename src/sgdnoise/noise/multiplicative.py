@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._utils import as_generator, randn
+from ..linalg import covariance as _cov
 from ..linalg.covariance import GradientNoiseCovariance
 from ..linalg.operators import LinearOperator
 from ._base import NoiseModel, register_noise
@@ -76,7 +77,7 @@ class MultiplicativeNoise(NoiseModel):
     def _build_cov(self) -> GradientNoiseCovariance:
         if self._cov is None:
             G = self._per_sample
-            if G is None and self.problem.num_samples * self.problem.dim <= 2**27:
+            if G is None and self.problem.num_samples * self.problem.dim <= _cov.MATERIALIZE_LIMIT:
                 G = self.problem.per_sample_gradients(theta=self.theta)
             if G is not None:
                 self._cov = GradientNoiseCovariance(
