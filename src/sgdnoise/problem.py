@@ -79,8 +79,55 @@ def _select_parameters(
     return [(n, p) for n, p in named if id(p) in chosen]
 
 
-# Per-sample gradient chunks hold chunk × D numbers; keep them near 32M entries by default.
-_PER_SAMPLE_BUDGET = 2**25
+#: Fraction of the free memory (RAM on CPU, free GPU memory on CUDA) used when no budget is given.
+FREE_MEMORY_FRACTION = 0.5
+#: Column blocks of Hessian products are at most this wide (the tangents batched by vmap).
+MAX_COLUMNS = 16
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from an int/float or a string such as ``"8G"``, ``"512MB"`` (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError(
+            f"memory_budget must be a number of bytes or a size like '8G', got {value!r}"
+        )
+    if isinstance(value, (int, float)):
+        if not value > 0:
+            raise ValueError(f"memory_budget must be positive, got {value!r}")
+        return int(value)
+    text = str(value).strip().upper().replace("I", "")
+    num = text.rstrip("KMGB")
+    unit = text[len(num) :]
+    try:
+        size = float(num) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"memory_budget must be a number of bytes or a size like '8G' or '512MB', got {value!r}"
+        ) from None
+    if not size > 0:
+        raise ValueError(f"memory_budget must be positive, got {value!r}")
+    return int(size)
+
+
+def free_memory(device: torch.device) -> int:
+    """Free memory of ``device`` in bytes: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
+    ``/proc/meminfo`` on CPU (8 GiB where that cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
+
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -159,8 +206,16 @@ class Problem:
             device; floating targets are cast to the model's dtype. ``None`` when ``inputs`` is a
             data set.
         chunk_size: largest number of samples processed at once by every pass over the data
-            (``None``: all N at once for losses and Hessian products, and an automatic size for
-            per-sample gradients, about 32M numbers per chunk).
+            (``None``: as many as the memory budget allows).
+        memory_budget: bytes (or a size such as ``"8G"``) that one pass may use at its peak;
+            ``None``: half of the device's free memory (RAM on CPU, free GPU memory on CUDA),
+            measured once, at the problem's first pass. Every pass — losses, gradients,
+            per-sample gradients, Hessian and Σ_b products, batched losses — is split over samples
+            (and Hessian products over columns) to stay under it, from the activation memory per
+            sample measured on the model (saved tensors of one and two samples). Results do not
+            depend on the split beyond floating-point order; pass a fixed budget (or
+            ``chunk_size``) for bit-identical results across machines. A pass that cannot fit even
+            one sample raises ``MemoryError`` saying how much it needs.
         params: restrict θ to a block of the trainable parameters, the others held fixed at
             their current values (per-layer quantities): a module (its parameters), a name
             pattern (``fnmatch``, e.g. ``"layer1.*"``), or a list of modules, names, patterns or
@@ -192,6 +247,7 @@ class Problem:
         chunk_size: int | None = None,
         reduction: str = "mean",
         params: ParamSpec | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -235,6 +291,9 @@ class Problem:
         if self.num_samples == 0:
             raise ValueError("the data set is empty (N = 0); pass at least one sample")
         self.chunk_size = chunk_size
+        self._budget_arg = None if memory_budget is None else parse_memory(memory_budget)
+        self._budget: int | None = self._budget_arg
+        self._footprint_bytes: tuple[float, float] | None = None
         #: the computational routes chosen so far (what ran, and why a faster one was not used).
         self.routes: dict[str, str] = {}
         self._hvp_mode = "forward-over-reverse"
@@ -281,6 +340,7 @@ class Problem:
             chunk_size=self.chunk_size,
             reduction=self.reduction,
             params=params,
+            memory_budget=self._budget_arg,
         )
 
     # ------------------------------------------------------------------ flat parameters
@@ -543,16 +603,19 @@ class Problem:
         self,
         fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         indices: torch.Tensor | None = None,
+        *,
+        rows: int | None = None,
     ) -> torch.Tensor:
         """``Σ_c (n_c / n) · fn(x_c, y_c)`` over chunks c of the (selected) data.
 
         ``fn`` returns a *mean* over its chunk; each chunk is weighted by its size, so the result
-        is the exact mean over all selected samples whatever the chunking.
+        is the exact mean over all selected samples whatever the chunking. ``rows``: samples per
+        chunk (default: :meth:`plan_rows` for a gradient pass).
         """
         indices = self.check_indices(indices)
         n = self.num_samples if indices is None else int(indices.numel())
         total: torch.Tensor | None = None
-        for x, y, pos in self.chunks(indices):
+        for x, y, pos in self.chunks(indices, rows or self.plan_rows("gradient")):
             part = fn(x, y) * ((pos.stop - pos.start) / n)
             total = part if total is None else total + part
         assert total is not None
@@ -566,7 +629,9 @@ class Problem:
         self._check_decoupled("Problem.loss")
         theta = self.theta() if theta is None else theta
         with torch.no_grad():
-            value = self.reduce_mean(lambda x, y: self._batch_loss(theta, x, y), indices)
+            value = self.reduce_mean(
+                lambda x, y: self._batch_loss(theta, x, y), indices, rows=self.plan_rows("forward")
+            )
         check_finite(value, "the loss")
         return value
 
@@ -601,13 +666,13 @@ class Problem:
         theta: torch.Tensor | None = None,
         indices: torch.Tensor | None = None,
         *,
-        max_columns: int = 16,
+        max_columns: int = MAX_COLUMNS,
     ) -> torch.Tensor:
         """Hessian products ``∇²L(θ) V`` for ``V`` of shape ``[D, k]``.
 
         Forward-over-reverse (``vmap`` over ``jvp(grad(L))``): the primal forward/backward is
-        shared by all columns and only the tangents are batched, ``max_columns`` at a time to
-        bound memory. Operations without a forward-mode derivative or a batching rule make it fall
+        shared by all columns and only the tangents are batched, at most ``max_columns`` at a
+        time and fewer (and over fewer samples) when the memory budget asks for it. Operations without a forward-mode derivative or a batching rule make it fall
         back, once per problem, to batched double backward and then to double backward column by
         column (recorded in ``routes["hvp"]``). Attention runs on the math kernel.
 
@@ -627,14 +692,15 @@ class Problem:
                 self._hvp_error = str(exc)
                 raise
 
+        cols, rows = self.plan_columns(min(max_columns, max(1, V.shape[1])))
+
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             blocks = [
-                self._hvp_block(theta, V[:, j : j + max_columns], x, y)
-                for j in range(0, V.shape[1], max_columns)
+                self._hvp_block(theta, V[:, j : j + cols], x, y) for j in range(0, V.shape[1], cols)
             ]
             return torch.cat(blocks, dim=1)
 
-        out = self.reduce_mean(fn, indices)
+        out = self.reduce_mean(fn, indices, rows=rows)
         check_finite(out, "a Hessian-vector product")
         return out
 
@@ -777,9 +843,103 @@ class Problem:
 
     # ------------------------------------------------------------------ per-sample quantities
     def _per_sample_chunk_size(self) -> int:
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return max(1, min(self.num_samples, _PER_SAMPLE_BUDGET // max(1, self.dim)))
+        return self.plan_rows("per_sample")
+
+    # ------------------------------------------------------------------ memory budget
+    @property
+    def memory_budget(self) -> int:
+        """Bytes one pass may use (the argument, or half the free memory at the first pass)."""
+        if self._budget is None:
+            self._budget = int(free_memory(self.device) * FREE_MEMORY_FRACTION)
+        return self._budget
+
+    def _footprint(self) -> tuple[float, float]:
+        """``(fixed, per_sample)`` bytes saved for backward by a forward pass with gradients,
+        measured once on one and two samples (saved tensors, counted once per storage)."""
+        if self._footprint_bytes is not None:
+            return self._footprint_bytes
+        sizes = []
+        for n in (1, 2) if self.num_samples >= 2 else (1,):
+            x, y = self._source.take(torch.arange(n))
+            seen: dict[int, int] = {}
+
+            def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
+                try:
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+                except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+                    seen[id(t)] = t.numel() * t.element_size()
+                return t
+
+            th = self.theta().requires_grad_(True)
+            data = sum(t.numel() * t.element_size() for t in _tensors((x, y)))
+            try:
+                with (
+                    torch.enable_grad(),
+                    _math_attention(),
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                ):
+                    self._batch_loss(th, x, y)
+            except Exception:  # the model's errors surface in the real pass, not here
+                seen = {}
+            sizes.append(float(sum(seen.values()) + data))
+        if len(sizes) == 2:
+            per = max(sizes[1] - sizes[0], sizes[0] / 4, 1.0)
+            fixed = max(sizes[0] - per, 0.0)
+        else:
+            per, fixed = max(sizes[0], 1.0), 0.0
+        self._footprint_bytes = (fixed, per)
+        return self._footprint_bytes
+
+    def _cost(self, kind: str, columns: int = 1) -> tuple[float, float]:
+        """``(fixed, per_sample)`` peak bytes of one chunk of a pass of ``kind``."""
+        a0, a1 = self._footprint()
+        d = self.dim * torch.finfo(self.dtype).bits // 8
+        if kind == "forward":
+            return a0, a1
+        if kind == "gradient":
+            return a0 + 3 * d, a1
+        if kind == "hvp":  # primal + tangents of forward-over-reverse for `columns` directions
+            c = 1 + 2 * columns
+            return c * a0 + 4 * columns * d, c * a1
+        if kind == "per_sample":
+            return a0 + 2 * d, 2 * a1 + 3 * d
+        if kind == "batched":  # `columns` parameter vectors at once, no gradients
+            return columns * (a0 + d), columns * a1
+        raise ValueError(f"unknown pass kind {kind!r}")
+
+    def plan_rows(self, kind: str, columns: int = 1) -> int:
+        """Samples per chunk for a pass of ``kind`` (``"forward"``, ``"gradient"``, ``"hvp"``,
+        ``"per_sample"``, ``"batched"``) with ``columns`` products/vectors at once, so that its
+        estimated peak stays under :attr:`memory_budget` (and at most ``chunk_size``).
+
+        Raises:
+            MemoryError: if one sample does not fit, with the bytes it needs.
+        """
+        fixed, per = self._cost(kind, columns)
+        budget = self.memory_budget
+        if fixed + per > budget:
+            raise MemoryError(
+                f"a {kind} pass of this model needs about {_gib(fixed + per)} for one sample"
+                + (f" and {columns} columns" if columns > 1 else "")
+                + f", more than the memory budget of {_gib(budget)}. Raise memory_budget "
+                "(Problem(..., memory_budget='16G')), free memory, or use a smaller model/dtype."
+            )
+        rows = int((budget - fixed) // per)
+        cap = self.chunk_size or self.num_samples
+        return max(1, min(rows, cap, self.num_samples))
+
+    def plan_columns(self, wanted: int, kind: str = "hvp") -> tuple[int, int]:
+        """``(columns, rows)``: the widest block of at most ``wanted`` products whose one-sample
+        pass fits the budget, and the samples per chunk for it (``MemoryError`` if even one
+        column of one sample does not fit)."""
+        cols = max(1, wanted)
+        while cols > 1:
+            fixed, per = self._cost(kind, cols)
+            if fixed + per * min(self.num_samples, 8) <= self.memory_budget:
+                break
+            cols //= 2
+        return cols, self.plan_rows(kind, cols)
 
     def per_sample_gradients(
         self,
@@ -1026,7 +1186,8 @@ class Problem:
         idx = self.check_indices(indices)
         theta = (self.theta() if theta is None else theta).detach()
         with torch.no_grad():
-            parts = [self.sample_losses(theta, x, y) for x, y, _ in self.chunks(idx)]
+            rows = self.plan_rows("forward")
+            parts = [self.sample_losses(theta, x, y) for x, y, _ in self.chunks(idx, rows)]
         return torch.cat(parts)
 
     def batched_loss(
@@ -1040,10 +1201,14 @@ class Problem:
         if thetas.ndim != 2 or thetas.shape[1] != self.dim:
             raise ValueError(f"thetas must have shape [B, {self.dim}], got {list(thetas.shape)}")
         with torch.no_grad(), _math_attention():
-            if self._batched_theta_ok is not False:
+            try:  # all vectors at once must fit one sample; else one vector at a time
+                rows: int | None = self.plan_rows("batched", thetas.shape[0])
+            except MemoryError:
+                rows = None
+            if self._batched_theta_ok is not False and rows is not None:
                 many = vmap(self._batch_loss, in_dims=(0, None, None))
                 try:
-                    out = self.reduce_mean(lambda x, y: many(thetas, x, y), indices)
+                    out = self.reduce_mean(lambda x, y: many(thetas, x, y), indices, rows=rows)
                     self._batched_theta_ok = True
                     return out
                 except (RuntimeError, NotImplementedError) as exc:
@@ -1055,7 +1220,11 @@ class Problem:
                     )
             return torch.stack(
                 [
-                    self.reduce_mean(lambda x, y, th=th: self._batch_loss(th, x, y), indices)
+                    self.reduce_mean(
+                        lambda x, y, th=th: self._batch_loss(th, x, y),
+                        indices,
+                        rows=self.plan_rows("forward"),
+                    )
                     for th in thetas
                 ]
             )
@@ -1066,8 +1235,8 @@ def per_sample_gradients(
 ) -> torch.Tensor:
     """Per-sample gradients ``[n, D]``: row i is ``∇_θ ℓ(x_i; θ)`` at the model's current θ.
 
-    Computed with ``torch.func.vmap(grad(...))`` in chunks (``problem.chunk_size``, or about 32M
-    numbers per chunk), so memory stays bounded. Models whose forward couples samples (BatchNorm in
+    Computed in chunks sized by the problem's memory budget (and ``problem.chunk_size``), so
+    memory stays bounded; see :meth:`Problem.per_sample_gradients` for the routes. Models whose forward couples samples (BatchNorm in
     training mode) or is random (dropout in training mode) are refused with an error.
 
     Args:

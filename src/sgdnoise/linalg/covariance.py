@@ -18,13 +18,26 @@ product, never as ``E[ggᵀ] − ḡḡᵀ``, which loses precision in float32 n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ..problem import Problem
+from .._data import batch_size_of
+from ..problem import MAX_COLUMNS, Problem
 from .operators import LinearOperator
 
 __all__ = ["GradientNoiseCovariance", "batch_scale", "gradient_noise_covariance"]
+
+
+def _by_columns(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> torch.Tensor:
+    """``[fn(M[:, j])]_j`` as columns: vmapped, or a loop where an operation has no batching rule."""
+    try:
+        return vmap(fn, in_dims=1, out_dims=1)(M)
+    except (RuntimeError, NotImplementedError):
+        return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=1)
+
 
 #: ``materialize=None`` stores the N×D centred gradients when they hold at most this many numbers.
 #: Read at call time by every user (the noise structures and :class:`~sgdnoise.GLD` too), so
@@ -131,23 +144,32 @@ class GradientNoiseCovariance(LinearOperator):
 
     # ------------------------------------------------------------------ products
     def _streaming_products(self, V: torch.Tensor) -> torch.Tensor:
-        """``(1/N) Cᵀ C V`` chunk by chunk, with Jacobian products of the per-sample losses."""
-        problem, theta, gbar = self.problem, self.theta, self.mean_gradient
+        """``(1/N) Cᵀ C V`` chunk by chunk, with Jacobian products of the per-sample losses.
 
-        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        Columns are taken in blocks and samples in chunks sized by the problem's memory budget.
+        """
+        problem, theta, gbar = self.problem, self.theta, self.mean_gradient
+        cols, rows = problem.plan_columns(min(MAX_COLUMNS, V.shape[1]))
+
+        def fn(x: Any, y: Any) -> torch.Tensor:
             def f(th: torch.Tensor) -> torch.Tensor:
                 # vmap over samples, a loop for layers without batching rules, or the loss's
                 # own per-sample output (reduction='none')
                 return problem.sample_losses(th, x, y)
 
-            GV = vmap(lambda v: jvp(f, (theta,), (v,))[1], in_dims=1, out_dims=1)(V)  # [n, k]
-            W = GV - (gbar @ V)[None, :]  # C V, centred sample by sample
+            n = batch_size_of(x)
             _, pullback = vjp(f, theta)
-            CtW = vmap(lambda w: pullback(w)[0], in_dims=1, out_dims=1)(W)  # Gᵀ W
-            # Cᵀ W = Gᵀ W − ḡ (1ᵀ W); the second term is tiny but kept for exactness.
-            return (CtW - gbar[:, None] * W.sum(0)[None, :]) / x.shape[0]
+            out = []
+            for j in range(0, V.shape[1], cols):
+                Vj = V[:, j : j + cols]
+                GV = _by_columns(lambda v: jvp(f, (theta,), (v,))[1], Vj)  # G V  [n, k]
+                W = GV - (gbar @ Vj)[None, :]  # C V, centred sample by sample
+                CtW = _by_columns(lambda w: pullback(w)[0], W)  # Gᵀ W
+                # Cᵀ W = Gᵀ W − ḡ (1ᵀ W); the second term is tiny but kept for exactness.
+                out.append((CtW - gbar[:, None] * W.sum(0)[None, :]) / n)
+            return torch.cat(out, dim=1)
 
-        return problem.reduce_mean(fn)
+        return problem.reduce_mean(fn, rows=rows)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self.centered is not None:

@@ -67,7 +67,7 @@ def weighted_gradients(
     theta = (problem.theta() if theta is None else theta).detach()
     total = torch.zeros(W.shape[0], problem.dim, dtype=problem.dtype, device=problem.device)
     losses = []
-    for x, y, pos in problem.chunks(None):
+    for x, y, pos in problem.chunks(None, problem.plan_rows("hvp", W.shape[0])):
 
         def f(th: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             return problem.sample_losses(th, x, y)
