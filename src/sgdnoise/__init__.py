@@ -11,6 +11,7 @@ Public API (names and meanings are fixed; see the README for the conventions):
 * :func:`noise_model` / :func:`noise_structures` — registered gradient-noise structures.
 * :class:`GLD`, :class:`GD`, :class:`MinibatchSGD`, :func:`make_optimizer`, :func:`run_dynamics`,
   :func:`gld_step` — noise-injected dynamics sharing one code path.
+* :class:`Monitor` — these measures every K steps of a training loop, as JSON lines.
 """
 
 from .blocks import LayerTable, by_layer
@@ -41,6 +42,7 @@ from .measures import (
     escape_indicator,
     expected_sharpness,
 )
+from .monitor import Monitor
 from .noise import (
     NoiseModel,
     noise_model,
@@ -81,6 +83,7 @@ __all__ = [
     "LinearOperator",
     "LowRankOperator",
     "MinibatchSGD",
+    "Monitor",
     "NoiseModel",
     "Problem",
     "ScaledIdentityOperator",

@@ -1,5 +1,7 @@
 """Commands that span experiments: ``sgdnoise reproduce``, ``sgdnoise plot``, ``sgdnoise list``,
-and ``sgdnoise check`` (the self-consistency checks of :func:`sgdnoise.check` on a user's model)."""
+``sgdnoise check`` (the self-consistency checks of :func:`sgdnoise.check` on a user's model),
+``sgdnoise measure`` (:mod:`sgdnoise.measure_cli`) and ``sgdnoise plot-monitor``
+(:func:`sgdnoise.monitor.plot_monitor`)."""
 
 from __future__ import annotations
 
@@ -310,8 +312,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_plot_monitor(args: argparse.Namespace) -> int:
+    from .monitor import plot_monitor
+
+    print(plot_monitor(args.file, args.out))
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
-    """Register ``reproduce``, ``plot``, ``list`` and ``check`` on the top-level sub-parser."""
+    """Register ``reproduce``, ``plot``, ``list``, ``check``, ``measure`` and ``plot-monitor``."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
         "reproduce",
@@ -361,3 +370,20 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-samples", type=int, default=64, help="largest subset of samples checked")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and random directions")
     p.set_defaults(func=_cmd_check)
+
+    from .measure_cli import add_parser as add_measure_parser
+
+    add_measure_parser(sub)
+
+    p = sub.add_parser(
+        "plot-monitor",
+        help="draw every quantity of a sgdnoise.Monitor JSON-lines file against the step",
+        description="Read the JSON lines written by sgdnoise.Monitor and draw one panel per "
+        "quantity against the training step (Tr(HΣ) and Tr(HΣ̄) on one panel, ±1 standard error "
+        "bands, log scales where values span decades, and the cost of each computation). Reads "
+        "the file only; nothing is recomputed.",
+        formatter_class=fmt,
+    )
+    p.add_argument("file", help="the monitor's .jsonl file")
+    p.add_argument("--out", default=None, help="PNG to write (default: FILE with suffix .png)")
+    p.set_defaults(func=_cmd_plot_monitor)

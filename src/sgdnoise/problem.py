@@ -150,6 +150,19 @@ _map_tensors = _data.map_tensors
 _tensors = _data._leaves
 
 
+def _by_columns(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> torch.Tensor:
+    """``[fn(M[:, j])]_j`` as columns: vmapped, or a loop where an operation has no batching rule."""
+    try:
+        return vmap(fn, in_dims=1, out_dims=1)(M)
+    except (RuntimeError, NotImplementedError):
+        return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=1)
+
+
+def _unsqueeze(obj: Any) -> Any:
+    """A sample as a batch of one."""
+    return _map_tensors(lambda t: t.unsqueeze(0), obj)
+
+
 def _row(obj: Any, i: int) -> Any:
     """Sample i of a batch (the batch dimension removed)."""
     return _map_tensors(lambda t: t[i], obj)
@@ -301,6 +314,8 @@ class Problem:
         self._batched_theta_ok: bool | None = None
         self._hooks_state = "unverified"  # "ok" once verified, "failed" with routes["hooks"]
         self._hvp_verified = False
+        self._losses_jvp_mode = "forward"
+        self._losses_jvp_checked = False
         self._hvp_error: str | None = None
         self._check_loss_convention()
 
@@ -463,8 +478,7 @@ class Problem:
         return self._reduce_outputs(self._outputs(theta, x), y)
 
     def _sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        one = _map_tensors(lambda t: t.unsqueeze(0), x), _map_tensors(lambda t: t.unsqueeze(0), y)
-        return self._batch_loss(theta, *one)
+        return self._batch_loss(theta, _unsqueeze(x), _unsqueeze(y))
 
     def _losses_from_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample losses ``[n]`` from a batch's outputs (``loss_fn`` on each sample's rows)."""
@@ -472,7 +486,7 @@ class Problem:
             return self.loss_fn(out, y)
         if self._vmap_ok is not False:
             try:
-                return vmap(lambda o, t: self.loss_fn(o[None], t[None]))(out, y)
+                return vmap(lambda o, t: self.loss_fn(_unsqueeze(o), _unsqueeze(t)))(out, y)
             except (RuntimeError, NotImplementedError):
                 pass
         return torch.stack(
@@ -512,6 +526,66 @@ class Problem:
                     for i in range(_data.batch_size_of(x))
                 ]
             )
+
+    def losses_jvp(self, theta: torch.Tensor, x: Any, y: Any, V: torch.Tensor) -> torch.Tensor:
+        """``G V`` ``[n, k]``: the per-sample gradients of one batch times ``V`` ``[D, k]``, without
+        forming ``G``.
+
+        Forward mode (``jvp`` of :meth:`sample_losses`) where its rules exist and agree with the
+        backward — checked once per problem against the reverse-mode route on one column (a
+        forward-mode rule can disagree with its backward: ``Embedding(padding_idx)`` zeroes the
+        padding row in the backward only). Otherwise reverse mode: ``G v`` is the derivative of
+        ``Gᵀu`` (one backward pass, linear in u) with respect to u along v; and where that has no
+        double-backward rule either (e.g. the mkldnn LSTM kernel), per-sample gradients times V.
+        """
+
+        def f(th: torch.Tensor) -> torch.Tensor:
+            return self.sample_losses(th, x, y)
+
+        if self._losses_jvp_mode == "forward":
+            try:
+                out = _by_columns(lambda v: jvp(f, (theta,), (v,))[1], V)
+                if self._losses_jvp_checked:
+                    return out
+                self._losses_jvp_checked = True
+                ref = self._losses_jvp_reverse(f, theta, x, y, V[:, :1])
+                err = float((out[:, :1] - ref).norm())
+                if err <= _rtol(self.dtype) * float(ref.norm() + out[:, :1].norm()) + 1e-300:
+                    return out
+                why = "forward-mode rules disagree with the backward (e.g. Embedding(padding_idx))"
+            except (RuntimeError, NotImplementedError) as exc:
+                why = f"forward mode failed ({_first_line(exc)})"
+            self._losses_jvp_mode = "reverse"
+            self.routes["losses_jvp"] = f"reverse mode: {why}"
+        return self._losses_jvp_reverse(f, theta, x, y, V)
+
+    def _losses_jvp_reverse(
+        self,
+        f: Callable[[torch.Tensor], torch.Tensor],
+        theta: torch.Tensor,
+        x: Any,
+        y: Any,
+        V: torch.Tensor,
+    ) -> torch.Tensor:
+        if self._losses_jvp_mode != "per-sample":
+            try:
+                th = theta.clone().requires_grad_(True)
+                with torch.enable_grad(), _math_attention():
+                    losses = f(th)
+                    u = torch.zeros_like(losses, requires_grad=True)
+                    (gtu,) = torch.autograd.grad(losses, th, grad_outputs=u, create_graph=True)
+                    cols = [
+                        torch.autograd.grad(gtu, u, grad_outputs=V[:, j], retain_graph=True)[0]
+                        for j in range(V.shape[1])
+                    ]
+                return torch.stack(cols, dim=1).detach()
+            except (RuntimeError, NotImplementedError) as exc:
+                self._losses_jvp_mode = "per-sample"
+                self.routes["losses_jvp"] = (
+                    f"per-sample gradients times V: no double-backward rule ({_first_line(exc)})"
+                )
+        G, _ = self._general_per_sample(theta, x, y)
+        return G @ V
 
     def _vmap_failed(self, exc: BaseException) -> None:
         self._vmap_ok = False
@@ -776,6 +850,28 @@ class Problem:
         from .diagnostics import hvp_finite_difference_check
 
         few = torch.arange(min(self.num_samples, 16), device=self.device)
+        if not self._hvp_symmetric(theta, few):
+            if self._hvp_mode != "forward-over-reverse":
+                raise RuntimeError(
+                    "Hessian-vector products are not symmetric for this model (uᵀHv ≠ vᵀHu) even "
+                    "by double backward: an operation's derivatives are inconsistent. Run "
+                    "sgdnoise.check(problem) for details."
+                )
+            self._hvp_mode = "double backward"
+            self.routes["hvp"] = (
+                "double backward: forward-over-reverse gives a non-symmetric H (a forward-mode "
+                "rule disagrees with its backward, e.g. Embedding(padding_idx))"
+            )
+            if not self._hvp_symmetric(theta, few):
+                raise RuntimeError(
+                    "Hessian-vector products are not symmetric for this model (uᵀHv ≠ vᵀHu) by "
+                    "forward-over-reverse or by double backward. Run sgdnoise.check(problem)."
+                )
+            # The gradient itself is not the derivative of the loss along every direction
+            # (e.g. padding rows whose gradient is zero by convention): finite differences of
+            # it cannot judge H, the symmetric route is the one consistent with the gradient.
+            self.routes["hvp_check"] = "symmetric by double backward (finite differences skipped)"
+            return
         result = hvp_finite_difference_check(self, theta, few, torch.Generator().manual_seed(0))
         if result.passed:
             self.routes["hvp_check"] = result.detail
@@ -784,6 +880,18 @@ class Problem:
         raise RuntimeError(
             f"Hessian-vector products are wrong for this model{where}: {result.detail}"
         )
+
+    def _hvp_symmetric(self, theta: torch.Tensor, few: torch.Tensor) -> bool:
+        """``|uᵀHv − vᵀHu| ≤ tol (|uᵀHv| + |vᵀHu|)`` for two random vectors (the route's check)."""
+        gen = torch.Generator().manual_seed(1)
+        UV = torch.randn(self.dim, 2, generator=gen, dtype=torch.float64).to(
+            self.device, self.dtype
+        )
+        with torch.no_grad():
+            HUV = self.hvp_unchecked(UV, theta, few).double()
+        uhv, vhu = float(UV[:, 0].double() @ HUV[:, 1]), float(UV[:, 1].double() @ HUV[:, 0])
+        scale = float(UV.double().norm(dim=0).prod() * HUV.norm(dim=0).max())
+        return abs(uhv - vhu) <= 100 * _rtol(self.dtype) * (abs(uhv) + abs(vhu) + 1e-3 * scale)
 
     def hvp_unchecked(
         self, V: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor | None = None

@@ -18,25 +18,16 @@ product, never as ``E[ggᵀ] − ḡḡᵀ``, which loses precision in float32 n
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp
 
 from .._data import batch_size_of
-from ..problem import MAX_COLUMNS, Problem
+from ..problem import MAX_COLUMNS, Problem, _by_columns
 from .operators import LinearOperator
 
 __all__ = ["GradientNoiseCovariance", "batch_scale", "gradient_noise_covariance"]
-
-
-def _by_columns(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> torch.Tensor:
-    """``[fn(M[:, j])]_j`` as columns: vmapped, or a loop where an operation has no batching rule."""
-    try:
-        return vmap(fn, in_dims=1, out_dims=1)(M)
-    except (RuntimeError, NotImplementedError):
-        return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=1)
 
 
 #: ``materialize=None`` stores the N×D centred gradients when they hold at most this many numbers.
@@ -162,7 +153,7 @@ class GradientNoiseCovariance(LinearOperator):
             out = []
             for j in range(0, V.shape[1], cols):
                 Vj = V[:, j : j + cols]
-                GV = _by_columns(lambda v: jvp(f, (theta,), (v,))[1], Vj)  # G V  [n, k]
+                GV = problem.losses_jvp(theta, x, y, Vj)  # G V  [n, k]
                 W = GV - (gbar @ Vj)[None, :]  # C V, centred sample by sample
                 CtW = _by_columns(lambda w: pullback(w)[0], W)  # Gᵀ W
                 # Cᵀ W = Gᵀ W − ḡ (1ᵀ W); the second term is tiny but kept for exactness.

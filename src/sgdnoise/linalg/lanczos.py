@@ -21,6 +21,7 @@ PyTorch has no 16-bit QR/eigh, and a 16-bit basis would lose orthogonality at th
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -149,6 +150,80 @@ def _orthonormalize_against(
     return X  # pragma: no cover
 
 
+def _rounding_floor(dtype: torch.dtype) -> float:
+    """Relative residual below which products in ``dtype`` cannot be trusted (~10 ε: rounding
+    through a network accumulates to several ε per product)."""
+    return 10 * torch.finfo(dtype).eps
+
+
+def _nonconvergence_message(
+    res: torch.Tensor,
+    theta: torch.Tensor,
+    norm_est: float,
+    tol: float,
+    k: int,
+    matvecs: int,
+    history: list[tuple[int, float]],
+    op_dtype: torch.dtype,
+    m: int,
+    b: int,
+) -> str:
+    """Why the pairs did not converge, from the residual history: an unreachable tolerance, a
+    stagnation (a cluster the basis cannot resolve, or a non-deterministic operator), or a budget
+    that ran out while the residuals were still decreasing (with the products still needed)."""
+    scale = max(norm_est, torch.finfo(torch.float64).tiny)
+    worst = float(res.max()) / scale
+    n_bad = int((res > tol * scale).sum())
+    head = (
+        f"top_eigenpairs: {n_bad} of {k} eigenpairs did not converge within {matvecs} products "
+        f"(worst relative residual {worst:.2e} > tol {tol:.1e}). "
+    )
+    floor = _rounding_floor(op_dtype)
+    if tol < floor:
+        return head + (
+            f"Cause: tol {tol:.1e} is below what {op_dtype} products can resolve (relative rounding "
+            f"~{floor:.0e}), so no budget reaches it. Fix: loosen tol to ≥ {floor:.0e} "
+            f"(the default for {op_dtype} is {default_tol(op_dtype):.0e}) or run the model in "
+            "float64."
+        )
+    window = max(m, 4 * b)
+    past = [w for n, w in history if n <= matvecs - window]
+    if not past:
+        return head + (
+            f"Cause: the budget was spent before the solver made {window} products of progress "
+            f"(basis size {m}). Fix: raise max_matvecs (e.g. to {max(4 * window, 2 * matvecs)})."
+        )
+    ratio = worst / max(past[-1], torch.finfo(torch.float64).tiny)
+    if ratio > 0.9:
+        if worst < 100 * floor:
+            return head + (
+                f"Cause: the residuals stopped decreasing at {worst:.1e}, near the rounding level "
+                f"of {op_dtype} products (~{floor:.0e}): tol {tol:.1e} is not reachable in this "
+                "dtype. Fix: loosen tol or use float64."
+            )
+        gap = ""
+        if theta.numel() > k:
+            rel_gap = float(theta[k - 1] - theta[k]) / scale
+            gap = (
+                f" (λ_{k} ≈ {float(theta[k - 1]):.4g}, λ_{k + 1} ≈ {float(theta[k]):.4g}, "
+                f"relative gap {rel_gap:.1e})"
+            )
+        return head + (
+            f"Cause: the residuals stagnated (×{ratio:.2f} over the last {window} products): the "
+            f"wanted eigenvalues sit in a cluster{gap} that a basis of {m} columns does not "
+            "resolve, or the operator is not deterministic (dropout, data augmentation, shuffling "
+            f"inside the loss). Fix: raise basis_size (e.g. to {2 * m}), choose k at a gap in the "
+            "spectrum, or make the operator deterministic."
+        )
+    rate = math.log(ratio) / window  # log-residual change per product (< 0)
+    needed = math.ceil(math.log(tol / worst) / rate) if worst > 0 else 0
+    return head + (
+        f"Cause: the budget ran out while the residuals were still decreasing (×{ratio:.2f} over "
+        f"the last {window} products); at that rate about {needed} more products are needed. "
+        f"Fix: raise max_matvecs to about {matvecs + needed}, or loosen tol."
+    )
+
+
 def top_eigenpairs(
     op: LinearOperator,
     k: int,
@@ -234,6 +309,7 @@ def top_eigenpairs(
     matvecs = 0
     norm_est = 0.0
     tiny = torch.finfo(dtype).tiny
+    history: list[tuple[int, float]] = []  # (products, worst relative residual of the k pairs)
 
     def expand(X: torch.Tensor) -> int:
         nonlocal Q, AQ, matvecs
@@ -247,28 +323,54 @@ def top_eigenpairs(
         AQ = torch.cat([AQ, AX], dim=1)
         return Xq.shape[1]
 
+    # Expansion by Ritz residuals (a thick-restart block Davidson step without preconditioner):
+    # after every block, Rayleigh–Ritz on span Q, and the next block is the residuals
+    # ``A u − θ u`` of the first ``b`` *unconverged* wanted Ritz pairs (then of the Ritz pairs just
+    # below the k-th). For a Krylov basis (a random start) these residuals span exactly the next
+    # Krylov block ``(I − QQᵀ) A Q_last``, so this *is* block Lanczos / Krylov–Schur, and the thick
+    # restart with the best Ritz vectors loses nothing. For a warm start it is what makes the warm
+    # vectors help: the j previous eigenvectors at a moved θ span a subspace whose residual
+    # ``(I − QQᵀ) A V`` has rank j, not b — expanding from the images of the last b basis columns
+    # only (the block-Lanczos recurrence, used before) never added the residual directions of the
+    # other j − b warm vectors, so those pairs stagnated at the size of the move (seen: 13 of 20
+    # unconverged after 2,000 products where a cold start needs ~200). Expanding by the residuals
+    # of exactly the pairs that are still wrong adds the directions in which the eigenvectors moved.
+    # Convergence is checked after every block, so a good warm start stops after ~j products.
     expand(X)
     while True:
-        while Q.shape[1] < min(m, D) and matvecs < budget:
-            if expand(AQ[:, -b:]) == 0:
-                break
+        q = Q.shape[1]
         T = (Q.T @ AQ).double()
         T = (T + T.T) / 2
         theta, Y = torch.linalg.eigh(T)
         theta, Y = theta.flip(0), Y.flip(1)
         norm_est = max(norm_est, float(theta.abs().max()))
-        p_keep = min(Q.shape[1], max(k, min(m - b, k + max(b, (m - k) // 2))))
-        Yk = Y[:, :p_keep].to(dtype)
-        U = Q @ Yk
-        AU = AQ @ Yk
-        R = AU - U * theta[:p_keep].to(dtype)[None, :]
+        c = min(q, k + b)  # the wanted pairs and the next b (candidates for the next block)
+        Yc = Y[:, :c].to(dtype)
+        U = Q @ Yc
+        AU = AQ @ Yc
+        R = AU - U * theta[:c].to(dtype)[None, :]
         res = R.norm(dim=0)
-        full_space = Q.shape[1] >= D
-        converged = full_space or bool((res[:k] <= tol * max(norm_est, tiny)).all())
+        thresh = tol * max(norm_est, tiny)
+        ok = res <= thresh
+        full_space = q >= D
+        converged = full_space or (q >= k and bool(ok[:k].all()))
+        history.append((matvecs, float(res[: min(k, c)].max()) / max(norm_est, tiny)))
         if converged or matvecs >= budget:
             break
-        # Thick restart with the best p_keep Ritz vectors; their residuals span the next direction.
-        Q, AQ = U, AU
+        bad = (~ok[: min(k, c)]).nonzero().flatten().tolist()
+        pick = (bad + list(range(min(k, c), c)))[:b]
+        if q >= min(m, D):
+            # Thick restart with the best p_keep Ritz vectors (Krylov–Schur); the residuals R are
+            # orthogonal to the old basis, hence to the kept one.
+            p_keep = min(q, max(k, min(m - b, k + max(b, (m - k) // 2))))
+            Yk = Y[:, :p_keep].to(dtype)
+            Q, AQ = Q @ Yk, AQ @ Yk
+        X = R[:, pick]
+        if X.shape[1] < b:  # fewer unconverged directions than a block: explore at random
+            fill = randn((D, b - X.shape[1]), generator=gen, dtype=dtype, device=device)
+            X = torch.cat([X, fill], dim=1)
+        if expand(X) == 0:
+            break
 
     result = EigenPairs(
         theta[:k].to(dtype),
@@ -279,17 +381,8 @@ def top_eigenpairs(
         tol=float(tol),
     )
     if not converged:
-        worst = float(res[:k].max()) / max(norm_est, tiny)
-        msg = (
-            f"top_eigenpairs: {int((res[:k] > tol * norm_est).sum())} of {k} eigenpairs did not "
-            f"converge within {matvecs} products (worst relative residual {worst:.2e} > tol "
-            f"{tol:.1e}). Raise max_matvecs or basis_size, loosen tol, or use float64"
-            + (
-                f" (products in {op_dtype} carry ~1e-2 relative rounding; tol below that is not "
-                "reachable)."
-                if op_dtype != dtype
-                else "."
-            )
+        msg = _nonconvergence_message(
+            res[:k], theta, norm_est, tol, k, matvecs, history, op_dtype, m, b
         )
         if on_nonconvergence == "raise":
             raise ConvergenceError(msg, result)
