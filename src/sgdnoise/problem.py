@@ -81,6 +81,8 @@ def _select_parameters(
 
 #: Fraction of the free memory (RAM on CPU, free GPU memory on CUDA) used when no budget is given.
 FREE_MEMORY_FRACTION = 0.5
+#: A chunk of per-sample gradients holds at most this many numbers (even under a larger budget).
+PER_SAMPLE_CHUNK_NUMBERS = 2**25
 #: Column blocks of Hessian products are at most this wide (the tangents batched by vmap).
 MAX_COLUMNS = 16
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
@@ -951,7 +953,11 @@ class Problem:
 
     # ------------------------------------------------------------------ per-sample quantities
     def _per_sample_chunk_size(self) -> int:
-        return self.plan_rows("per_sample")
+        # within the memory budget, and never more than PER_SAMPLE_CHUNK_NUMBERS numbers per chunk
+        # (a chunk is a transient buffer; the materialised [N, D] matrix has its own rule)
+        return max(
+            1, min(self.plan_rows("per_sample"), PER_SAMPLE_CHUNK_NUMBERS // max(1, self.dim))
+        )
 
     # ------------------------------------------------------------------ memory budget
     @property
