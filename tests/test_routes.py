@@ -245,3 +245,36 @@ def test_cpu_attention_hessian_products_run_on_the_math_kernel() -> None:
     with sdpa_kernel(SDPBackend.MATH):  # the reference needs second derivatives too
         H = dense_hessian_reverse(problem)
     torch.testing.assert_close(problem.hvp(V), H @ V, rtol=1e-8, atol=1e-10)
+
+
+class _CubeOnce(torch.autograd.Function):
+    """x³ whose backward is not differentiable (a wrong second derivative, without any error)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+class _Cube(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _CubeOnce.apply(x)
+
+
+def test_a_wrong_second_derivative_is_refused_not_returned() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), _Cube(), nn.Linear(4, 3))
+    problem = _problem(model, (3,))
+    with pytest.raises(RuntimeError, match="not symmetric|disagree with finite differences"):
+        problem.hvp(torch.ones(problem.dim, 1, dtype=F64))
+    with pytest.raises(RuntimeError):  # and every later product too
+        sgdnoise.hessian(problem) @ torch.ones(problem.dim, dtype=F64)
+    # per-sample gradients and ∇L (first order) stay available and exact
+    torch.testing.assert_close(
+        problem.per_sample_gradients(), loop_per_sample_gradients(problem), rtol=1e-10, atol=1e-12
+    )

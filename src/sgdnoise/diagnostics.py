@@ -263,6 +263,7 @@ def hvp_finite_difference_check(
     *,
     rtol: float | None = None,
     float64_reference: bool = True,
+    levels: int | None = None,
 ) -> CheckResult:
     """``H v`` against central differences of ∇L on the samples ``few``, along a random unit v.
 
@@ -287,7 +288,7 @@ def hvp_finite_difference_check(
     good = max(30 * _rtol(ref.dtype, ref.device), floor / 10)
     pairs: list[tuple[float, float, float]] = []  # (spread, error, eps) relative to scale
     prev: torch.Tensor | None = None
-    for k in range(_FD_LEVELS):
+    for k in range(_FD_LEVELS if levels is None else max(2, levels)):
         eps = eps0 / 4**k
         gp = ref.gradient(theta + eps * v, ref_few).double()
         gm = ref.gradient(theta - eps * v, ref_few).double()

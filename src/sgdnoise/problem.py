@@ -837,7 +837,7 @@ class Problem:
                 ) from exc
 
     def _verify_hvp(self, theta: torch.Tensor) -> None:
-        """Once per problem: ``H v`` against central differences of ∇L on the first 16 samples.
+        """Once per problem: ``H v`` against central differences of ∇L on the first 4 samples.
 
         Catches a wrong second derivative anywhere in the model or in PyTorch (a custom
         ``autograd.Function`` whose backward is not differentiable returns a wrong product without
@@ -851,13 +851,18 @@ class Problem:
             return
         from .diagnostics import hvp_finite_difference_check
 
-        few = torch.arange(min(self.num_samples, 16), device=self.device)
+        # A few samples suffice: the check is about the model's derivative rules, not the data.
+        few = torch.arange(min(self.num_samples, 4), device=self.device)
         if not self._hvp_symmetric(theta, few):
             if self._hvp_mode != "forward-over-reverse":
+                where = self._module_without_second_derivative(self._source.take(few[:1])[0])
                 raise RuntimeError(
-                    "Hessian-vector products are not symmetric for this model (uᵀHv ≠ vᵀHu) even "
-                    "by double backward: an operation's derivatives are inconsistent. Run "
-                    "sgdnoise.check(problem) for details."
+                    "Hessian-vector products are not symmetric for this model (uᵀHv ≠ vᵀHu) by "
+                    f"double backward: an operation{where or ' in the model'} has inconsistent "
+                    "second derivatives — typically a custom autograd.Function whose backward is "
+                    "not itself differentiable (@once_differentiable, or torch.no_grad / .detach() "
+                    "inside backward). Make that backward differentiable; sgdnoise.check(problem) "
+                    "reports the details."
                 )
             self._hvp_mode = "double backward"
             self.routes["hvp"] = (
@@ -874,7 +879,9 @@ class Problem:
             # it cannot judge H, the symmetric route is the one consistent with the gradient.
             self.routes["hvp_check"] = "symmetric by double backward (finite differences skipped)"
             return
-        result = hvp_finite_difference_check(self, theta, few, torch.Generator().manual_seed(0))
+        result = hvp_finite_difference_check(
+            self, theta, few, torch.Generator().manual_seed(0), levels=3
+        )
         if result.passed:
             self.routes["hvp_check"] = result.detail
             return
