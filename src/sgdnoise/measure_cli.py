@@ -430,13 +430,19 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "measure",
         help="measure Tr(HΣ), λ_max, B_simple, ... of your own model on your data",
-        description=(__doc__ or "").split("::")[0].strip()
-        + " Data files hold inputs/targets under x/y or inputs/targets; the model factory "
-        "returns an nn.Module or (model, loss_fn). Exit 2 for bad input.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Measure the noise structure of your model at its weights, in eval mode: "
+        "MODEL is MODULE:FACTORY (a dotted module or a .py path; FACTORY() returns an nn.Module "
+        "or (model, loss_fn)); DATA is an .npz/.pt file with inputs and targets under the keys "
+        "x/y or inputs/targets, or MODULE:FACTORY returning (inputs, targets), a Dataset or a "
+        "DataLoader. Writes measure.json and measure.html into --out, progress on stderr. Exit "
+        "code 2 for bad input.",
     )
     p.add_argument("--model", required=True, help="MODULE:FACTORY (MODULE dotted or a .py path)")
-    p.add_argument("--weights", default=None, help="state_dict file (torch.load weights_only)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="a state_dict file, loaded with torch.load(weights_only=True)",
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -450,19 +456,34 @@ def add_parser(sub: Any) -> None:
         metavar="Q",
         help=f"what to measure (default: all): {', '.join(QUANTITIES)}",
     )
-    p.add_argument("--loss", default=None, help="MODULE:FUNCTION loss (default: by target dtype)")
-    p.add_argument("--out", default="measure-results", help="output folder")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="cast the model")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument(
+        "--loss",
+        default=None,
+        help="MODULE:FUNCTION, loss_fn(outputs, targets) -> mean loss (default: cross-entropy "
+        "for integer targets, MSE for floating ones)",
+    )
+    p.add_argument("--out", default="measure-results", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)"
+    )
+    p.add_argument(
+        "--dtype", default=None, choices=("float32", "float64"), help="cast the model to this dtype"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument(
         "--num-samples",
         type=int,
         default=None,
-        help="sampled Tr(HΣ) from m examples (default exact)",
+        help="estimate Tr(HΣ) from this many sampled examples (default: exact, all examples)",
     )
-    p.add_argument("--sigma", type=float, default=0.01, help="σ of the expected sharpness")
-    p.add_argument("--sharpness-samples", type=int, default=100, help="draws of the sharpness")
-    p.add_argument("--alignment-k", type=int, default=1, help="k of the eigenspace overlap")
+    p.add_argument(
+        "--sigma", type=float, default=0.01, help="σ of the expected sharpness (default: 0.01)"
+    )
+    p.add_argument(
+        "--sharpness-samples", type=int, default=100, help="sharpness draws (default: 100)"
+    )
+    p.add_argument(
+        "--alignment-k", type=int, default=1, help="k of the eigenspace overlap (default: 1)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_cmd_measure)

@@ -34,7 +34,7 @@ draws ``docs/monitor.png``)::
         loss.backward()
         opt.step()
     monitor.close()
-    print(monitor.records[-1]["quantities"]["tr_HS"])
+    print({name: q["value"] for name, q in monitor.records[-1]["quantities"].items()})
 
 Guarantees: a measurement never changes the model's parameters or buffers, the ``.grad`` of its
 parameters, PyTorch's global random state, or the train/eval flag of any module. Models with
@@ -49,6 +49,7 @@ import contextlib
 import io
 import json
 import math
+import operator
 import os
 import time
 import warnings
@@ -60,7 +61,7 @@ import torch
 from torch import nn
 
 from ._utils import as_generator
-from .linalg import gradient_noise_covariance, hessian, top_eigenpairs
+from .linalg import batch_scale, gradient_noise_covariance, hessian, top_eigenpairs
 from .measures import alignment, escape_indicator, expected_sharpness, hessian_trace
 from .noise_scale import gradient_noise_scale
 from .problem import Problem
@@ -198,7 +199,8 @@ class Monitor:
 
     Raises:
         ValueError: an unknown quantity (the message lists the valid ones), a non-positive
-            ``every``/``batch_size``, or ``alignment_k`` above N − 1.
+            ``every``, ``batch_size`` outside [1, N] (N: the probe set's size), or
+            ``alignment_k`` above N − 1.
         ImportError: ``tensorboard_dir`` given without the ``tensorboard`` package.
     """
 
@@ -245,6 +247,7 @@ class Monitor:
                 model, loss_fn, inputs, targets, chunk_size=chunk_size, params=params
             )
         N = self.problem.num_samples
+        batch_scale(N, self.batch_size, self.replacement)  # b outside [1, N]: an error now
         if num_samples is not None and (
             isinstance(num_samples, bool) or not isinstance(num_samples, int)
         ):
@@ -287,7 +290,11 @@ class Monitor:
 
     def step(self, step: int) -> dict[str, Any] | None:
         """Measure if ``step`` is a multiple of ``every``; returns the record, or ``None``."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        try:
+            step = operator.index(step)  # ints, numpy integers, 0-d integer tensors
+        except TypeError:
+            step = -1
+        if isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         if step % self.every:
             return None
