@@ -287,6 +287,8 @@ def make_source(inputs: Any, targets: Any, device: torch.device, dtype: torch.dt
                 "samples (it passes over them many times); build it with shuffle=False"
             )
         ds = data.dataset
+        if data.batch_size is None and data.batch_sampler is None and hasattr(ds, "__len__"):
+            return DatasetSource(ds, device, dtype)  # the loader yields single samples
         if (
             isinstance(data.sampler, SequentialSampler)
             and isinstance(ds, Dataset)

@@ -95,8 +95,8 @@ def parse_memory(value: int | float | str) -> int:
             f"memory_budget must be a number of bytes or a size like '8G', got {value!r}"
         )
     if isinstance(value, (int, float)):
-        if not value > 0:
-            raise ValueError(f"memory_budget must be positive, got {value!r}")
+        if not value >= 1:
+            raise ValueError(f"memory_budget must be at least 1 byte (e.g. '8G'), got {value!r}")
         return int(value)
     text = str(value).strip().upper().replace("I", "")
     num = text.rstrip("KMGB")
@@ -107,8 +107,8 @@ def parse_memory(value: int | float | str) -> int:
         raise ValueError(
             f"memory_budget must be a number of bytes or a size like '8G' or '512MB', got {value!r}"
         ) from None
-    if not size > 0:
-        raise ValueError(f"memory_budget must be positive, got {value!r}")
+    if not size >= 1:
+        raise ValueError(f"memory_budget must be at least 1 byte (e.g. '8G'), got {value!r}")
     return int(size)
 
 
@@ -128,7 +128,11 @@ def free_memory(device: torch.device) -> int:
 
 
 def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
+    if nbytes >= 2**28:
+        return f"{nbytes / 2**30:.2f} GiB"
+    if nbytes >= 2**18:
+        return f"{nbytes / 2**20:.1f} MiB"
+    return f"{nbytes / 2**10:.1f} KiB" if nbytes >= 2**10 else f"{int(nbytes)} bytes"
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -268,7 +272,9 @@ class Problem:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> mean loss")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if reduction not in ("mean", "none"):
             raise ValueError(
@@ -300,6 +306,12 @@ class Problem:
                 raise TypeError(f"trainable parameter {n} must be floating point, got {p.dtype}")
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
+        if self.device.type == "meta":
+            raise ValueError(
+                "the model's parameters are on the 'meta' device (shapes without data); "
+                "materialise them first (model.to_empty(device='cpu') and initialise, or load "
+                "weights), then build the Problem"
+            )
         self.dim: int = sum(self.param_numels)
         self._source = _data.make_source(inputs, targets, self.device, self.dtype)
         self.num_samples: int = int(self._source.num_samples)
@@ -317,6 +329,7 @@ class Problem:
         self._hooks_state = "unverified"  # "ok" once verified, "failed" with routes["hooks"]
         self._hvp_verified = False
         self._losses_jvp_mode = "forward"
+        self._func_grad_ok = True
         self._losses_jvp_checked = False
         self._hvp_error: str | None = None
         self._check_loss_convention()
@@ -369,7 +382,21 @@ class Problem:
 
     def _trainable(self) -> list[torch.Tensor]:
         params = dict(self.model.named_parameters())
-        return [params[n] for n in self.param_names]
+        try:
+            found = [params[n] for n in self.param_names]
+        except KeyError as exc:
+            raise RuntimeError(
+                f"the model no longer has the parameter {exc.args[0]} it had when the Problem was "
+                "built; build a new Problem after changing the model"
+            ) from None
+        for n, p in zip(self.param_names, found, strict=True):
+            if p.dtype != self.dtype or p.device != self.device:
+                raise RuntimeError(
+                    f"parameter {n} is now {p.dtype} on {p.device}, but the Problem was built for "
+                    f"{self.dtype} on {self.device} (the model was converted or moved after); build "
+                    "a new Problem after model.to(...)"
+                )
+        return found
 
     def theta(self) -> torch.Tensor:
         """The current flat parameter vector θ ``[D]`` (a detached copy)."""
@@ -448,12 +475,23 @@ class Problem:
     def _trainable_ids(self) -> list[int]:
         return [id(p) for p in self._trainable()]
 
-    def _outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _outputs(self, theta: torch.Tensor, x: Any) -> Any:
         if isinstance(x, dict):
             args, kwargs = (), x
         else:
             args, kwargs = (tuple(x) if isinstance(x, (tuple, list)) else (x,)), None
-        return functional_call(self.model, self._state(theta), args, kwargs, tie_weights=False)
+        try:
+            return functional_call(self.model, self._state(theta), args, kwargs, tie_weights=False)
+        except RuntimeError as exc:
+            text = str(exc)
+            if "inplace" not in text.replace("in-place", "inplace") or "view" not in text:
+                raise
+            raise RuntimeError(
+                "the model changes one of its parameters in place inside forward (e.g. "
+                "nn.Embedding(max_norm=...) renormalises rows of its weight): sgdnoise evaluates the "
+                "model as a function of θ and cannot follow such an update. Do it outside forward "
+                "(e.g. renormalise after each optimizer step). PyTorch said: " + _first_line(exc)
+            ) from exc
 
     def _reduce_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of a batch from the model's outputs (either reduction)."""
@@ -649,17 +687,33 @@ class Problem:
             f"{what}: the loss of a batch is not the mean of its per-sample losses. Either the loss "
             "is not a sample mean (a token mean over padded sequences or ignore_index weights "
             "samples by their number of tokens; a sum), or the model couples the samples of a "
-            "batch (batch statistics). sgdnoise needs L = (1/N) Σ_i ℓ_i: pass reduction='none' to "
+            "batch (batch statistics), or its forward is not deterministic (randomness, a buffer "
+            "updated inside forward). sgdnoise needs L = (1/N) Σ_i ℓ_i: pass reduction='none' to "
             "Problem with a loss_fn that returns one loss per sample (e.g. the masked token mean "
             "of each sequence), or make the model treat samples independently."
         )
 
     # ------------------------------------------------------------------ the one reduction
     def check_indices(self, indices: torch.Tensor | Sequence[int] | None) -> torch.Tensor | None:
-        """Validate sample indices (``None`` = all samples) and return them as a long tensor."""
+        """Validate sample indices (``None`` = all samples) and return them as a long tensor.
+
+        Integer indices (any order, repeats allowed) or a boolean mask of length N.
+        """
         if indices is None:
             return None
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.device).reshape(-1)
+        raw = torch.as_tensor(indices)
+        if raw.dtype == torch.bool:
+            if raw.shape != (self.num_samples,):
+                raise ValueError(
+                    f"a boolean mask of samples must have shape [N] = [{self.num_samples}], got "
+                    f"{list(raw.shape)}"
+                )
+            raw = raw.nonzero().flatten()
+        elif raw.is_floating_point() or raw.is_complex():
+            raise TypeError(
+                f"sample indices must be integers (or a boolean mask), got dtype {raw.dtype}"
+            )
+        idx = raw.to(device=self.device, dtype=torch.long).reshape(-1)
         if idx.numel() == 0:
             raise ValueError("indices is empty; pass at least one sample index (or None for all)")
         if int(idx.min()) < 0 or int(idx.max()) >= self.num_samples:
@@ -1292,12 +1346,32 @@ class Problem:
                     if self._vmap_ok:
                         raise
                     self._vmap_failed(exc)
-            one = grad_and_value(self._sample_loss)
-            rows = [one(theta, _row(x, i), _row(y, i)) for i in range(_data.batch_size_of(x))]
+            n = _data.batch_size_of(x)
+            if self._func_grad_ok:
+                try:
+                    one = grad_and_value(self._sample_loss)
+                    rows = [one(theta, _row(x, i), _row(y, i)) for i in range(n)]
+                except (RuntimeError, NotImplementedError) as exc:
+                    self._func_grad_ok = False
+                    self.routes["per_sample"] = (
+                        f"a loop of ordinary backward passes: torch.func failed ({_first_line(exc)})"
+                    )
+            if not self._func_grad_ok:
+                rows = [self._autograd_sample(theta, _row(x, i), _row(y, i)) for i in range(n)]
         return (
             torch.stack([r[0].detach() for r in rows]),
             torch.stack([r[1].detach() for r in rows]),
         )
+
+    def _autograd_sample(
+        self, theta: torch.Tensor, x: Any, y: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample's gradient and loss by plain autograd (no torch.func transform)."""
+        th = theta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._sample_loss(th, x, y)
+            (g,) = torch.autograd.grad(loss, th, allow_unused=True)
+        return (torch.zeros_like(th) if g is None else g), loss.detach()
 
     def per_sample_losses(
         self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None

@@ -157,6 +157,15 @@ class DenseOperator(LinearOperator):
     def __init__(self, matrix: torch.Tensor, *, psd: bool = False) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"DenseOperator needs a square matrix, got shape {list(matrix.shape)}")
+        m = matrix.double()
+        asym = float((m - m.T).abs().max()) if m.numel() else 0.0
+        tol = 100 * torch.finfo(matrix.dtype).eps * max(float(m.abs().max()), 1e-300)
+        if asym > tol:
+            raise ValueError(
+                f"DenseOperator needs a symmetric matrix (every sgdnoise operator is symmetric: "
+                f"Lanczos and the trace estimators rely on it); max |A − Aᵀ| = {asym:.3g}. Pass "
+                "(A + A.T) / 2 if the asymmetry is rounding."
+            )
         super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
         self.matrix = matrix
         self.psd = psd

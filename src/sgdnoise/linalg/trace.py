@@ -65,7 +65,8 @@ def trace_estimate(
 
     Args:
         op: a symmetric linear operator.
-        num_matvecs: product budget (≥ 2 for Hutchinson's error bar, ≥ 3 for Hutch++).
+        num_matvecs: product budget (≥ 2 for Hutchinson's error bar; ≥ 4 for Hutch++, whose
+            residual part needs at least two probes to be unbiased and to have an error bar).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         generator: a ``torch.Generator`` or int seed (required: results are reproducible).
 
@@ -74,7 +75,7 @@ def trace_estimate(
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"unknown method {method!r}; choose 'hutch++' or 'hutchinson'")
-    need = 3 if method == "hutch++" else 2
+    need = 4 if method == "hutch++" else 2
     if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < need:
         raise ValueError(f"{method} needs num_matvecs >= {need} (an integer), got {num_matvecs!r}")
     gen = as_generator(generator)
@@ -91,8 +92,9 @@ def trace_estimate(
     Q, _ = torch.linalg.qr(_apply(op, S))
     AQ = _apply(op, Q)
     exact = float((Q * AQ).double().sum())
-    if Q.shape[1] >= D or g < 2:
+    if Q.shape[1] >= D:  # the sketch spans R^D: Tr(QᵀAQ) is the trace itself
         return TraceEstimate(exact, 0.0, 2 * s, method)
+    assert g >= 2  # num_matvecs >= 4 leaves at least two residual probes
     Z = rademacher((D, g), **kw)
     Zp = Z - Q @ (Q.T @ Z)
     terms = (Zp * _apply(op, Zp)).double().sum(0)
