@@ -64,7 +64,7 @@ def main() -> int:
         "D": problem.dim,
         "threads": args.threads,
         "device": args.device,
-        "route": problem.routes.get("per_sample"),
+        "route": getattr(problem, "routes", {}).get("per_sample"),
         "seconds": {
             "gradient": base,
             "per_sample_hooks": statistics.median(hooks),
