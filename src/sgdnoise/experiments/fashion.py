@@ -40,7 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import corrupted_fashion_mnist
+from ..data import FASHION_MNIST_FILES as FASHION_FILES
+from ..data import corrupted_fashion_mnist, fashion_mnist_identity
 from ..models import FashionCNN
 from ..problem import Problem
 from ._common import (
@@ -491,9 +492,9 @@ def _dynamics_spec(config: FashionConfig, seed: int, dynamics: str) -> PhaseSpec
 
 
 def _check_run_dir(rd: RunDir, config: FashionConfig) -> None:
-    if not rd.exists("config.json"):
+    old = rd.read_json_or_quarantine("config.json")
+    if not isinstance(old, dict):
         return
-    old = rd.read_json("config.json")
     new = config.to_dict()
     diff = [
         k
@@ -505,6 +506,30 @@ def _check_run_dir(rd: RunDir, config: FashionConfig) -> None:
             f"the run directory {str(rd.path)!r} holds a run with different settings "
             f"({', '.join(diff)}); resuming would mix protocols. Use another --out, or delete "
             "that directory to start over."
+        )
+
+
+def _data_key(ident: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies the data of a run: the files' bytes (not the folder they lie in)."""
+    return {k: ident.get(k) for k in ("files", "num_train", "num_test")}
+
+
+def _check_data(rd: RunDir, ident: Mapping[str, Any]) -> None:
+    """Refuse to resume a run directory on other FashionMNIST files than it started with."""
+    old = rd.read_json_or_quarantine("data.json")
+    if not isinstance(old, dict):
+        return
+    if _data_key(old) != _data_key(ident):
+        roles = [
+            role
+            for role in FASHION_FILES
+            if (old.get("files") or {}).get(role) != (ident.get("files") or {}).get(role)
+        ]
+        raise ValueError(
+            f"the run directory {str(rd.path)!r} was started on the FashionMNIST files in "
+            f"{old.get('source')!r}, but the files found now (in {ident.get('source')!r}) differ "
+            f"({', '.join(roles) or 'sizes'}); resuming would mix two data sets. Pass "
+            f"--data-dir {old.get('source')} to resume, or use another --out"
         )
 
 
@@ -545,8 +570,23 @@ def run(
     validate(config)
     dev = resolve_device(device)
     dtype = resolve_dtype(config.dtype)
+    ident = fashion_mnist_identity(data_dir)
+    if config.n_test is not None and config.n_test > ident["num_test"]:
+        raise ValueError(
+            f"n_test={config.n_test} test images were asked for, but the test file in "
+            f"{ident['source']} holds only {ident['num_test']}; lower n_test (or leave it unset "
+            "to use them all), or pass --data-dir with the full FashionMNIST files"
+        )
+    if config.n_train > ident["num_train"]:
+        raise ValueError(
+            f"n_train={config.n_train} training images were asked for, but the training file in "
+            f"{ident['source']} holds only {ident['num_train']}; lower n_train or pass --data-dir "
+            "with the full FashionMNIST files"
+        )
     rd = RunDir(out_dir)
     _check_run_dir(rd, config)
+    _check_data(rd, ident)
+    rd.clear_complete()
     data = corrupted_fashion_mnist(
         n_train=config.n_train,
         n_clean=config.n_clean,
@@ -565,6 +605,7 @@ def run(
         y_test=data.y_test[:n_test],
     )
     rd.write_config(config.to_dict())
+    rd.write_json("data.json", ident)
     rd.write_env(dev)
 
     total = len(config.seeds) * (config.gd_iterations + len(config.dynamics) * config.iterations)
@@ -600,11 +641,15 @@ def run(
                 return {}
             phases[seed][dyn] = res
 
-    results = build_results(config, phases, source=str(data.source), device=str(dev))
+    results = build_results(
+        config, phases, source=str(data.source), device=str(dev), n_test=n_test,
+        data_files=ident["files"],
+    )  # fmt: skip
     rd.write_json("results.json", results)
     rd.write_csv("metrics.csv", _flat_rows(phases))
     rd.write_text("summary.md", summary_markdown(results))
     plot(rd.path)
+    rd.mark_complete("fashion", config, data=_data_key(ident))
     return results
 
 
@@ -679,6 +724,8 @@ def build_results(
     *,
     source: str = "",
     device: str = "",
+    n_test: int | None = None,
+    data_files: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``results.json``: per dynamics name, the mean ± std over seeds and the curves."""
     seeds = list(phases)
@@ -691,6 +738,7 @@ def build_results(
             "dynamics": list(config.dynamics),
             "device": device,
             "data_source": source,
+            "data_files": dict(data_files or {}),
             "switch_iteration": config.gd_iterations,
             "gd_lr": config.gd_lr,
             "lr_after_switch": config.lr,
@@ -702,7 +750,8 @@ def build_results(
             },
             "n_train": config.n_train,
             "n_clean": config.n_clean,
-            "n_test": config.n_test or _NUM_TEST,
+            "n_test": n_test if n_test is not None else (config.n_test or _NUM_TEST),
+            "indicator_dynamics": [d for d in config.indicator_dynamics if d in config.dynamics],
             "sharpness": {"sigma": config.sharpness_sigma, "draws": config.sharpness_draws},
             "indicator": {
                 "batch_size": config.batch_size,

@@ -39,6 +39,7 @@ from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
 from ..measures import escape_indicator, expected_sharpness
 from ..optim import ProblemOptimizer, make_optimizer
 from ..problem import Problem
+from ._common import quarantine
 
 __all__ = ["PhaseSpec", "derive_seed", "evaluate_accuracy", "load_final", "run_phase"]
 
@@ -208,8 +209,18 @@ def _save(path: Path, obj: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load(path: Path) -> dict[str, Any] | None:
+    """A checkpoint file's content; ``None`` if it is missing, or damaged (then moved aside)."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or "theta" not in obj or "rows" not in obj:
+            raise ValueError("not an sgdnoise checkpoint")
+        return obj
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all "damaged"
+        quarantine(path, f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def _write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -219,8 +230,7 @@ def _write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 def load_final(folder: Path) -> dict[str, Any] | None:
     """``{"theta", "rows", "wall_s"}`` of a finished phase, or ``None`` if it has not finished."""
-    path = folder / "final.pt"
-    return _load(path) if path.exists() else None
+    return _load(folder / "final.pt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,8 +286,8 @@ def run_phase(
         return done
     ckpt_path = folder / "checkpoint.pt"
     start = time.perf_counter()
-    if ckpt_path.exists():
-        ckpt = _load(ckpt_path)
+    ckpt = _load(ckpt_path)
+    if ckpt is not None:
         t0, rows, wall = int(ckpt["t"]), list(ckpt["rows"]), float(ckpt["wall_s"])
         problem.set_theta(ckpt["theta"].to(problem.device, problem.dtype))
         opt = _build_optimizer(problem, spec)

@@ -764,6 +764,7 @@ def run(
     config = config.validate()
     dev = resolve_device(device)
     rd = RunDir(out_dir)
+    rd.clear_complete()
     t0 = time.perf_counter()
     cfg = {**dataclasses.asdict(config), "device": str(dev), "preset": preset}
     rows: list[dict[str, Any]] = []
@@ -807,6 +808,7 @@ def run(
     rd.write_json("meta.json", meta)
     rd.write_text("summary.md", _summary(config, results, analysis, meta))
     plot(rd.path)
+    rd.mark_complete("indicator", config)
     return results
 
 

@@ -457,6 +457,7 @@ def run(
     """
     config = config.validate()
     rd = RunDir(out_dir)
+    rd.clear_complete()
     t0 = time.perf_counter()
     rd.write_config({**dataclasses.asdict(config), "device": "cpu", "preset": preset})
     rd.write_env("cpu")
@@ -472,6 +473,7 @@ def run(
     rd.write_json("meta.json", {"seconds": elapsed, "device": "cpu"})
     rd.write_text("summary.md", _summary(config, results, elapsed))
     plot(rd.path)
+    rd.mark_complete("prop1", config)
     return results
 
 

@@ -45,6 +45,7 @@ from ..optim import factor_noise, gld_step
 from ._common import (
     Progress,
     RunDir,
+    check_memory,
     load_toml_config,
     replace_config,
     resolve_device,
@@ -147,12 +148,17 @@ class ToyConfig:
                 or v <= 0
             ):
                 raise ValueError(f"toy config: {name} must be a finite number > 0, got {v!r}")
-        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or not math.isfinite(self.threshold)
+        ):
             raise ValueError(
                 f"toy config: threshold must be a finite number, got {self.threshold!r}"
             )
         if len(self.start) != 2 or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in self.start
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in self.start
         ):
             raise ValueError(f"toy config: start must be two finite numbers, got {self.start!r}")
         bad = [d for d in self.dynamics if d not in ALL_DYNAMICS]
@@ -161,7 +167,7 @@ class ToyConfig:
                 f"toy config: dynamics must be a non-empty list of distinct names from "
                 f"{', '.join(ALL_DYNAMICS)}; got {list(self.dynamics)}"
             )
-        if self.leading_k not in (1, 2):
+        if isinstance(self.leading_k, bool) or self.leading_k not in (1, 2):
             raise ValueError(
                 f"toy config: leading_k must be 1 or 2 (D = 2), got {self.leading_k!r}"
             )
@@ -171,7 +177,11 @@ class ToyConfig:
             raise ValueError(
                 f"toy config: dtype must be 'float32' or 'float64', got {self.dtype!r}"
             )
-        if not isinstance(self.trajectory_run, int) or not 0 <= self.trajectory_run < self.runs:
+        if (
+            isinstance(self.trajectory_run, bool)
+            or not isinstance(self.trajectory_run, int)
+            or not 0 <= self.trajectory_run < self.runs
+        ):
             raise ValueError(
                 f"toy config: trajectory_run must be an integer in [0, runs) = [0, {self.runs}), "
                 f"got {self.trajectory_run!r}"
@@ -379,7 +389,15 @@ def run(
     config = config.validate()
     dev = resolve_device(device)
     dtype = resolve_dtype(config.dtype)
+    # The [runs, num_points, 2] data and about a dozen temporaries of that size per step.
+    check_memory(
+        12 * config.runs * config.num_points * 2 * torch.finfo(dtype).bits // 8,
+        dev,
+        what=f"{config.runs} runs × {config.num_points} points",
+        fix="lower --runs (the paper uses 100) or num_points",
+    )
     rd = RunDir(out_dir)
+    rd.clear_complete()
     t0 = time.perf_counter()
     rd.write_config({**dataclasses.asdict(config), "device": str(dev), "preset": preset})
     rd.write_env(dev)
@@ -439,6 +457,7 @@ def run(
     rd.write_json("meta.json", {"simulation_seconds": elapsed, "device": str(dev)})
     rd.write_text("summary.md", _summary(config, results, elapsed))
     plot(rd.path)
+    rd.mark_complete("toy", config)
     return results
 
 
