@@ -1,4 +1,4 @@
-"""FashionMNIST with corrupted labels (poster Fig. 2 and Fig. 4 right; PAPER_NOTES §3.3).
+"""FashionMNIST with corrupted labels (poster Fig. 2 and Fig. 4 right; Zhu et al., ICML 2019, Sec. 5.3).
 
 Protocol (per seed):
 
@@ -9,7 +9,7 @@ Protocol (per seed):
    dynamics (and by later invocations on the same run directory).
 2. **After the switch**, every dynamics starts from θ*_GD with lr **0.07** — GD included (the
    released ``gd.py`` keeps 0.1; we use 0.07 for every dynamics so that only the noise differs,
-   PAPER_NOTES §5.8): ``gd``, ``sgd`` (mini-batch 20, with replacement), and GLD with the
+   a choice of ours): ``gd``, ``sgd`` (mini-batch 20, with replacement), and GLD with the
    structures ``const`` (gradient-level σ = 1e-3), ``dynamic``, ``diag``, ``leading`` (k = 20, not
    rescaled, as the released code), ``hessian`` (k = 20), ``hessian_top1``, ``full`` (Σ exactly)
    and ``multiplicative``. Σ = Σ_20 is the covariance of a size-20 mini-batch gradient (with

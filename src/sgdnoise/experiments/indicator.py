@@ -1,4 +1,4 @@
-"""The escape indicator on one-hidden-layer networks (PAPER_NOTES §3.2; poster Fig. 4 left) and
+"""The escape indicator on one-hidden-layer networks (Zhu et al., ICML 2019, Sec. 5.2; poster Fig. 4 left) and
 Proposition 2's alignment coefficient a(θ) along training.
 
 Setting (the released ``OneHiddenLayer/gd.py``): N = 1000 points ``x ~ U([−2, 2]²)``, label
@@ -924,7 +924,7 @@ def _summary(
         "",
         "Log-log slope of the final ratio against D: "
         + ("n/a (one width)" if slope is None else f"{slope:.3f}")
-        + " (a ratio ∝ D gives 1). A PAPER_NOTES re-simulation of the released script gave "
+        + " (a ratio ∝ D gives 1). A re-simulation of the released script gave "
         "about 0.4·D (≈ 40 / 170 / 650 for D = 96 / 384 / 1536); the paper states no number.",
     ]
     if analysis["delta_sweep"]:

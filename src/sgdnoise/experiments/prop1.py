@@ -1,5 +1,5 @@
 """Proposition 1 numerically: anisotropic aligned noise beats its isotropic equivalent by
-``Tr(HΣ)/Tr(HΣ̄) ≥ a·D/(k + D^{1−d})² ~ a·D^{2d−1}`` (PAPER_NOTES §1.3).
+``Tr(HΣ)/Tr(HΣ̄) ≥ a·D/(k + D^{1−d})² ~ a·D^{2d−1}`` (Zhu et al., ICML 2019, Proposition 1).
 
 Construction, for each dimension D and exponent d ∈ (1/2, 1]:
 

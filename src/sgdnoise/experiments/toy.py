@@ -1,4 +1,4 @@
-"""The 2-D escape experiment (PAPER_NOTES §3.1; poster Fig. 1), vectorised over runs.
+"""The 2-D escape experiment (Zhu et al., ICML 2019, Sec. 5.1; poster Fig. 1), vectorised over runs.
 
 Setting (the released ``2Dim`` code): per-sample loss ``ℓ(w; x) = min{q_s(w − x − (1,1)),
 q_f(w − x + (1,1))}`` (sharp minimum near (1, 1) with Hessian eigenvalues 200/20, flat one near
@@ -500,7 +500,7 @@ def _summary(config: ToyConfig, results: dict[str, Any], elapsed: float) -> str:
         "",
         _ordering_note(results),
         "",
-        "Reference ([SIM] in PAPER_NOTES, 3 seeds × 100 runs of the released settings): GD 0, "
+        "Reference (a re-simulation of the released code, 3 seeds × 100 runs of its settings): GD 0, "
         "const 0–2, diag 0–1, leading 31–36, Hessian 24–31, 1st eigvec(H) 37–41 (per 100). "
         "Tr(HΣ) at the exact sharp minimum: 1st eigvec 2.00 > Hessian = leading 1.84 > "
         "const = diag 1.10 > GD 0. GLD leading (k = 2 = D) and GLD full have the same covariance "
