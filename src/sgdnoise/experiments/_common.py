@@ -505,6 +505,13 @@ def replace_config(base: T, values: Mapping[str, Any], *, what: str) -> T:
 class Progress:
     """A small progress bar with rate and ETA on stderr (no dependency).
 
+    The ETA weights every step by its *cost*: a step that costs six times another counts six
+    times in the remaining work. ``work_total`` is the whole run's work in any unit (e.g. GD
+    steps); each :meth:`update` says how much work its steps did (default: one unit per step).
+    The time per unit is measured on the work done in this session only — steps that were merely
+    loaded (a finished phase, a resumed checkpoint) are passed to :meth:`skip`, which shortens
+    the remaining work without making the run look faster than it is.
+
     On a terminal it redraws one line; otherwise (logs, CI) it prints a line at most every
     ``min_interval`` seconds. ``enabled=False`` silences it.
     """
@@ -517,36 +524,61 @@ class Progress:
         enabled: bool = True,
         min_interval: float = 10.0,
         stream: Any = None,
+        work_total: float | None = None,
+        clock: Any = None,
     ) -> None:
         self.total = max(0, int(total))
+        self.work_total = float(self.total if work_total is None else work_total)
         self.desc = desc
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.min_interval = 0.2 if self.tty else min_interval
+        self.clock = clock or time.monotonic
         self.count = 0
-        self.start = time.monotonic()
+        self.work_done = 0.0  # all work done, skipped included
+        self.work_run = 0.0  # work done in this session (the rate's denominator)
+        self.start = self.clock()
         self._last = 0.0
         self.postfix = ""
 
-    def update(self, n: int = 1, postfix: str | None = None) -> None:
+    def update(self, n: int = 1, postfix: str | None = None, *, work: float | None = None) -> None:
+        """``n`` steps were computed, doing ``work`` units (default ``n``)."""
         self.count += n
+        w = float(n if work is None else work)
+        self.work_done += w
+        self.work_run += w
+        self._maybe_draw(postfix)
+
+    def skip(self, n: int, *, work: float | None = None, postfix: str | None = None) -> None:
+        """``n`` steps (``work`` units) were already done before this session (loaded)."""
+        self.count += n
+        self.work_done += float(n if work is None else work)  # not in work_run: no time taken
+        self._maybe_draw(postfix)
+
+    def eta(self) -> float:
+        """Seconds left: the remaining work times the measured seconds per unit of work."""
+        elapsed = self.clock() - self.start
+        if self.work_run <= 0 or elapsed <= 0:
+            return math.nan
+        return max(0.0, self.work_total - self.work_done) * elapsed / self.work_run
+
+    def _maybe_draw(self, postfix: str | None) -> None:
         if postfix is not None:
             self.postfix = postfix
-        now = time.monotonic()
+        now = self.clock()
         if self.enabled and (now - self._last >= self.min_interval or self.count >= self.total):
             self._last = now
             self._draw(now)
 
     def _draw(self, now: float) -> None:
         elapsed = now - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.count) / rate if rate > 0 else float("nan")
-        frac = self.count / self.total if self.total else 1.0
+        left = self.eta()
+        frac = min(1.0, self.work_done / self.work_total) if self.work_total else 1.0
         bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
         eta = _fmt_seconds(left) if math.isfinite(left) else "?"
         line = (
-            f"{self.desc} [{bar}] {self.count}/{self.total} "
+            f"{self.desc} [{bar}] {100 * frac:.0f}% (step {self.count}/{self.total}) "
             f"{_fmt_seconds(elapsed)} elapsed, ETA {eta}"
             + (f" | {self.postfix}" if self.postfix else "")
         )

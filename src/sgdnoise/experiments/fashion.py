@@ -63,6 +63,7 @@ __all__ = [
     "FashionConfig",
     "add_parser",
     "config_from",
+    "phase_cost",
     "plot",
     "run",
     "validate",
@@ -195,8 +196,9 @@ class FashionConfig:
 #:   the exact Tr(HΣ) (N = 1,200 Hessian products; Tr(H) by Hutch++ with 300 products, D > 2048).
 #: * ``quick`` (one 2-core CPU): the same protocol for one seed and 1,000 iterations after the
 #:   switch, with the measurements thinned — evaluations every 100 steps (250 in the GD phase;
-#:   one test evaluation costs about 10 GD steps), expected sharpness only at θ*_GD and at the end
-#:   (100 draws, each a forward pass over the training set), the indicator sampled (32 examples,
+#:   one test evaluation costs about 10 GD steps), expected sharpness (100 draws, each a forward
+#:   pass over the training set) every 1,000 GD iterations and every 150 iterations after the
+#:   switch (7 points per dynamics: Fig. 2 right is a curve), the indicator sampled (32 examples,
 #:   Tr(H) from 30 Hutch++ products) at GD iterations 0/1000/2000/3000 and SGD iterations
 #:   500/1000 — and the Hessian structures on a Lanczos budget: GLD Hessian refreshes every 10
 #:   steps with 28 Hessian products (the 20 warm-start vectors + one block of 8), GLD 1st eigvec(H)
@@ -234,8 +236,8 @@ PRESETS: dict[str, FashionConfig] = {
         profile="quick",
         gd_eval_every=250,
         eval_every=100,
-        gd_sharpness_every=0,
-        sharpness_every=0,
+        gd_sharpness_every=1000,
+        sharpness_every=150,
         sharpness_draws=100,
         gd_indicator_every=1000,
         indicator_every=500,
@@ -541,6 +543,74 @@ def _normalise(v: Any) -> Any:
     return v
 
 
+#: Cost of one step relative to one full-batch GD step, measured by
+#: ``bench/bench_fashion_steps.py`` (2-core CPU, the quick profile's settings): the parts that do
+#: not depend on the refresh period. A refresh adds :func:`_refresh_cost` / refresh period.
+_STEP_COST: dict[str, float] = {
+    "gd": 1.0,
+    "sgd": 0.05,
+    "gld_const": 1.0,
+    "gld_dynamic": 1.0,
+    "gld_diag": 1.0,
+    "gld_leading": 1.0,
+    "gld_hessian": 1.0,
+    "gld_hessian_top1": 1.0,
+    "gld_full": 1.0,
+    "gld_multiplicative": 1.04,
+}
+_C_PSG = 1.6  # per-sample gradients of the training set (and Σ from them)
+_C_HVP = 2.8  # one Hessian-vector product on the training set
+_C_HVP_BLOCK = 1.8  # one product of a batched block (per column)
+_C_EVAL = 10.0  # one evaluation on 10,000 test + 1,200 training images
+
+
+def _refresh_cost(config: FashionConfig, dynamics: str) -> float:
+    """Cost (GD steps) of one covariance refresh of a GLD structure."""
+    if dynamics in ("gld_dynamic", "gld_diag", "gld_full"):
+        return _C_PSG - 1.0  # the mean gradient comes with the per-sample ones
+    if dynamics == "gld_leading":
+        return 7.0
+    if dynamics == "gld_hessian":
+        m = config.eigen_max_matvecs or 3 * config.k
+        return _C_PSG + m * _C_HVP_BLOCK
+    if dynamics == "gld_hessian_top1":
+        m = config.top1_max_matvecs or 20
+        return _C_PSG + m * _C_HVP
+    return 0.0
+
+
+def phase_cost(config: FashionConfig, phase: str) -> float:
+    """Estimated cost of a whole phase in GD steps (steps, refreshes and measurements).
+
+    Used to weight the progress bar's ETA; the seconds per unit are measured as the run goes.
+    """
+    if phase == "gd_phase":
+        steps, dyn = config.gd_iterations, "gd"
+        eval_every, sharp_every, ind_every = (
+            config.gd_eval_every, config.gd_sharpness_every, config.gd_indicator_every
+        )  # fmt: skip
+    else:
+        steps, dyn = config.iterations, phase
+        eval_every, sharp_every = config.eval_every, config.sharpness_every
+        ind_every = config.indicator_every if phase in config.indicator_dynamics else -1
+    per_step = _STEP_COST.get(dyn, 1.0)
+    if dyn.startswith("gld_"):
+        per_step += _refresh_cost(config, dyn) / int(config.refresh_every.get(dyn, 1))
+
+    def count(every: int) -> int:  # measurements in the phase (see fashion_run._due)
+        if every < 0:
+            return 0
+        return 1 if every == 0 else steps // every + 1
+
+    n_test = config.n_test or _NUM_TEST
+    scale = config.n_train / 1200
+    evals = count(eval_every) * _C_EVAL * (n_test + config.n_train) / 11200
+    sharp = count(sharp_every) * config.sharpness_draws / 3 * scale
+    samples = config.indicator_samples or config.n_train
+    ind = count(ind_every) * (_C_PSG + (samples + config.indicator_trace_matvecs) * _C_HVP) * scale
+    return steps * per_step * scale + evals + sharp + ind
+
+
 def run(
     config: FashionConfig,
     out_dir: str | Path,
@@ -609,13 +679,24 @@ def run(
     rd.write_env(dev)
 
     total = len(config.seeds) * (config.gd_iterations + len(config.dynamics) * config.iterations)
-    bar = Progress(total, "fashion", enabled=progress)
-    state = {"phase": "", "acc": ""}
+    unit = {"gd_phase": phase_cost(config, "gd_phase") / config.gd_iterations}
+    unit.update({d: phase_cost(config, d) / config.iterations for d in config.dynamics})
+    bar = Progress(
+        total, "fashion", enabled=progress, work_total=len(config.seeds) * sum(
+            phase_cost(config, p) for p in ("gd_phase", *config.dynamics)
+        ),
+    )  # fmt: skip
+    state: dict[str, Any] = {"phase": "", "acc": "", "key": "gd_phase"}
 
-    def advance(n: int, row: dict[str, Any] | None) -> None:
+    def advance(n: int, row: dict[str, Any] | None, skipped: bool = False) -> None:
         if row is not None and "test_acc" in row:
             state["acc"] = f"test acc {row['test_acc']:.3f}"
-        bar.update(n, postfix=f"{state['phase']} {state['acc']}")
+        work = n * unit[state["key"]]
+        post = f"{state['phase']} {state['acc']}"
+        if skipped:
+            bar.skip(n, work=work, postfix=post)
+        else:
+            bar.update(n, postfix=post, work=work)
 
     phases: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in config.seeds:
@@ -624,6 +705,7 @@ def run(
         theta_init = problem.theta()
         seed_dir = rd.path / f"seed_{seed}"
         state["phase"] = f"seed {seed} GD phase"
+        state["key"] = "gd_phase"
         gd = run_phase(
             problem, pdata, _gd_spec(config, seed), seed_dir / "gd_phase", theta_init,
             advance=advance, stop_after=_stop_after,
@@ -633,6 +715,7 @@ def run(
         phases[seed] = {"gd_phase": gd}
         for dyn in config.dynamics:
             state["phase"] = f"seed {seed} {LABELS[dyn]}"
+            state["key"] = dyn
             res = run_phase(
                 problem, pdata, _dynamics_spec(config, seed, dyn), seed_dir / dyn, gd["theta"],
                 advance=advance, stop_after=_stop_after,
@@ -914,14 +997,30 @@ def _band(ax: Any, curve: Mapping[str, Any], label: str, **kw: Any) -> None:
                         [a + b for a, b in zip(m, s, strict=True)], color=line.get_color(), alpha=0.2)  # fmt: skip
 
 
+def _seed_note(meta: Mapping[str, Any]) -> str:
+    n = len(meta.get("seeds", []))
+    return "single seed, no band" if n <= 1 else f"mean ± std over {n} seeds"
+
+
+def _legend_outside(ax: Any, **kw: Any) -> None:
+    """The legend to the right of the axes, so that it never covers data."""
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kw)
+
+
 def plot(run_dir: str | Path) -> list[Path]:
     """Redraw the figures of a finished run from its ``results.json`` (no recomputation).
 
     * ``fig2_test_acc`` — test accuracy vs iteration, the switch as a dashed line (poster Fig. 2
-      left);
-    * ``fig2_sharpness`` — expected sharpness (signed and absolute) vs iteration (Fig. 2 right);
-    * ``fig4_indicator`` — Tr(HΣ) (solid) and Tr(HΣ̄) (dotted) along the GD phase and along SGD
-      (Fig. 4 right).
+      left); a band of ± one std over seeds when more than one seed ran (the title says which);
+    * ``fig2_sharpness`` — expected sharpness (signed and absolute) vs iteration, as curves over
+      every point the run measured, with Monte-Carlo standard errors (Fig. 2 right);
+    * ``fig4_indicator`` — Tr(HΣ) (solid, filled markers) and Tr(HΣ̄) (dotted, open markers) along
+      the GD phase and along the dynamics where the run measured it (Fig. 4 right). Estimates
+      ≤ 0 cannot be drawn on the log scale; the figure says how many there were.
+
+    Legends list only what was drawn and sit outside the axes.
     """
     import matplotlib
 
@@ -936,7 +1035,7 @@ def plot(run_dir: str | Path) -> list[Path]:
     colors = plt.get_cmap("tab10")
     out: list[Path] = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.6, 4.5))
     if "test_acc" in gd_curves:
         _band(ax, gd_curves["test_acc"], f"GD phase (lr {meta['gd_lr']:g})", color="black")
     for i, dyn in enumerate(meta["dynamics"]):
@@ -946,55 +1045,81 @@ def plot(run_dir: str | Path) -> list[Path]:
     ax.axvline(switch, ls="--", color="grey", lw=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"FashionMNIST (corrupted labels): test accuracy, switch at {switch}")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(
+        f"FashionMNIST (corrupted labels): test accuracy, switch at {switch} ({_seed_note(meta)})",
+        fontsize=10,
+    )
+    _legend_outside(ax, fontsize=7)
     out += save_figure(fig, rd.path / "fig2_test_acc")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2))
     for ax, key, title in (
         (axes[0], "sharpness_signed", "E[L(θ+ν)] − L(θ) (poster)"),
         (axes[1], "sharpness_abs", "E|L(θ+ν) − L(θ)| (released code)"),
     ):
-        if key in gd_curves:
-            c = gd_curves[key]
-            ax.errorbar(c["iteration"], c["mean"], yerr=c.get("stderr"), color="black",
-                        marker="o", ms=3, label="GD phase")  # fmt: skip
-        for i, dyn in enumerate(meta["dynamics"]):
-            c = res[dyn]["curves"].get(key)
-            if c:
-                ax.errorbar(c["iteration"], c["mean"], yerr=c.get("stderr"), color=colors(i % 10),
-                            marker="o", ms=3, label=res[dyn]["label"])  # fmt: skip
+        series = [("GD phase", gd_curves.get(key), "black")]
+        series += [
+            (res[dyn]["label"], res[dyn]["curves"].get(key), colors(i % 10))
+            for i, dyn in enumerate(meta["dynamics"])
+        ]
+        for label, c, color in series:
+            if not c:
+                continue
+            ax.errorbar(c["iteration"], c["mean"], yerr=c.get("stderr"), color=color, ls="-",
+                        lw=1.2, marker="o", ms=3, capsize=2, label=label)  # fmt: skip
         ax.axvline(switch, ls="--", color="grey", lw=1)
         ax.set_xlabel("iteration")
-        ax.set_title(f"{title}, σ = {meta['sharpness']['sigma']}", fontsize=9)
+        ax.set_title(
+            f"{title}, σ = {meta['sharpness']['sigma']}, {meta['sharpness']['draws']} draws "
+            "(bars: ± 1 s.e.)",
+            fontsize=9,
+        )
     axes[0].set_ylabel("expected sharpness")
-    axes[1].legend(fontsize=7, ncol=2)
+    _legend_outside(axes[1], fontsize=7)
     out += save_figure(fig, rd.path / "fig2_sharpness")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.6, 4.5))
+    measured = meta.get("indicator_dynamics")
+    if measured is None:  # results written before the field existed: curves beyond the switch
+        measured = [
+            d
+            for d in meta["dynamics"]
+            if any(it > switch for it in res[d]["curves"].get("tr_HS", {}).get("iteration", []))
+        ]
     series = [("GD phase", gd_curves, "black")]
     for i, dyn in enumerate(meta["dynamics"]):
-        series.append((res[dyn]["label"], res[dyn]["curves"], colors(i % 10)))
+        if dyn in measured:
+            series.append((res[dyn]["label"], res[dyn]["curves"], colors(i % 10)))
+    hidden = 0
     for label, curves, color in series:
         if "tr_HS" not in curves:
             continue
-        a, b = curves["tr_HS"], curves["tr_HS_iso"]
-        ax.errorbar(a["iteration"], a["mean"], yerr=a.get("stderr"), color=color, ls="-",
-                    marker="o", ms=3, label=f"{label}: Tr(HΣ)")  # fmt: skip
-        ax.errorbar(b["iteration"], b["mean"], yerr=b.get("stderr"), color=color, ls=":",
-                    marker="s", ms=3, label=f"{label}: Tr(HΣ̄)")  # fmt: skip
+        for key, ls, face, name in (
+            ("tr_HS", "-", color, r"Tr$(H\Sigma)$"),
+            ("tr_HS_iso", ":", "white", r"Tr$(H\bar{\Sigma})$, isotropic"),
+        ):
+            c = curves.get(key)
+            if not c:
+                continue
+            x, m = c["iteration"], c["mean"]
+            hidden += sum(1 for v in m if v is None or not v > 0)
+            ax.errorbar(x, m, yerr=c.get("stderr"), color=color, ls=ls, lw=1.4, marker="o",
+                        ms=4, mfc=face, mec=color, capsize=2, label=f"{label}: {name}")  # fmt: skip
     ax.axvline(switch, ls="--", color="grey", lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("escape indicator")
-    kind = (
-        "exact"
-        if meta["indicator"]["exact_tr_HS"]
-        else f"sampled ({meta['indicator']['samples']} examples)"
+    ind = meta["indicator"]
+    kind = "exact" if ind["exact_tr_HS"] else f"sampled over {ind['samples']} examples"
+    ax.set_title(
+        rf"Tr$(H\Sigma)$ vs Tr$(H\bar{{\Sigma}})$: $\Sigma$ of a mini-batch of "
+        f"{ind['batch_size']}, {kind}",
+        fontsize=10,
     )
-    ax.set_title(f"Tr(HΣ) vs Tr(HΣ̄), Σ of a mini-batch of {meta['indicator']['batch_size']} ({kind})",
-                 fontsize=9)  # fmt: skip
-    ax.legend(fontsize=7)
+    if hidden:
+        ax.text(0.01, 0.01, f"{hidden} estimate(s) ≤ 0 not drawn (log scale)",
+                transform=ax.transAxes, fontsize=7, color="darkred")  # fmt: skip
+    _legend_outside(ax, fontsize=7)
     out += save_figure(fig, rd.path / "fig4_indicator")
     return out
 

@@ -262,7 +262,7 @@ def run_phase(
     folder: Path,
     theta0: torch.Tensor,
     *,
-    advance: Callable[[int, dict[str, Any] | None], None] | None = None,
+    advance: Callable[..., None] | None = None,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or just load) one phase; returns ``{"theta", "rows", "wall_s"}``.
@@ -273,16 +273,16 @@ def run_phase(
         spec: what to run.
         folder: the phase folder (created).
         theta0: θ at t = 0 (ignored when resuming from a checkpoint).
-        advance: progress callback ``advance(n, row)``: n more steps are done (all T for a phase
-            that had finished, t for a resumed one, then 1 per step), row = the metrics measured
-            after that step or ``None``.
+        advance: progress callback ``advance(n, row, skipped=False)``: n more steps are done
+            (``skipped=True`` with all T for a phase that had finished, or t for a resumed one;
+            then 1 per computed step), row = the metrics measured after that step or ``None``.
         stop_after: testing hook: return (without finishing) after this many steps of this call.
     """
     folder.mkdir(parents=True, exist_ok=True)
     done = load_final(folder)
     if done is not None:
         if advance is not None:
-            advance(spec.num_steps, None)
+            advance(spec.num_steps, None, skipped=True)
         return done
     ckpt_path = folder / "checkpoint.pt"
     start = time.perf_counter()
@@ -297,7 +297,7 @@ def run_phase(
             extra.setdefault("noise_warm_state", {"eigenvectors": ckpt["warm"]})
         opt.load_state_dict(state)
         if advance is not None:
-            advance(t0, None)
+            advance(t0, None, skipped=True)
     else:
         t0, rows, wall = 0, [], 0.0
         problem.set_theta(theta0.to(problem.device, problem.dtype))

@@ -1,0 +1,73 @@
+"""The progress bar's ETA weights steps by their cost (issue 14, item 10). A fake clock drives
+time, so nothing here depends on the machine's speed."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from sgdnoise.experiments import fashion
+from sgdnoise.experiments._common import Progress
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_eta_weights_each_remaining_step_by_its_cost() -> None:
+    # Phase A: 100 steps of cost 1 (0.1 s each); phase B: 100 steps of cost 6 (0.6 s each).
+    clock = FakeClock()
+    bar = Progress(200, "x", enabled=False, work_total=100 * 1 + 100 * 6, clock=clock)
+    truth = 100 * 0.1 + 100 * 0.6
+    for _ in range(50):
+        clock.t += 0.1
+        bar.update(1, work=1.0)
+    assert bar.eta() == pytest.approx(truth - clock.t)  # 65 s; counting steps would say 15 s
+    for _ in range(100):
+        clock.t += 0.1 if bar.count < 100 else 0.6
+        bar.update(1, work=1.0 if bar.count < 100 else 6.0)
+    assert bar.eta() == pytest.approx(truth - clock.t)
+
+
+def test_loaded_steps_shorten_the_work_but_do_not_speed_up_the_rate() -> None:
+    clock = FakeClock()
+    bar = Progress(300, "x", enabled=False, work_total=300, clock=clock)
+    bar.skip(200, work=200)  # a finished phase, loaded in no time
+    assert bar.eta() != bar.eta()  # nothing computed yet: unknown (NaN), not 0
+    for _ in range(10):
+        clock.t += 2.0
+        bar.update(1)
+    assert bar.eta() == pytest.approx(90 * 2.0)
+
+
+def test_the_line_shows_the_share_of_work_not_of_steps() -> None:
+    clock = FakeClock()
+    stream = io.StringIO()
+    bar = Progress(20, "fashion", stream=stream, min_interval=0, work_total=70, clock=clock)
+    clock.t = 1.0
+    bar.update(10, work=10)  # 10 cheap steps of 20, but 1/7 of the work
+    line = stream.getvalue().splitlines()[-1]
+    assert "14% (step 10/20)" in line and "ETA 6s" in line
+
+
+def test_fashion_phase_costs_follow_the_benchmark() -> None:
+    quick = fashion.PRESETS["quick"]
+    per_step = {d: fashion.phase_cost(quick, d) / quick.iterations for d in quick.dynamics}
+    gd_phase = fashion.phase_cost(quick, "gd_phase") / quick.gd_iterations
+    # bench_fashion_steps: a GLD Hessian step costs about six GD steps, 1st eigvec about three
+    # (the step alone: every dynamics shares the same measurements, in per_step["gd"] − 1).
+    step = {d: c - (per_step["gd"] - 1.0) for d, c in per_step.items()}
+    assert 5.0 <= step["gld_hessian"] <= 7.0
+    assert 2.5 <= step["gld_hessian_top1"] <= 3.5
+    assert 1.4 <= step["gld_diag"] <= 1.9
+    assert per_step["sgd"] < per_step["gd"] == pytest.approx(gd_phase, rel=0.1)
+    # The whole quick profile: 45–60 min at the measured 0.12–0.135 s per GD step.
+    total = fashion.phase_cost(quick, "gd_phase") + sum(
+        fashion.phase_cost(quick, d) for d in quick.dynamics
+    )
+    assert 45 * 60 <= total * 0.125 <= 60 * 60
