@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import gzip
 import json
 import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from fake_fashion import write_fashion
 from sgdnoise import cli
 from sgdnoise._utils import atomic_write_text, sweep_temp
 from sgdnoise.commands import reproduce
@@ -33,24 +32,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def _write_fashion(directory: Path, *, n_train: int = 80, n_test: int = 200, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "train_images": rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
-        "train_labels": rng.integers(0, 10, size=n_train, dtype=np.uint8),
-        "test_images": rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
-        "test_labels": rng.integers(0, 10, size=n_test, dtype=np.uint8),
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    for role, base in FASHION_MNIST_FILES.items():
-        arr = arrays[role]
-        header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(
-            int(n).to_bytes(4, "big") for n in arr.shape
-        )
-        (directory / f"{base}.gz").write_bytes(gzip.compress(header + arr.tobytes(), mtime=0))
-    return directory
 
 
 # The smoke preset cut further (two dynamics, 4 + 4 steps, tiny measurements): seconds per run.
@@ -81,7 +62,7 @@ def small_fashion(monkeypatch: pytest.MonkeyPatch) -> fashion.FashionConfig:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_fashion(tmp_path_factory.mktemp("fashion_a"))
+    return write_fashion(tmp_path_factory.mktemp("fashion_a"))
 
 
 # ------------------------------------------------------------------------------ item 1
@@ -215,13 +196,13 @@ def test_damaged_results_json_is_named_by_plot(
 
 
 def test_resume_on_other_data_is_refused(tmp_path: Path, data_dir: Path) -> None:
-    other = _write_fashion(tmp_path / "other", seed=1)
+    other = write_fashion(tmp_path / "other", seed=1)
     out = tmp_path / "run"
     fashion.run(SMALL, out, device="cpu", data_dir=data_dir, progress=False, _stop_after=3)
     with pytest.raises(ValueError, match=r"mix two data sets.*--data-dir"):
         fashion.run(SMALL, out, device="cpu", data_dir=other, progress=False)
     # A copy of the same files elsewhere is the same data: resuming is fine.
-    same = _write_fashion(tmp_path / "copy", seed=0)
+    same = write_fashion(tmp_path / "copy", seed=0)
     res = fashion.run(SMALL, out, device="cpu", data_dir=same, progress=False)
     assert res["meta"]["data_source"] == str(same)
 
@@ -232,7 +213,7 @@ def test_reproduce_reruns_fashion_when_the_data_differ(
 ) -> None:  # fmt: skip
     out = tmp_path / "R"
     reproduce("smoke", out, only=("fashion",), data_dir=str(data_dir), progress=False)
-    other = _write_fashion(tmp_path / "other", seed=3)
+    other = write_fashion(tmp_path / "other", seed=3)
     capsys.readouterr()
     reproduce("smoke", out, only=("fashion",), data_dir=str(other), progress=False)
     err = capsys.readouterr().err
@@ -245,7 +226,7 @@ def test_reproduce_reruns_fashion_when_the_data_differ(
 def test_fewer_test_images_than_asked_is_refused_and_actual_count_recorded(
     tmp_path: Path,
 ) -> None:
-    few = _write_fashion(tmp_path / "few", n_test=30)
+    few = write_fashion(tmp_path / "few", n_test=30)
     with pytest.raises(ValueError, match=r"n_test=40 .* holds only 30"):
         fashion.run(SMALL, tmp_path / "a", device="cpu", data_dir=few, progress=False)
     assert not (tmp_path / "a" / "seed_0").exists()
