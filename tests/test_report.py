@@ -148,3 +148,14 @@ def test_nothing_cites_files_users_do_not_have(tmp_path: Path) -> None:
     md, page = write_report(tmp_path)
     for text in (md.read_text(), page.read_text()):
         assert "PAPER_NOTES" not in text and "shared/" not in text
+
+
+def test_fashion_summary_gives_no_ratio_from_a_negative_trace_estimate() -> None:
+    from sgdnoise.experiments.fashion import _ratio_text
+
+    bad = {"tr_HS": {"values": [50.0]}, "tr_HS_iso": {"values": [-0.045]},
+           "indicator_ratio": {"mean": -1104.0, "std": None}}  # fmt: skip
+    assert "not measurable" in _ratio_text(bad) and "1104" not in _ratio_text(bad)
+    good = {"tr_HS": {"values": [50.0]}, "tr_HS_iso": {"values": [0.5]},
+            "indicator_ratio": {"mean": 100.0, "std": None}}  # fmt: skip
+    assert _ratio_text(good) == "ratio 100.0"

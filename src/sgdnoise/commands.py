@@ -108,8 +108,6 @@ def reproduce(
         raise ValueError(f"unknown experiment(s) {unknown}; valid: {', '.join(EXPERIMENTS)}")
     dev = resolve_device(device)
     out = Path(out)
-    RunDir(out)  # a clear error now if the folder cannot be made or written
-    timings: dict[str, Any] = RunDir(out).read_json_or_quarantine("timings.json") or {}
     # Resolve and validate every configuration (and find the data) before any work starts.
     plan = []
     for name in names:
@@ -120,6 +118,8 @@ def reproduce(
         else:
             mod.validate(config)
         plan.append((name, mod, config, _data_identity(name, data_dir)))
+    # A clear error now if the folder cannot be made or written.
+    timings: dict[str, Any] = RunDir(out).read_json_or_quarantine("timings.json") or {}
     for i, (name, mod, config, data) in enumerate(plan, 1):
         run_dir = out / name
         head = f"[{i}/{len(plan)}] {name} ({profile})"

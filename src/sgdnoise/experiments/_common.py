@@ -6,10 +6,14 @@ Every experiment writes into one run directory:
 * ``env.json`` — package versions, device, git revision;
 * ``metrics.jsonl`` (and/or CSV) — per-step or per-epoch metrics;
 * ``results.json`` — the summary other tools read;
-* figures as PNG and SVG.
+* figures as PNG and SVG;
+* ``complete.json`` — the completion marker, written last (experiment, configuration, identity
+  of the input data); a folder without it holds an unfinished run, whatever else it contains.
 
-All files are written atomically (temporary file + rename), so a run killed at any moment never
-leaves a half-written file; JSONL readers skip a truncated last line.
+All files are written atomically (temporary file + rename) with the user's umask, so a run killed
+at any moment never leaves a half-written file; a temporary file of a killed writer is removed
+when a run next opens the folder. JSONL readers skip a truncated last line; a damaged JSON or
+checkpoint file is named, moved aside as ``<name>.damaged-<n>`` and recomputed.
 """
 
 from __future__ import annotations

@@ -622,9 +622,11 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) the experiment into ``out_dir``; returns the content of ``results.json``.
 
-    Finished phases are loaded, unfinished ones resume from their last checkpoint. Writes
-    ``config.json``, ``env.json``, per-phase ``metrics.jsonl``, ``metrics.csv``, ``results.json``,
-    ``summary.md`` and the figures.
+    Finished phases are loaded, unfinished ones resume from their last checkpoint (a damaged
+    checkpoint is moved aside and its phase recomputed). Writes ``config.json``, ``data.json``
+    (the input files' names, sizes and SHA-256: resuming on other files is refused), ``env.json``,
+    per-phase ``metrics.jsonl``, ``metrics.csv``, ``results.json``, ``summary.md``, the figures
+    and, last, ``complete.json``.
 
     Args:
         config: a validated :class:`FashionConfig` (see :data:`PRESETS`, :func:`config_from`).
@@ -635,7 +637,8 @@ def run(
 
     Raises:
         DataNotFoundError: FashionMNIST is not available (the message says how to get it).
-        ValueError: a bad config, or a run directory holding a run with other settings.
+        ValueError: a bad config, a run directory holding a run with other settings or other
+            data, or data files with fewer images than ``n_train``/``n_test`` ask for.
     """
     validate(config)
     dev = resolve_device(device)
@@ -939,6 +942,17 @@ def _fmt(st: Mapping[str, Any] | None, digits: int = 3) -> str:
     return fmt.format(m) + (" ± " + fmt.format(s) if s is not None else "")
 
 
+def _ratio_text(gd: Mapping[str, Any]) -> str:
+    """The indicator ratio, unless an estimate ≤ 0 makes it meaningless (then say why)."""
+    iso = (gd.get("tr_HS_iso") or {}).get("values") or []
+    hs = (gd.get("tr_HS") or {}).get("values") or []
+    if any(v is not None and v <= 0 for v in iso):
+        return "ratio not measurable: the Hutch++ estimate of Tr H, hence of Tr(HΣ̄), is ≤ 0"
+    if any(v is not None and v <= 0 for v in hs):
+        return "ratio not measurable: the estimate of Tr(HΣ) is ≤ 0"
+    return f"ratio {_fmt(gd.get('indicator_ratio'), 1)}"
+
+
 def summary_markdown(results: Mapping[str, Any]) -> str:
     """A short human summary (tables of mean ± std over seeds)."""
     meta = results["meta"]
@@ -960,8 +974,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         f"{_fmt(gd['train_acc_corrupted'])}",
         f"- expected sharpness signed {_fmt(gd['sharpness_signed'], 4)}, absolute "
         f"{_fmt(gd['sharpness_abs'], 4)}",
-        f"- Tr(HΣ) {_fmt(gd['tr_HS'], 4)} vs Tr(HΣ̄) {_fmt(gd['tr_HS_iso'], 4)} "
-        f"(ratio {_fmt(gd['indicator_ratio'], 1)})",
+        f"- Tr(HΣ) {_fmt(gd['tr_HS'], 4)} vs Tr(HΣ̄) {_fmt(gd['tr_HS_iso'], 4)} ({_ratio_text(gd)})",
         f"- wall time {_fmt(gd['wall_s'], 0)} s",
         "",
         "## After the switch",

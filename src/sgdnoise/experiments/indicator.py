@@ -768,8 +768,8 @@ def run(
     t0 = time.perf_counter()
     cfg = {**dataclasses.asdict(config), "device": str(dev), "preset": preset}
     rows: list[dict[str, Any]] = []
-    if rd.exists("config.json") and rd.exists("metrics.jsonl"):
-        old = rd.read_json("config.json")
+    old = rd.read_json_or_quarantine("config.json") if rd.exists("metrics.jsonl") else None
+    if isinstance(old, dict):
         same = {k: v for k, v in old.items() if k not in ("device", "preset")} == {
             k: v for k, v in _json_roundtrip(cfg).items() if k not in ("device", "preset")
         }
