@@ -154,12 +154,13 @@ def _toy_claims(r: dict[str, Any]) -> list[Claim]:
             return abs(a - b) <= 0.01 * max(abs(a), abs(b))
 
         concordant = sum(1 for i, j in pairs if rates[j] > rates[i] or tied(i, j))
-        discordant = [
+        discordant = [  # strictly reversed: the larger Tr(HΣ) escaped less often
             f"{_short(by_tr[j])} (Tr(HΣ) {r[by_tr[j]]['tr_HS']:.3g}, {100 * rates[j]:.0f}%) vs "
             f"{_short(by_tr[i])} ({r[by_tr[i]]['tr_HS']:.3g}, {100 * rates[i]:.0f}%)"
             for i, j in pairs
-            if not (rates[j] > rates[i] or tied(i, j))
+            if rates[j] < rates[i] and not tied(i, j)
         ]
+        n_equal = sum(1 for i, j in pairs if rates[j] == rates[i] and not tied(i, j))
         frac = concordant / len(pairs)
         out.append(
             Claim(
@@ -173,6 +174,7 @@ def _toy_claims(r: dict[str, Any]) -> list[Claim]:
                     for k in reversed(by_tr)
                 )
                 + f"; {concordant}/{len(pairs)} pairs ordered as Tr(HΣ)"
+                + (f"; {n_equal} with equal success rates" if n_equal else "")
                 + (f"; out of order: {'; '.join(discordant)}" if discordant else ""),
                 "reproduced" if frac >= 0.8 else ("partly" if frac >= 0.5 else "not reproduced"),
                 "fraction of dynamics pairs whose success rates are strictly ordered as their Tr(HΣ) (pairs with Tr(HΣ) within 1% count as agreeing): ≥ 0.8 reproduced, ≥ 0.5 partly",
