@@ -3,9 +3,13 @@ time, so nothing here depends on the machine's speed."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from sgdnoise.experiments import fashion
 from sgdnoise.experiments._common import Progress
@@ -71,3 +75,35 @@ def test_fashion_phase_costs_follow_the_benchmark() -> None:
         fashion.phase_cost(quick, d) for d in quick.dynamics
     )
     assert 45 * 60 <= total * 0.125 <= 60 * 60
+
+
+def test_fashion_counts_exactly_the_work_it_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps and measurements add up to the bar's total, computed or loaded (no ETA of 0 at 60%)."""
+    from fake_fashion import write_fashion
+    from test_runs import SMALL
+
+    bars: list[Progress] = []
+
+    class Keep(Progress):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(fashion, "Progress", Keep)
+    cfg = dataclasses.replace(SMALL, gd_sharpness_every=3, sharpness_every=3, indicator_every=3)
+    data = write_fashion(tmp_path / "data", n_train=40, n_test=40)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for stop in (3, None, None):  # interrupted, resumed, then loaded from final.pt
+            fashion.run(cfg, tmp_path / "run", device="cpu", data_dir=data, progress=False,
+                        _stop_after=stop)  # fmt: skip
+    finally:
+        torch.set_num_threads(old)
+    first, resumed, loaded = bars
+    assert first.work_done < first.work_total
+    for bar in (resumed, loaded):
+        assert bar.work_done == pytest.approx(bar.work_total)
+    assert loaded.work_run == 0.0  # nothing computed: no rate, the ETA is unknown, never 0 s/unit

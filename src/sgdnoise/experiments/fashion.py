@@ -579,36 +579,63 @@ def _refresh_cost(config: FashionConfig, dynamics: str) -> float:
     return 0.0
 
 
+def _unit_costs(config: FashionConfig, phase: str) -> dict[str, float]:
+    """Cost (GD steps) of one step and of one measurement of each kind, in ``phase``."""
+    dyn = "gd" if phase == "gd_phase" else phase
+    per_step = _STEP_COST.get(dyn, 1.0)
+    if dyn.startswith("gld_"):
+        per_step += _refresh_cost(config, dyn) / int(config.refresh_every.get(dyn, 1))
+    n_test = config.n_test or _NUM_TEST
+    scale = config.n_train / 1200
+    samples = config.indicator_samples or config.n_train
+    return {
+        "step": per_step * scale,
+        "eval": _C_EVAL * (n_test + config.n_train) / 11200,
+        "sharpness": config.sharpness_draws / 3 * scale,
+        "indicator": (_C_PSG + (samples + config.indicator_trace_matvecs) * _C_HVP) * scale,
+    }
+
+
+def _row_cost(costs: Mapping[str, float], row: Mapping[str, Any] | None) -> float:
+    """Cost of the measurements in one metrics row."""
+    if not row:
+        return 0.0
+    return (
+        costs["eval"] * ("test_acc" in row)
+        + costs["sharpness"] * ("sharpness_signed" in row)
+        + costs["indicator"] * ("tr_HS" in row)
+    )
+
+
 def phase_cost(config: FashionConfig, phase: str) -> float:
     """Estimated cost of a whole phase in GD steps (steps, refreshes and measurements).
 
     Used to weight the progress bar's ETA; the seconds per unit are measured as the run goes.
     """
     if phase == "gd_phase":
-        steps, dyn = config.gd_iterations, "gd"
+        steps, start = config.gd_iterations, True
         eval_every, sharp_every, ind_every = (
             config.gd_eval_every, config.gd_sharpness_every, config.gd_indicator_every
         )  # fmt: skip
     else:
-        steps, dyn = config.iterations, phase
+        steps, start = config.iterations, False
         eval_every, sharp_every = config.eval_every, config.sharpness_every
         ind_every = config.indicator_every if phase in config.indicator_dynamics else -1
-    per_step = _STEP_COST.get(dyn, 1.0)
-    if dyn.startswith("gld_"):
-        per_step += _refresh_cost(config, dyn) / int(config.refresh_every.get(dyn, 1))
+    costs = _unit_costs(config, phase)
 
-    def count(every: int) -> int:  # measurements in the phase (see fashion_run._due)
+    def count(every: int) -> int:  # measurements in the phase (as fashion_run._due)
         if every < 0:
             return 0
-        return 1 if every == 0 else steps // every + 1
+        if every == 0:
+            return 1
+        return steps // every + (steps % every != 0) + start
 
-    n_test = config.n_test or _NUM_TEST
-    scale = config.n_train / 1200
-    evals = count(eval_every) * _C_EVAL * (n_test + config.n_train) / 11200
-    sharp = count(sharp_every) * config.sharpness_draws / 3 * scale
-    samples = config.indicator_samples or config.n_train
-    ind = count(ind_every) * (_C_PSG + (samples + config.indicator_trace_matvecs) * _C_HVP) * scale
-    return steps * per_step * scale + evals + sharp + ind
+    return (
+        steps * costs["step"]
+        + count(eval_every) * costs["eval"]
+        + count(sharp_every) * costs["sharpness"]
+        + count(ind_every) * costs["indicator"]
+    )
 
 
 def run(
@@ -682,8 +709,7 @@ def run(
     rd.write_env(dev)
 
     total = len(config.seeds) * (config.gd_iterations + len(config.dynamics) * config.iterations)
-    unit = {"gd_phase": phase_cost(config, "gd_phase") / config.gd_iterations}
-    unit.update({d: phase_cost(config, d) / config.iterations for d in config.dynamics})
+    costs = {p: _unit_costs(config, p) for p in ("gd_phase", *config.dynamics)}
     bar = Progress(
         total, "fashion", enabled=progress, work_total=len(config.seeds) * sum(
             phase_cost(config, p) for p in ("gd_phase", *config.dynamics)
@@ -691,15 +717,18 @@ def run(
     )  # fmt: skip
     state: dict[str, Any] = {"phase": "", "acc": "", "key": "gd_phase"}
 
-    def advance(n: int, row: dict[str, Any] | None, skipped: bool = False) -> None:
+    def advance(
+        n: int, row: dict[str, Any] | None, skipped: bool = False, rows: Sequence[Any] = ()
+    ) -> None:
         if row is not None and "test_acc" in row:
             state["acc"] = f"test acc {row['test_acc']:.3f}"
-        work = n * unit[state["key"]]
+        key = state["key"]
         post = f"{state['phase']} {state['acc']}"
-        if skipped:
-            bar.skip(n, work=work, postfix=post)
-        else:
-            bar.update(n, postfix=post, work=work)
+        if skipped:  # loaded steps and the measurements made along them
+            loaded = n * costs[key]["step"] + sum(_row_cost(costs[key], r) for r in rows)
+            bar.skip(n, work=loaded, postfix=post)
+        else:  # computed steps, plus the measurements made after them
+            bar.update(n, postfix=post, work=n * costs[key]["step"] + _row_cost(costs[key], row))
 
     phases: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in config.seeds:

@@ -274,15 +274,16 @@ def run_phase(
         folder: the phase folder (created).
         theta0: θ at t = 0 (ignored when resuming from a checkpoint).
         advance: progress callback ``advance(n, row, skipped=False)``: n more steps are done
-            (``skipped=True`` with all T for a phase that had finished, or t for a resumed one;
-            then 1 per computed step), row = the metrics measured after that step or ``None``.
+            (``skipped=True`` and ``rows=`` the loaded rows, with all T for a phase that had
+            finished or t for a resumed one; 0 with the row measured at t = 0; then 1 per
+            computed step), row = the metrics measured after that step or ``None``.
         stop_after: testing hook: return (without finishing) after this many steps of this call.
     """
     folder.mkdir(parents=True, exist_ok=True)
     done = load_final(folder)
     if done is not None:
         if advance is not None:
-            advance(spec.num_steps, None, skipped=True)
+            advance(spec.num_steps, None, skipped=True, rows=done["rows"])
         return done
     ckpt_path = folder / "checkpoint.pt"
     start = time.perf_counter()
@@ -297,7 +298,7 @@ def run_phase(
             extra.setdefault("noise_warm_state", {"eigenvectors": ckpt["warm"]})
         opt.load_state_dict(state)
         if advance is not None:
-            advance(t0, None, skipped=True)
+            advance(t0, None, skipped=True, rows=rows)
     else:
         t0, rows, wall = 0, [], 0.0
         problem.set_theta(theta0.to(problem.device, problem.dtype))
@@ -305,6 +306,8 @@ def run_phase(
         row = measure(problem, data, spec, 0)
         if row is not None:
             rows.append(row)
+            if advance is not None:
+                advance(0, row)
     for t in range(t0, spec.num_steps):
         opt.step()
         done_steps = t + 1
