@@ -192,6 +192,22 @@ def test_damaged_results_json_is_named_by_plot(
     assert "Traceback" not in err
 
 
+def test_reproduce_recomputes_a_part_whose_results_are_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "R"
+    reproduce("smoke", out, only=("toy",), progress=False)
+    good = json.loads((out / "toy" / "results.json").read_text())
+    (out / "toy" / "results.json").write_text('{"gd": {"success')  # truncated
+    capsys.readouterr()
+    reproduce("smoke", out, only=("toy",), progress=False)
+    err = capsys.readouterr().err
+    assert str(out / "toy" / "results.json") in err and "results.json.damaged-1" in err
+    assert "already finished" not in err
+    assert json.loads((out / "toy" / "results.json").read_text()) == good
+    assert (out / "toy" / "results.json.damaged-1").read_text() == '{"gd": {"success'
+
+
 # ------------------------------------------------------------------------------ item 4
 
 

@@ -57,7 +57,10 @@ def _state(run_dir: Path, name: str, config: Any, data: dict[str, Any] | None) -
         why += config_diff(marker.get("config") or {}, want)
         if data is not None and marker.get("data") != data:
             why.append("the input data files differ")
-        return ("done", "") if not why else ("stale", "; ".join(why))
+        if why:
+            return "stale", "; ".join(why)
+        # Finished, unless its results are damaged (then moved aside, with a message): redo.
+        return ("done", "") if rd.read_json_or_quarantine("results.json") else ("resume", "")
     # Unfinished: resume only what was started with the same settings and data.
     try:
         saved = rd.read_json("config.json") if rd.exists("config.json") else None
