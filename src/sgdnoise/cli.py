@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             msg = _one_line(exc)
         if not expected:
-            msg = f"unexpected {type(exc).__name__}: {msg} (rerun with --debug for the traceback)"
+            msg = f"unexpected {type(exc).__name__}: {msg} (run `sgdnoise --debug {args.command} ...` for the traceback)"
         print(prefix + msg, file=sys.stderr)
         return 2 if expected else 1
 
