@@ -782,11 +782,14 @@ def run(
     done = {(r["width"], r["delta"], r["seed"]) for r in rows if r["epoch"] == config.epochs}
     rows = [r for r in rows if (r["width"], r["delta"], r["seed"]) in done]
     timings: dict[str, float] = {}
-    bar = Progress(len(units), "indicator", enabled=progress)
+    # A training run's cost grows about linearly with D = 3h (every product is over all of θ):
+    # the ETA weights each run by its width, and kept runs shorten the work without time.
+    bar = Progress(len(units), "indicator", enabled=progress,
+                   work_total=sum(w for _, w, _, _ in units))  # fmt: skip
     with _num_threads(config.threads):
         for group, width, delta, seed in units:
             if (width, delta, seed) in done:
-                bar.update(1, postfix=f"h={width} δ={delta:g} seed={seed} (kept)")
+                bar.skip(1, work=width, postfix=f"h={width} δ={delta:g} seed={seed} (kept)")
                 continue
             t1 = time.perf_counter()
             new = train_and_measure(width, seed, delta, config, device=dev)
@@ -796,7 +799,8 @@ def run(
             timings[f"h={width},delta={delta:g},seed={seed}"] = time.perf_counter() - t1
             rd.write_jsonl("metrics.jsonl", rows)
             last = new[-1]
-            bar.update(1, postfix=f"h={width} δ={delta:g} seed={seed}: ratio {last['ratio']:.1f}")
+            bar.update(1, work=width,
+                       postfix=f"h={width} δ={delta:g} seed={seed}: ratio {last['ratio']:.1f}")  # fmt: skip
 
     results, analysis = _collect(config, rows)
     elapsed = time.perf_counter() - t0
