@@ -107,3 +107,25 @@ def test_fashion_counts_exactly_the_work_it_announced(
     for bar in (resumed, loaded):
         assert bar.work_done == pytest.approx(bar.work_total)
     assert loaded.work_run == 0.0  # nothing computed: no rate, the ETA is unknown, never 0 s/unit
+
+
+def test_indicator_weights_each_training_run_by_its_width(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sgdnoise.experiments import indicator
+
+    bars: list[Progress] = []
+
+    class Keep(Progress):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(indicator, "Progress", Keep)
+    cfg = dataclasses.replace(indicator.PRESETS["smoke"], delta_sweep=())
+    for _ in range(2):  # computed, then every run kept
+        indicator.run(cfg, tmp_path, progress=False)
+    computed, kept = bars
+    assert computed.work_total == len(cfg.seeds) * sum(cfg.widths)
+    assert computed.work_run == computed.work_done == computed.work_total
+    assert kept.work_done == kept.work_total and kept.work_run == 0.0
