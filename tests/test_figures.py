@@ -128,3 +128,21 @@ def test_fig2_left_has_a_seed_band_when_more_than_one_seed_ran(
     has_band = any(isinstance(c, PolyCollection) for c in ax.collections)
     assert has_band == band
     _legend_outside_data(fig, ax)
+
+
+def test_fig4_draws_and_lists_no_series_without_a_positive_estimate(
+    runs: dict[int, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    res = json.loads((runs[1] / "results.json").read_text())
+    for curves in (res["gd_phase"]["curves"], res["sgd"]["curves"]):
+        iso = curves["tr_HS_iso"]
+        iso["mean"] = [-abs(v) - 1e-3 for v in iso["mean"]]  # negative Hutch++ estimates
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    fig = _figures(tmp_path, monkeypatch)["fig4_indicator"]
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [r"GD phase: Tr$(H\Sigma)$", r"SGD: Tr$(H\Sigma)$"]
+    n = len(res["gd_phase"]["curves"]["tr_HS_iso"]["mean"]) + len(
+        res["sgd"]["curves"]["tr_HS_iso"]["mean"]
+    )
+    assert any(f"{n} estimate(s) ≤ 0 not drawn" in t.get_text() for t in ax.texts)

@@ -1145,6 +1145,8 @@ def plot(run_dir: str | Path) -> list[Path]:
                 continue
             x, m = c["iteration"], c["mean"]
             hidden += sum(1 for v in m if v is None or not v > 0)
+            if not any(v is not None and v > 0 for v in m):
+                continue  # nothing drawable on the log scale: no line, no legend entry
             ax.errorbar(x, m, yerr=c.get("stderr"), color=color, ls=ls, lw=1.4, marker="o",
                         ms=4, mfc=face, mec=color, capsize=2, label=f"{label}: {name}")  # fmt: skip
     ax.axvline(switch, ls="--", color="grey", lw=1)
