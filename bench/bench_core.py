@@ -1,6 +1,6 @@
 """Core benchmark: sgdnoise's matrix-free estimators against the released code's dense route.
 
-Two problems (PAPER_NOTES §3.2, §3.3):
+Two problems (Zhu et al., ICML 2019, Sec. 5.2 and 5.3):
 
 * ``onehidden``: Proposition 2's one-hidden-layer network, 512 hidden units (D = 1,536), N = 1,000;
 * ``cnn``: the paper's FashionMNIST CNN (D = 11,330) on N = 1,200 random inputs.

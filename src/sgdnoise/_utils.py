@@ -8,23 +8,29 @@ CUDA, and nothing ever touches PyTorch's global RNG.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import itertools
 import json
 import math
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "OutputError",
     "as_generator",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "check_finite",
+    "prepare_out_dir",
     "rademacher",
     "randn",
+    "sweep_temp",
 ]
 
 
@@ -96,25 +102,127 @@ def check_finite(value: torch.Tensor, what: str, hint: str = "") -> None:
         )
 
 
+class OutputError(OSError):
+    """A file or folder of the results could not be written; the message says which and why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space or choose another --out",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or choose another --out",
+    errno.EACCES: "permission denied; choose a writable --out",
+    errno.EPERM: "permission denied; choose a writable --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another --out",
+    errno.EISDIR: "a folder is in the way; choose another --out",
+}
+
+
+def _output_error(path: Path, exc: OSError, action: str = "write") -> OutputError:
+    why = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+    err = OutputError(exc.errno or 0, f"cannot {action} {str(path)!r}: {why}")
+    err.filename = str(path)
+    return err
+
+
+def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output folder ``path`` (and its parents), or raise one clear ``OutputError``.
+
+    Refuses a path that is a file, lies under a file, or is not writable, before any work starts.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(
+            errno.ENOTDIR,
+            f"output folder {str(path)!r} is a file, not a folder; pass a folder path "
+            "(it is created if missing)",
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a parent is a file
+        raise _output_error(path, OSError(errno.ENOTDIR, str(exc)), "create") from exc
+    except OSError as exc:
+        raise _output_error(path, exc, "create") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _output_error(path, OSError(errno.EACCES, "not writable"))
+    return path
+
+
+_TMP_RE = re.compile(r"^\..+\.(\d+)-\d+\.tmp$")
+_tmp_counter = itertools.count()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def sweep_temp(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files under ``folder`` left by writers that were killed mid-write.
+
+    Temporary files are named ``.<name>.<pid>-<n>.tmp`` by :func:`atomic_write_bytes`; a file is
+    removed only when process ``pid`` no longer runs (so a concurrent writer is never disturbed).
+    Returns the removed paths.
+    """
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        m = _TMP_RE.match(tmp.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
 
     A reader (or a run killed mid-write) therefore sees either the old file or the complete new
-    one, never a half-written file.
+    one, never a half-written file. The file gets the usual mode ``0o666`` less the process's
+    umask (e.g. ``0o644`` under umask 022), as any file made by ``open``. The temporary file is
+    removed on any error; one left by a killed process is removed by :func:`sweep_temp`.
+
+    Raises:
+        OutputError: the folder or the file cannot be written (full disk, permissions, ...).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _output_error(path.parent, exc, "create") from exc
+    tmp = None
+    try:
+        while True:
+            tmp = path.parent / f".{path.name}.{os.getpid()}-{next(_tmp_counter)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+            break
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .experiments import EXPERIMENTS
-from .experiments._common import RunDir, resolve_device
+from .experiments._common import COMPLETE, RunDir, config_diff, config_identity, resolve_device
 
 __all__ = ["add_parsers", "load_problem", "reproduce"]
 
@@ -37,23 +36,59 @@ def _module(name: str) -> Any:
     return importlib.import_module(f"sgdnoise.experiments.{name}")
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
-    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    return json.loads(json.dumps(data, default=str))
+def _data_identity(name: str, data_dir: str | None) -> dict[str, Any] | None:
+    """The identity of an experiment's input files (``None`` for the synthetic experiments)."""
+    if name != "fashion":
+        return None
+    from .data import fashion_mnist_identity
+
+    ident = fashion_mnist_identity(data_dir)
+    return {k: ident.get(k) for k in ("files", "num_train", "num_test")}
 
 
-def _finished(run_dir: Path, config: Any) -> bool:
-    """A part is finished when its results.json exists and was made with the same configuration."""
+def _state(run_dir: Path, name: str, config: Any, data: dict[str, Any] | None) -> tuple[str, str]:
+    """(state, reason) of a part: ``"done"``, ``"resume"`` (same settings, unfinished),
+    ``"fresh"`` (nothing there) or ``"stale"`` (other settings or data, with the reason)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "fresh", ""
     rd = RunDir(run_dir)
-    if not (rd.exists("results.json") and rd.exists("config.json")):
-        return False
+    want = config_identity(config)
+    marker = rd.completion()
+    if marker is not None:
+        why = []
+        if marker.get("experiment") != name:
+            why.append(f"it holds the experiment {marker.get('experiment')!r}")
+        why += config_diff(marker.get("config") or {}, want)
+        if data is not None and marker.get("data") != data:
+            why.append("the input data files differ")
+        if why:
+            return "stale", "; ".join(why)
+        # Finished, unless its results are damaged (then moved aside, with a message): redo.
+        return ("done", "") if rd.read_json_or_quarantine("results.json") else ("resume", "")
+    # Unfinished: resume only what was started with the same settings and data.
     try:
-        saved = rd.read_json("config.json")
-    except (OSError, json.JSONDecodeError):
-        return False
-    saved = saved.get("config", saved) if isinstance(saved, dict) else saved
-    want = _config_dict(config)
-    return all(saved.get(k) == v for k, v in want.items())
+        saved = rd.read_json("config.json") if rd.exists("config.json") else None
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        return "stale", "it holds no readable config.json"
+    why = config_diff(saved, want)
+    if data is not None and rd.exists("data.json"):
+        try:
+            old = rd.read_json("data.json")
+        except ValueError:
+            old = None
+        if not isinstance(old, dict) or {k: old.get(k) for k in data} != data:
+            why.append("the input data files differ")
+    return ("resume", "") if not why else ("stale", "; ".join(why))
+
+
+def _move_aside(run_dir: Path) -> Path:
+    n = 1
+    while (target := run_dir.with_name(f"{run_dir.name}.stale-{n}")).exists():
+        n += 1
+    os.replace(run_dir, target)
+    return target
 
 
 def reproduce(
@@ -67,8 +102,10 @@ def reproduce(
 ) -> dict[str, Any]:
     """Run every experiment's ``profile`` preset into ``out/<name>``, then write the report.
 
-    Parts already finished in ``out`` with the same configuration are skipped; an interrupted
-    FashionMNIST run resumes from its checkpoints. Returns the timings.
+    A part is skipped only when its completion marker (written last) records the same
+    configuration and the same input data; a part started with the same settings resumes; a part
+    holding another configuration or other data is moved aside to ``<name>.stale-<n>`` (never
+    deleted) and rerun, and the reason is printed. Returns the timings.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -78,36 +115,53 @@ def reproduce(
         raise ValueError(f"unknown experiment(s) {unknown}; valid: {', '.join(EXPERIMENTS)}")
     dev = resolve_device(device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
-    timings: dict[str, Any] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    # Resolve and validate every configuration before any work starts.
+    # Resolve and validate every configuration (and find the data) before any work starts.
     plan = []
     for name in names:
         mod = _module(name)
         config = mod.PRESETS[profile]
-        if name == "fashion" and data_dir is not None:
-            config = dataclasses.replace(config, data_dir=data_dir)
         if hasattr(config, "validate"):
             config.validate()
-        plan.append((name, mod, config))
-    for i, (name, mod, config) in enumerate(plan, 1):
+        else:
+            mod.validate(config)
+        plan.append((name, mod, config, _data_identity(name, data_dir)))
+    # A clear error now if the folder cannot be made or written.
+    timings: dict[str, Any] = RunDir(out).read_json_or_quarantine("timings.json") or {}
+    for i, (name, mod, config, data) in enumerate(plan, 1):
         run_dir = out / name
         head = f"[{i}/{len(plan)}] {name} ({profile})"
-        if _finished(run_dir, config):
+        state, why = _state(run_dir, name, config, data)
+        if state == "done":
             print(f"{head}: already finished in {run_dir}, skipped", file=sys.stderr, flush=True)
             continue
-        print(f"{head}: running into {run_dir} ...", file=sys.stderr, flush=True)
+        if state == "stale":
+            moved = _move_aside(run_dir)
+            print(
+                f"{head}: {run_dir} holds a run with other settings ({why}); moved it to "
+                f"{moved} and rerunning",
+                file=sys.stderr,
+                flush=True,
+            )
+        verb = "resuming" if state == "resume" else "running"
+        print(f"{head}: {verb} into {run_dir} ...", file=sys.stderr, flush=True)
+        params = inspect.signature(mod.run).parameters
         kwargs: dict[str, Any] = {"device": dev, "progress": progress}
-        if "preset" in inspect.signature(mod.run).parameters:
+        if "preset" in params:
             kwargs["preset"] = profile
+        if "data_dir" in params:
+            kwargs["data_dir"] = data_dir
         t0 = time.perf_counter()
         mod.run(config, run_dir, **kwargs)
-        timings[name] = {
-            "profile": profile,
-            "seconds": time.perf_counter() - t0,
-            "device": str(dev),
-        }
+        if state == "resume" and name in timings:
+            timings[name]["seconds"] = timings[name].get("seconds", 0.0) + (
+                time.perf_counter() - t0
+            )
+        else:
+            timings[name] = {
+                "profile": profile,
+                "seconds": time.perf_counter() - t0,
+                "device": str(dev),
+            }
         RunDir(out).write_json("timings.json", timings)
     from .report import write_report
 
@@ -132,7 +186,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    if (run_dir / "results.json").exists() and (run_dir / "config.json").exists():
+    if (run_dir / "results.json").exists():  # one experiment's run directory
         targets = [(run_dir, _experiment_of(run_dir))]
     else:  # a reproduce output folder: redraw every part, then the report
         targets = [(run_dir / n, n) for n in EXPERIMENTS if (run_dir / n / "results.json").exists()]
@@ -152,22 +206,38 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Files only one experiment writes, to recognise run directories written before the marker.
+_SIGNATURES = {
+    "toy": ("trajectories.json", "surface.json"),
+    "indicator": ("analysis.json",),
+    "fashion": ("seed_*",),
+}
+
+
 def _experiment_of(run_dir: Path) -> str:
+    marker = RunDir(run_dir).completion()
+    if marker is not None and marker.get("experiment") in EXPERIMENTS:
+        return str(marker["experiment"])
     for source in ("results.json", "config.json"):
         try:
             data = json.loads((run_dir / source).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             continue
         if not isinstance(data, dict):
             continue
         name = data.get("experiment") or (data.get("meta") or {}).get("experiment")
         if name in EXPERIMENTS:
             return name
+        if source == "results.json" and "exponents" in data and "all_bounds_hold" in data:
+            return "prop1"
+    for name, files in _SIGNATURES.items():
+        if all(any(run_dir.glob(f)) for f in files):
+            return name
     if run_dir.name in EXPERIMENTS:
         return run_dir.name
     raise ValueError(
-        f"cannot tell which experiment wrote {str(run_dir)!r} (no 'experiment' key in its "
-        f"results.json/config.json and the folder is not named one of {', '.join(EXPERIMENTS)})"
+        f"cannot tell which experiment wrote {str(run_dir)!r}: it has no {COMPLETE} and its "
+        f"files match none of {', '.join(EXPERIMENTS)}; rerun the experiment into it"
     )
 
 

@@ -7,12 +7,23 @@ Verdict rules (stated in the report too):
 * **reproduced** — the claim's numeric test holds with the uncertainty stated in the row;
 * **partly** — the direction holds but not the stated margin, or only for some of the cases;
 * **not reproduced** — the direction does not hold;
+* **not measurable** — an estimate the test needs has a sign or an interval that makes it
+  meaningless (e.g. a negative Hutch++ estimate of Tr H); the row gives the reason;
+* **not tested (smoke)** — the part ran with the smoke profile, whose sizes check the plumbing and
+  cannot test a claim;
 * **not run** — the experiment's results are missing from the output folder.
+
+Every row also says what its verdict rests on (seeds, runs, instances); a verdict from one seed
+is marked "indicative": a missing spread is never treated as a measured zero.
+
+The HTML escapes every text it did not generate itself (results folders may hold anything), and
+embeds only PNG files that lie inside the output folder.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import itertools
 import json
@@ -30,7 +41,7 @@ __all__ = ["Claim", "claims", "write_report"]
 
 @dataclass(frozen=True)
 class Claim:
-    """One row of the claims table."""
+    """One row of the claims table (``basis``: what the verdict rests on, e.g. "3 seeds")."""
 
     experiment: str
     claim: str
@@ -38,6 +49,25 @@ class Claim:
     ours: str
     verdict: str
     rule: str
+    basis: str = ""
+
+
+VERDICTS = (
+    "reproduced",
+    "partly",
+    "not reproduced",
+    "not measurable",
+    "not tested (smoke)",
+    "not run",
+)
+
+
+def _seeds_basis(n: int, what: str = "seed") -> str:
+    if n <= 0:
+        return ""
+    if n == 1:
+        return f"1 {what} — indicative (no spread measured)"
+    return f"{n} {what}s"
 
 
 def _load(out: Path, name: str) -> dict[str, Any] | None:
@@ -70,11 +100,21 @@ def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------------------------ toy
+_TOY_ALIGNED = ("gld_leading", "gld_hessian", "gld_hessian_top1", "gld_full")
+_TOY_ISO = ("gld_const", "gld_dynamic", "gld_diag")
+
+
+def _short(k: str) -> str:
+    return {"gld_full": "full Σ", "gld_hessian_top1": "1st eigvec"}.get(k, k.removeprefix("gld_"))
+
+
 def _toy_claims(r: dict[str, Any]) -> list[Claim]:
-    aligned = [k for k in ("gld_leading", "gld_hessian", "gld_hessian_top1") if k in r]
-    iso = [k for k in ("gld_const", "gld_diag") if k in r]
+    aligned = [k for k in _TOY_ALIGNED if k in r]
+    iso = [k for k in _TOY_ISO if k in r]
     if not aligned or not iso:
         return []
+    runs = int(next(iter(r.values())).get("runs", 0))
+    basis = f"{runs} runs per dynamics (one seed of data and noise; 95% Wilson intervals)"
     a_low = min(r[k]["ci_low"] for k in aligned)
     i_high = max(r[k]["ci_high"] for k in iso)
     a_mean = min(r[k]["success_rate"] for k in aligned)
@@ -83,25 +123,27 @@ def _toy_claims(r: dict[str, Any]) -> list[Claim]:
         "reproduced" if a_low > i_high else ("partly" if a_mean > i_mean else "not reproduced")
     )
     ours = "; ".join(
-        f"{k.removeprefix('gld_')} {100 * r[k]['success_rate']:.0f}% [{100 * r[k]['ci_low']:.0f}, {100 * r[k]['ci_high']:.0f}]"
+        f"{_short(k)} {100 * r[k]['success_rate']:.0f}% [{100 * r[k]['ci_low']:.0f}, {100 * r[k]['ci_high']:.0f}]"
         for k in [*aligned, *iso, "gd"]
         if k in r
     )
     out = [
         Claim(
             "toy",
-            "Fig. 1: noise aligned with H (leading, Hessian, 1st eigvec) escapes the sharp minimum far more often than isotropic/diagonal noise of the same trace",
-            "success rates not stated (released-code re-simulation: leading ≈33%, Hessian ≈28%, 1st eigvec ≈39%, const/diag ≈0–1%)",
+            "Fig. 1: noise aligned with H escapes the sharp minimum far more often than isotropic/"
+            "diagonal noise of the same trace. Compares aligned: "
+            + ", ".join(_short(k) for k in aligned)
+            + " (full Σ is ours) against isotropic/diagonal: "
+            + ", ".join(_short(k) for k in iso),
+            "success rates not stated (a re-simulation of the released code gives leading ≈33%, "
+            "Hessian ≈28%, 1st eigvec ≈39%, const/diag ≈0–1%)",
             ours,
             verdict,
-            "reproduced if the lowest 95% Wilson lower bound among aligned dynamics exceeds the highest upper bound among const/diag; partly if only the point estimates are ordered",
+            "reproduced if the lowest 95% Wilson lower bound among aligned dynamics exceeds the highest upper bound among isotropic/diagonal ones; partly if only the point estimates are ordered",
+            basis,
         )
     ]
-    have = [
-        k
-        for k in ("gld_const", "gld_diag", "gld_leading", "gld_hessian", "gld_hessian_top1")
-        if k in r and "tr_HS" in r[k]
-    ]
+    have = [k for k in (*_TOY_ISO, *_TOY_ALIGNED) if k in r and "tr_HS" in r[k]]
     if len(have) >= 3:
         by_tr = sorted(have, key=lambda k: r[k]["tr_HS"])
         rates = [r[k]["success_rate"] for k in by_tr]
@@ -112,16 +154,31 @@ def _toy_claims(r: dict[str, Any]) -> list[Claim]:
             return abs(a - b) <= 0.01 * max(abs(a), abs(b))
 
         concordant = sum(1 for i, j in pairs if rates[j] > rates[i] or tied(i, j))
+        discordant = [  # strictly reversed: the larger Tr(HΣ) escaped less often
+            f"{_short(by_tr[j])} (Tr(HΣ) {r[by_tr[j]]['tr_HS']:.3g}, {100 * rates[j]:.0f}%) vs "
+            f"{_short(by_tr[i])} ({r[by_tr[i]]['tr_HS']:.3g}, {100 * rates[i]:.0f}%)"
+            for i, j in pairs
+            if rates[j] < rates[i] and not tied(i, j)
+        ]
+        n_equal = sum(1 for i, j in pairs if rates[j] == rates[i] and not tied(i, j))
         frac = concordant / len(pairs)
         out.append(
             Claim(
                 "toy",
-                "Tr(HΣ) predicts the escape ranking",
-                "Tr(HΣ) at the sharp minimum: 1st eigvec 2.00 > Hessian 1.84 = leading 1.84 > const 1.10 = diag 1.10 (PAPER_NOTES)",
-                ", ".join(f"{k.removeprefix('gld_')} {r[k]['tr_HS']:.3g}" for k in reversed(by_tr))
-                + f"; {concordant}/{len(pairs)} pairs ordered as Tr(HΣ)",
+                "Tr(HΣ) predicts the escape ranking. Compares every noisy dynamics that ran: "
+                + ", ".join(_short(k) for k in reversed(by_tr)),
+                "Tr(HΣ) at the sharp minimum: 1st eigvec 2.00 > Hessian 1.84 = leading 1.84 > "
+                "const 1.10 = diag 1.10 (our computation on the poster's toy loss)",
+                ", ".join(
+                    f"{_short(k)} Tr(HΣ) {r[k]['tr_HS']:.3g} → {100 * r[k]['success_rate']:.0f}%"
+                    for k in reversed(by_tr)
+                )
+                + f"; {concordant}/{len(pairs)} pairs ordered as Tr(HΣ)"
+                + (f"; {n_equal} with equal success rates" if n_equal else "")
+                + (f"; out of order: {'; '.join(discordant)}" if discordant else ""),
                 "reproduced" if frac >= 0.8 else ("partly" if frac >= 0.5 else "not reproduced"),
                 "fraction of dynamics pairs whose success rates are strictly ordered as their Tr(HΣ) (pairs with Tr(HΣ) within 1% count as agreeing): ≥ 0.8 reproduced, ≥ 0.5 partly",
+                basis,
             )
         )
     return out
@@ -132,6 +189,8 @@ def _indicator_claims(r: dict[str, Any]) -> list[Claim]:
     widths = sorted((k for k in r if k.isdigit()), key=int)
     if not widths:
         return []
+    n_seeds = min(int(r[w].get("num_valid_final", len(r[w].get("seeds", [])))) for w in widths)
+    basis = _seeds_basis(n_seeds) + " per width"
     ratios = {w: _ms(r[w], "ratio_final") for w in widths}
     ok = all(m - 2 * s > 10 for m, s in ratios.values())
     some = all(m > 1 for m, _ in ratios.values())
@@ -144,6 +203,7 @@ def _indicator_claims(r: dict[str, Any]) -> list[Claim]:
             "final Tr(HΣ)/Tr(HΣ̄): " + ours,
             "reproduced" if ok else ("partly" if some else "not reproduced"),
             "reproduced if every width's final ratio minus 2 std (over seeds) exceeds 10; partly if every ratio exceeds 1",
+            basis,
         )
     ]
     if len(widths) >= 2:
@@ -157,6 +217,7 @@ def _indicator_claims(r: dict[str, Any]) -> list[Claim]:
                 " < ".join(f"{m:.3g}" for m in means) + " (increasing width)",
                 "reproduced" if grows else ("partly" if means[-1] > means[0] else "not reproduced"),
                 "reproduced if the mean ratio increases strictly with width; partly if only the widest exceeds the narrowest",
+                basis,
             )
         )
     alphas = {w: _ms(r[w], "alignment_final") for w in widths}
@@ -170,6 +231,7 @@ def _indicator_claims(r: dict[str, Any]) -> list[Claim]:
                 "final a: " + ", ".join(f"h={w}: {_fmt(*alphas[w])}" for w in widths),
                 "reproduced" if bounded else "not reproduced",
                 "reproduced if every width's final a minus 2 std is above 0",
+                basis,
             )
         )
     return out
@@ -207,6 +269,7 @@ def _prop1_claims(r: dict[str, Any]) -> list[Claim]:
             + "; ".join(rows),
             verdict,
             "reproduced if the bound holds in every instance and every fitted slope is at least 2d − 1 − 0.05; partly if one of the two holds (slopes within 0.15)",
+            f"{r.get('num_instances', '?')} deterministic instances (exact traces)",
         )
     ]
 
@@ -218,6 +281,9 @@ _ISO = ("gld_const", "gld_dynamic", "gld_diag")
 
 def _fashion_claims(r: dict[str, Any]) -> list[Claim]:
     out = []
+    meta = r.get("meta", {})
+    n_seeds = len(meta.get("seeds", [])) or 1
+    basis = _seeds_basis(n_seeds)
     gd_phase = r.get("gd_phase", {})
     acc = gd_phase.get("test_acc")
     if isinstance(acc, dict):
@@ -239,12 +305,14 @@ def _fashion_claims(r: dict[str, Any]) -> list[Claim]:
                 if abs(m - 0.66) <= 0.05
                 else ("partly" if abs(m - 0.66) <= 0.1 else "not reproduced"),
                 "reproduced within ±0.05 of 0.66, partly within ±0.10",
+                basis,
             )
         )
     if "gd" not in r:
         return out
     gd_m, gd_s = _ms(r["gd"], "final_test_acc")
     gains = {k: _ms(r[k], "final_test_acc") for k in (*_ALIGNED, *_ISO) if k in r}
+    spread = "" if n_seeds > 1 else " (one seed: no spread, so the margin is 0.005 alone)"
 
     def margin(k: str) -> float:
         m, s = gains[k]
@@ -258,12 +326,15 @@ def _fashion_claims(r: dict[str, Any]) -> list[Claim]:
         out.append(
             Claim(
                 "fashion",
-                "Fig. 2 left: from θ*_GD, SGD and SGD-like anisotropic noise (leading, Hessian, 1st eigvec; our full Σ) escape to minima with better test accuracy than GD",
+                "Fig. 2 left: from θ*_GD, SGD and SGD-like anisotropic noise escape to minima with better test accuracy than GD. Compares with GD: "
+                + ", ".join(_LABEL.get(k, k) for k in al),
                 "test accuracy rises above GD's (figure; values not stated)",
                 f"final test acc, GD {_fmt(gd_m, gd_s)}; "
-                + ", ".join(f"{k} {_fmt(*gains[k])}" for k in al),
+                + ", ".join(f"{_LABEL.get(k, k)} {_fmt(*gains[k])}" for k in al),
                 verdict,
-                "reproduced if every aligned dynamics beats GD by more than 0.005 + 2 combined std; partly if some beat GD",
+                "reproduced if every aligned dynamics beats GD by more than 0.005 + 2 combined std; partly if some beat GD"
+                + spread,
+                basis,
             )
         )
     iso = [k for k in _ISO if k in gains]
@@ -276,11 +347,15 @@ def _fashion_claims(r: dict[str, Any]) -> list[Claim]:
         out.append(
             Claim(
                 "fashion",
-                "Fig. 2 left: isotropic/diagonal noise (const, dynamic, diag) stays near GD",
+                "Fig. 2 left: isotropic/diagonal noise stays near GD. Compares with GD: "
+                + ", ".join(_LABEL.get(k, k) for k in iso),
                 "curves stay with GD's (figure)",
-                ", ".join(f"{k} {_fmt(*gains[k])}" for k in iso),
+                f"final test acc, GD {_fmt(gd_m, gd_s)}; "
+                + ", ".join(f"{_LABEL.get(k, k)} {_fmt(*gains[k])}" for k in iso),
                 "reproduced" if len(near) == len(iso) else ("partly" if near else "not reproduced"),
-                "reproduced if every isotropic dynamics ends within 0.01 + 2 combined std of GD's test accuracy",
+                "reproduced if every isotropic dynamics ends within 0.01 + 2 combined std of GD's test accuracy"
+                + spread.replace("0.005", "0.01"),
+                basis,
             )
         )
     sharp = {k: _ms(r[k], "sharpness_signed") for k in ("gd", *_ALIGNED) if k in r}
@@ -290,38 +365,100 @@ def _fashion_claims(r: dict[str, Any]) -> list[Claim]:
         out.append(
             Claim(
                 "fashion",
-                "Fig. 2 right: the aligned dynamics reach flatter minima (lower expected sharpness E[L(θ+ν)] − L(θ), σ = 0.01) than GD",
+                "Fig. 2 right: the aligned dynamics reach flatter minima (lower expected sharpness E[L(θ+ν)] − L(θ), σ = 0.01) than GD. Compares with GD: "
+                + ", ".join(_LABEL.get(k, k) for k in sharp if k != "gd"),
                 "sharpness decreases after the switch (figure)",
-                ", ".join(f"{k} {_fmt(*sharp[k])}" for k in sharp),
+                ", ".join(f"{_LABEL.get(k, k)} {_fmt(*sharp[k])}" for k in sharp),
                 "reproduced"
                 if len(flatter) == n_al
                 else ("partly" if flatter else "not reproduced"),
                 "reproduced if every aligned dynamics ends with lower mean signed sharpness than GD; partly if some do",
+                basis,
             )
         )
-
-    def last(values: Any) -> float | None:
-        vals = [v for v in (values or []) if isinstance(v, int | float)]
-        return float(vals[-1]) if vals else None
-
-    gd_ratio, _ = _ms(gd_phase, "indicator_ratio")
-    sgd_curve = r.get("sgd", {}).get("curves", {}).get("indicator_ratio", {})
-    sgd_ratio = last(sgd_curve.get("mean"))
-    measured = [v for v in (gd_ratio, sgd_ratio) if v is not None and v == v]
-    if measured:
-        low = min(measured)
-        out.append(
-            Claim(
-                "fashion",
-                "Fig. 4 right: on the FashionMNIST CNN, Tr(HΣ) of SGD's noise far exceeds Tr(HΣ̄) along training",
-                "Tr(HΣ) well above Tr(HΣ̄) (figure; values not stated)",
-                f"Tr(HΣ)/Tr(HΣ̄) at θ*_GD {_fmt(gd_ratio, None)}"
-                + (f", at the end of SGD {_fmt(sgd_ratio, None)}" if sgd_ratio is not None else ""),
-                "reproduced" if low > 10 else ("partly" if low > 1 else "not reproduced"),
-                "reproduced if every measured ratio exceeds 10, partly if every one exceeds 1",
-            )
-        )
+    out.extend(_fashion_indicator_claim(r, basis))
     return out
+
+
+_LABEL = {
+    "gd": "GD",
+    "sgd": "SGD",
+    "gld_const": "const",
+    "gld_dynamic": "dynamic",
+    "gld_diag": "diag",
+    "gld_leading": "leading",
+    "gld_hessian": "Hessian",
+    "gld_hessian_top1": "1st eigvec",
+    "gld_full": "full Σ (ours)",
+    "gld_multiplicative": "multiplicative (ours)",
+}
+
+
+def _last_point(curves: Any, key: str) -> tuple[float | None, float | None]:
+    """(value, Monte-Carlo standard error) at the last point of a saved curve."""
+    c = (curves or {}).get(key) or {}
+    vals = c.get("mean") or []
+    errs = c.get("stderr") or [None] * len(vals)
+    for v, e in zip(reversed(vals), reversed(errs), strict=False):
+        if isinstance(v, int | float) and v == v:
+            return float(v), (float(e) if isinstance(e, int | float) else None)
+    return None, None
+
+
+def _ratio_or_reason(curves: Any) -> tuple[float | None, str]:
+    """Tr(HΣ)/Tr(HΣ̄) at the last measurement, or ``None`` and why it is not measurable."""
+    hs, hs_se = _last_point(curves, "tr_HS")
+    iso, iso_se = _last_point(curves, "tr_HS_iso")
+    if hs is None or iso is None:
+        return None, "not measured"
+    if iso <= 0:
+        return None, (
+            f"the estimate of Tr(HΣ̄) = Tr(H)·Tr(Σ)/D is {iso:.3g} ≤ 0 (a negative Hutch++ "
+            "estimate of Tr H), so the ratio has no meaning"
+        )
+    if iso_se is not None and iso - 2 * iso_se <= 0:
+        return None, (
+            f"the estimate of Tr(HΣ̄) = {iso:.3g} ± {iso_se:.2g} (standard error) does not exclude "
+            "0, so the ratio is unbounded"
+        )
+    if hs <= 0 or (hs_se is not None and hs - 2 * hs_se <= 0):
+        return None, f"the estimate of Tr(HΣ) = {hs:.3g} does not exclude 0"
+    return hs / iso, ""
+
+
+def _fashion_indicator_claim(r: dict[str, Any], basis: str) -> list[Claim]:
+    gd_phase = r.get("gd_phase", {})
+    gd_ratio, gd_why = _ratio_or_reason(gd_phase.get("curves"))
+    sgd_ratio, sgd_why = _ratio_or_reason((r.get("sgd") or {}).get("curves"))
+    have_sgd = "tr_HS" in ((r.get("sgd") or {}).get("curves") or {})
+    if gd_why == "not measured" and (not have_sgd or sgd_why == "not measured"):
+        return []
+    parts = [
+        f"at θ*_GD: {_fmt(gd_ratio) if gd_ratio is not None else 'not measurable — ' + gd_why}"
+    ]
+    if have_sgd:
+        parts.append(
+            "at the end of SGD: "
+            + (_fmt(sgd_ratio) if sgd_ratio is not None else "not measurable — " + sgd_why)
+        )
+    reasons = [w for w in (gd_why, sgd_why if have_sgd else "") if w]
+    measured = [v for v in (gd_ratio, sgd_ratio if have_sgd else None) if v is not None]
+    if reasons:
+        verdict = "not measurable"
+    else:
+        low = min(measured)
+        verdict = "reproduced" if low > 10 else ("partly" if low > 1 else "not reproduced")
+    return [
+        Claim(
+            "fashion",
+            "Fig. 4 right: on the FashionMNIST CNN, Tr(HΣ) of SGD's noise far exceeds Tr(HΣ̄) along training (GD phase and SGD after the switch)",
+            "Tr(HΣ) well above Tr(HΣ̄) (figure; values not stated)",
+            "Tr(HΣ)/Tr(HΣ̄) " + "; ".join(parts),
+            verdict,
+            "reproduced if every measured ratio exceeds 10, partly if every one exceeds 1; not measurable if an estimate is ≤ 0 or within 2 standard errors of 0",
+            basis,
+        )
+    ]
 
 
 _CLAIMS: dict[str, Callable[[dict[str, Any]], list[Claim]]] = {
@@ -339,89 +476,170 @@ _TITLES = {
 }
 
 
-def claims(out: str | Path) -> list[Claim]:
-    """All claims with verdicts, from the saved results under ``out`` (missing parts: not run)."""
+def _part_profile(out: Path, name: str) -> str | None:
+    """The profile a part ran with, from its saved configuration (``None`` if unknown)."""
+    try:
+        cfg = json.loads((out / name / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    value = cfg.get("preset") or cfg.get("profile")
+    return str(value) if value else None
+
+
+def claims(out: str | Path, *, profile: str | None = None) -> list[Claim]:
+    """All claims with verdicts, from the saved results under ``out`` (missing parts: not run).
+
+    A part that ran with the smoke profile (by its saved config, or ``profile`` when it records
+    none) gets "not tested (smoke)": its sizes check the plumbing, not the claims.
+    """
     out = Path(out)
     rows: list[Claim] = []
     for name, fn in _CLAIMS.items():
         r = _load(out, name)
         if r is None:
-            rows.append(Claim(name, _TITLES[name], "", "", "not run", "results.json missing"))
+            why = (
+                "results.json damaged"
+                if (out / name / "results.json").exists()
+                else "results.json missing"
+            )
+            rows.append(Claim(name, _TITLES[name], "", "", "not run", why))
             continue
         try:
             got = fn(r)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             got = [Claim(name, _TITLES[name], "", f"could not read results: {exc}", "not run", "")]
-        rows.extend(got or [Claim(name, _TITLES[name], "", "no comparable numbers", "not run", "")])
+        got = got or [Claim(name, _TITLES[name], "", "no comparable numbers", "not run", "")]
+        if (_part_profile(out, name) or profile) == "smoke":
+            got = [
+                dataclasses.replace(
+                    c,
+                    verdict="not tested (smoke)" if c.verdict != "not run" else c.verdict,
+                    basis="smoke sizes: " + c.basis if c.basis else "smoke sizes",
+                )
+                for c in got
+            ]
+        rows.extend(got)
     return rows
 
 
 def _settings(out: Path, name: str) -> str:
     path = out / name / "config.json"
-    if not path.exists():
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
         return ""
-    cfg = json.loads(path.read_text())
     cfg = cfg.get("config", cfg) if isinstance(cfg, dict) else cfg
     items = [f"`{k}` = {json.dumps(v)}" for k, v in cfg.items()] if isinstance(cfg, dict) else []
     return ", ".join(items)
 
 
 def _figures(out: Path, name: str) -> list[Path]:
-    return sorted((out / name).glob("*.png"))
+    """PNG figures of a part that lie inside the output folder (no link leads elsewhere)."""
+    root = out.resolve()
+    figs = []
+    for fig in sorted((out / name).glob("*.png")):
+        real = fig.resolve()
+        if real.is_file() and real.is_relative_to(root):
+            figs.append(fig)
+    return figs
+
+
+_SMOKE_LINE = (
+    "**Smoke profile: this report checks the plumbing, not the claims.** Its sizes (a few runs, "
+    "a few iterations, tiny data) are far too small to test any claim of the paper, so no verdict "
+    "is given; run `sgdnoise reproduce --profile quick` (or `paper`) for verdicts."
+)
 
 
 def write_report(out: str | Path, *, profile: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` into ``out``."""
     out = Path(out)
-    rows = claims(out)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    counts = {
-        v: sum(r.verdict == v for r in rows)
-        for v in ("reproduced", "partly", "not reproduced", "not run")
-    }
-    md = [
-        "# Reproduction report — The Anisotropic Noise in SGD (Zhu et al., ICML 2019)",
-        "",
-        f"Profile: **{profile or next((t.get('profile') for t in timings.values()), '?')}**. "
-        + ", ".join(f"{v}: {n}" for v, n in counts.items()),
-        "",
+    try:
+        timings = json.loads((out / "timings.json").read_text())
+    except (OSError, ValueError):
+        timings = {}
+    if not isinstance(timings, dict):
+        timings = {}
+    if profile is None:
+        found = {t.get("profile") for t in timings.values() if isinstance(t, dict)}
+        found |= {_part_profile(out, n) for n in _TITLES}
+        found.discard(None)
+        profile = found.pop() if len(found) == 1 else ("mixed" if found else None)
+    rows = claims(out, profile=profile)
+    counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
+    smoke = profile == "smoke" or (
+        rows and all(r.verdict in ("not tested (smoke)", "not run") for r in rows)
+    )
+    blocks: list[tuple[str, Any]] = []
+
+    def ours(text: str) -> None:
+        blocks.append(("md", text))
+
+    title = "# Reproduction report — The Anisotropic Noise in SGD (Zhu et al., ICML 2019)"
+    if smoke:
+        title = (
+            "# Reproduction report (smoke profile: checks the plumbing, not the claims) — "
+            "The Anisotropic Noise in SGD (Zhu et al., ICML 2019)"
+        )
+    ours(title)
+    if smoke:
+        ours(_SMOKE_LINE)
+    ours(
+        f"Profile: **{profile or '?'}**. "
+        + ", ".join(f"{v}: {n}" for v, n in counts.items() if n or v in VERDICTS[:3])
+    )
+    ours(
         "Verdicts are computed from the numbers by the rule in each row (see `sgdnoise/report.py`), "
-        "never written by hand. Paper numbers come from the poster and PAPER_NOTES §00/§4; where the "
-        "paper states no number, the row says so.",
-        "",
-        "| experiment | claim | paper | ours | verdict | rule |",
-        "|---|---|---|---|---|---|",
+        "never written by hand; the column 'based on' says how many seeds or runs each rests on "
+        "(one seed is only indicative). Paper numbers come from the poster and the paper (Zhu et "
+        "al., ICML 2019); where the paper states no number, the row says so."
+    )
+    table = [
+        "| experiment | claim | paper | ours | verdict | based on | rule |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = [r.experiment, r.claim, r.paper, r.ours, f"**{r.verdict}**", r.rule]
-        md.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        cells = [r.experiment, r.claim, r.paper, r.ours, f"**{r.verdict}**", r.basis, r.rule]
+        table.append(
+            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+        )
+    ours("\n".join(table))
     for name, title in _TITLES.items():
-        md += ["", f"## {title}", ""]
+        ours(f"## {title}")
         if not (out / name / "results.json").exists():
-            md.append("_Not run in this output folder._")
+            ours("_Not run in this output folder._")
             continue
         t = timings.get(name, {})
-        if t:
-            md.append(
+        if isinstance(t, dict) and isinstance(t.get("seconds"), int | float):
+            ours(
                 f"Run time: {t['seconds']:.1f} s on {t.get('device', '?')} (profile {t.get('profile', '?')})."
             )
-            md.append("")
-        summary = out / name / "summary.md"
-        if summary.exists():
-            text = summary.read_text().strip()
+        try:
+            text = (out / name / "summary.md").read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        if text:
             text = re.sub(r"^#+ .*\n", "", text, count=1)  # drop its own title
-            md += [text, ""]
+            blocks.append(("text", text))
         for fig in _figures(out, name):
-            md.append(f"![{fig.stem}]({name}/{fig.name})")
+            blocks.append(("figure", (fig.stem, f"{name}/{fig.name}")))
         settings = _settings(out, name)
         if settings:
-            md += ["", f"<details><summary>Settings</summary>\n\n{settings}\n\n</details>"]
-    text = "\n".join(md) + "\n"
+            blocks.append(("settings", settings))
+    md_parts = []
+    for kind, value in blocks:
+        if kind in ("md", "text"):
+            md_parts.append(value)
+        elif kind == "figure":
+            md_parts.append(f"![{value[0]}]({value[1]})")
+        else:
+            md_parts.append(f"<details><summary>Settings</summary>\n\n{value}\n\n</details>")
     md_path = out / "report.md"
-    atomic_write_text(md_path, text)
+    atomic_write_text(md_path, "\n\n".join(md_parts) + "\n")
     html_path = out / "report.html"
-    atomic_write_text(html_path, _to_html(text, out))
+    atomic_write_text(html_path, _to_html(blocks, out))
     return md_path, html_path
 
 
@@ -429,12 +647,15 @@ def _inline(s: str) -> str:
     s = html.escape(s)
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
     s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-    s = re.sub(r"_(.+?)_(?=\W|$)", r"<i>\1</i>", s)
+    s = re.sub(r"(?<![\w])_(.+?)_(?=\W|$)", r"<i>\1</i>", s)
     return s
 
 
-def _to_html(md: str, out: Path) -> str:
-    """A small Markdown subset → HTML, with every PNG embedded as base64 (self-contained)."""
+def _md_to_html(md: str) -> list[str]:
+    """A small Markdown subset (headings, tables, lists, paragraphs) → HTML, escaping all text.
+
+    Raw HTML and image syntax in ``md`` come out as visible, escaped text.
+    """
     body: list[str] = []
     lines = md.splitlines()
     i = 0
@@ -446,49 +667,66 @@ def _to_html(md: str, out: Path) -> str:
                 rows.append(lines[i])
                 i += 1
             cells = [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows]
-            head, data = cells[0], cells[2:]
+            head = cells[0]
+            data = (
+                cells[2:]
+                if len(cells) > 1 and all(set(c) <= set("-: ") for c in cells[1])
+                else cells[1:]
+            )
+            vcol = head.index("verdict") if "verdict" in head else -1
             body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
             for row in data:
                 cls = ""
-                verdict = row[4] if len(row) > 4 else ""
-                for v in ("not reproduced", "reproduced", "partly", "not run"):
-                    if v in verdict:
-                        cls = v.replace(" ", "-")
+                verdict = row[vcol] if 0 <= vcol < len(row) else ""
+                for v in VERDICTS:
+                    if f"**{v}**" == verdict:
+                        cls = re.sub(r"[^a-z]+", "-", v).strip("-")
                         break
                 body.append(
-                    f'<tr class="{cls}">'
+                    (f'<tr class="{cls}">' if cls else "<tr>")
                     + "".join(f"<td>{_inline(c.replace(chr(92) + '|', '|'))}</td>" for c in row)
                     + "</tr>"
                 )
             body.append("</table>")
             continue
-        m = re.match(r"!\[(.*?)\]\((.+?)\)", line)
-        if m:
-            path = out / m.group(2)
-            if path.exists():
-                data = base64.b64encode(path.read_bytes()).decode()
-                body.append(
-                    f'<figure><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"/></figure>'
-                )
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
+        if line.startswith("#"):
+            level = min(6, len(line) - len(line.lstrip("#")))
             body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
-        elif (
-            line.startswith("<details>")
-            or line.startswith("</details>")
-            or line.startswith("<summary>")
-        ):
-            body.append(line)
         elif line.startswith("- ") or line.startswith("* "):
             body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
         elif line.strip():
             body.append(f"<p>{_inline(line)}</p>")
         i += 1
+    return body
+
+
+def _to_html(blocks: list[tuple[str, Any]], out: Path) -> str:
+    """The report's blocks → one self-contained HTML page.
+
+    Text (ours or from the results folders) is escaped; figures are the PNGs listed by
+    :func:`_figures` (inside ``out``), embedded as base64.
+    """
+    body: list[str] = []
+    root = out.resolve()
+    for kind, value in blocks:
+        if kind in ("md", "text"):
+            body += _md_to_html(value)
+        elif kind == "figure":
+            alt, rel = value
+            path = (out / rel).resolve()
+            if path.suffix == ".png" and path.is_file() and path.is_relative_to(root):
+                data = base64.b64encode(path.read_bytes()).decode()
+                body.append(
+                    f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/></figure>'
+                )
+        else:
+            body.append(f"<details><summary>Settings</summary><p>{_inline(value)}</p></details>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
         "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top}"
         "tr.reproduced td:nth-child(5){background:#d9f2d9}tr.partly td:nth-child(5){background:#fff2cc}"
         "tr.not-reproduced td:nth-child(5){background:#f8d0d0}tr.not-run td:nth-child(5){background:#eee}"
+        "tr.not-measurable td:nth-child(5){background:#e8e0f0}tr.not-tested-smoke td:nth-child(5){background:#eee}"
         "img{max-width:100%}code{background:#f4f4f4;padding:0 2px}"
     )
     return (

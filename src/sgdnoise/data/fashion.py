@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = [
     "FashionMNIST",
     "IDXFormatError",
     "corrupted_fashion_mnist",
+    "fashion_mnist_identity",
     "find_fashion_mnist",
     "load_fashion_mnist",
     "read_idx",
@@ -326,6 +328,41 @@ def _load(data_dir: str | os.PathLike[str] | None) -> tuple[dict[str, np.ndarray
         for role in FASHION_MNIST_FILES
     )
     return _load_arrays(key), files["train_images"].parent
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes (cached per process by path, size and modification time)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fashion_mnist_identity(data_dir: str | os.PathLike[str] | None = None) -> dict[str, object]:
+    """The identity of the FashionMNIST files that ``data_dir`` resolves to.
+
+    Returns ``{"source": folder, "files": {role: {"name", "bytes", "sha256"}}, "num_train",
+    "num_test"}``: two folders holding the same bytes have the same ``files`` entry, so a run can
+    tell whether it is being resumed on the data it started with (the folder itself may move).
+
+    Raises:
+        DataNotFoundError, IDXFormatError: as :func:`load_fashion_mnist`.
+    """
+    files = find_fashion_mnist(data_dir)
+    arrays, source = _load(data_dir)
+    ident: dict[str, object] = {"source": str(source), "files": {}}
+    for role in FASHION_MNIST_FILES:
+        st = files[role].stat()
+        ident["files"][role] = {  # type: ignore[index]
+            "name": files[role].name,
+            "bytes": st.st_size,
+            "sha256": _sha256(str(files[role].resolve()), st.st_size, st.st_mtime_ns),
+        }
+    ident["num_train"] = int(arrays["train_labels"].shape[0])
+    ident["num_test"] = int(arrays["test_labels"].shape[0])
+    return ident
 
 
 def _check_float_dtype(dtype: torch.dtype) -> None:

@@ -39,6 +39,7 @@ from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
 from ..measures import escape_indicator, expected_sharpness
 from ..optim import ProblemOptimizer, make_optimizer
 from ..problem import Problem
+from ._common import quarantine
 
 __all__ = ["PhaseSpec", "derive_seed", "evaluate_accuracy", "load_final", "run_phase"]
 
@@ -208,8 +209,18 @@ def _save(path: Path, obj: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load(path: Path) -> dict[str, Any] | None:
+    """A checkpoint file's content; ``None`` if it is missing, or damaged (then moved aside)."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or "theta" not in obj or "rows" not in obj:
+            raise ValueError("not an sgdnoise checkpoint")
+        return obj
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all "damaged"
+        quarantine(path, f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def _write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -219,8 +230,7 @@ def _write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 def load_final(folder: Path) -> dict[str, Any] | None:
     """``{"theta", "rows", "wall_s"}`` of a finished phase, or ``None`` if it has not finished."""
-    path = folder / "final.pt"
-    return _load(path) if path.exists() else None
+    return _load(folder / "final.pt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +262,7 @@ def run_phase(
     folder: Path,
     theta0: torch.Tensor,
     *,
-    advance: Callable[[int, dict[str, Any] | None], None] | None = None,
+    advance: Callable[..., None] | None = None,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or just load) one phase; returns ``{"theta", "rows", "wall_s"}``.
@@ -263,21 +273,22 @@ def run_phase(
         spec: what to run.
         folder: the phase folder (created).
         theta0: θ at t = 0 (ignored when resuming from a checkpoint).
-        advance: progress callback ``advance(n, row)``: n more steps are done (all T for a phase
-            that had finished, t for a resumed one, then 1 per step), row = the metrics measured
-            after that step or ``None``.
+        advance: progress callback ``advance(n, row, skipped=False)``: n more steps are done
+            (``skipped=True`` and ``rows=`` the loaded rows, with all T for a phase that had
+            finished or t for a resumed one; 0 with the row measured at t = 0; then 1 per
+            computed step), row = the metrics measured after that step or ``None``.
         stop_after: testing hook: return (without finishing) after this many steps of this call.
     """
     folder.mkdir(parents=True, exist_ok=True)
     done = load_final(folder)
     if done is not None:
         if advance is not None:
-            advance(spec.num_steps, None)
+            advance(spec.num_steps, None, skipped=True, rows=done["rows"])
         return done
     ckpt_path = folder / "checkpoint.pt"
     start = time.perf_counter()
-    if ckpt_path.exists():
-        ckpt = _load(ckpt_path)
+    ckpt = _load(ckpt_path)
+    if ckpt is not None:
         t0, rows, wall = int(ckpt["t"]), list(ckpt["rows"]), float(ckpt["wall_s"])
         problem.set_theta(ckpt["theta"].to(problem.device, problem.dtype))
         opt = _build_optimizer(problem, spec)
@@ -287,7 +298,7 @@ def run_phase(
             extra.setdefault("noise_warm_state", {"eigenvectors": ckpt["warm"]})
         opt.load_state_dict(state)
         if advance is not None:
-            advance(t0, None)
+            advance(t0, None, skipped=True, rows=rows)
     else:
         t0, rows, wall = 0, [], 0.0
         problem.set_theta(theta0.to(problem.device, problem.dtype))
@@ -295,6 +306,8 @@ def run_phase(
         row = measure(problem, data, spec, 0)
         if row is not None:
             rows.append(row)
+            if advance is not None:
+                advance(0, row)
     for t in range(t0, spec.num_steps):
         opt.step()
         done_steps = t + 1

@@ -1,4 +1,4 @@
-"""The escape indicator on one-hidden-layer networks (PAPER_NOTES §3.2; poster Fig. 4 left) and
+"""The escape indicator on one-hidden-layer networks (Zhu et al., ICML 2019, Sec. 5.2; poster Fig. 4 left) and
 Proposition 2's alignment coefficient a(θ) along training.
 
 Setting (the released ``OneHiddenLayer/gd.py``): N = 1000 points ``x ~ U([−2, 2]²)``, label
@@ -764,11 +764,12 @@ def run(
     config = config.validate()
     dev = resolve_device(device)
     rd = RunDir(out_dir)
+    rd.clear_complete()
     t0 = time.perf_counter()
     cfg = {**dataclasses.asdict(config), "device": str(dev), "preset": preset}
     rows: list[dict[str, Any]] = []
-    if rd.exists("config.json") and rd.exists("metrics.jsonl"):
-        old = rd.read_json("config.json")
+    old = rd.read_json_or_quarantine("config.json") if rd.exists("metrics.jsonl") else None
+    if isinstance(old, dict):
         same = {k: v for k, v in old.items() if k not in ("device", "preset")} == {
             k: v for k, v in _json_roundtrip(cfg).items() if k not in ("device", "preset")
         }
@@ -781,11 +782,14 @@ def run(
     done = {(r["width"], r["delta"], r["seed"]) for r in rows if r["epoch"] == config.epochs}
     rows = [r for r in rows if (r["width"], r["delta"], r["seed"]) in done]
     timings: dict[str, float] = {}
-    bar = Progress(len(units), "indicator", enabled=progress)
+    # A training run's cost grows about linearly with D = 3h (every product is over all of θ):
+    # the ETA weights each run by its width, and kept runs shorten the work without time.
+    bar = Progress(len(units), "indicator", enabled=progress,
+                   work_total=sum(w for _, w, _, _ in units))  # fmt: skip
     with _num_threads(config.threads):
         for group, width, delta, seed in units:
             if (width, delta, seed) in done:
-                bar.update(1, postfix=f"h={width} δ={delta:g} seed={seed} (kept)")
+                bar.skip(1, work=width, postfix=f"h={width} δ={delta:g} seed={seed} (kept)")
                 continue
             t1 = time.perf_counter()
             new = train_and_measure(width, seed, delta, config, device=dev)
@@ -795,7 +799,8 @@ def run(
             timings[f"h={width},delta={delta:g},seed={seed}"] = time.perf_counter() - t1
             rd.write_jsonl("metrics.jsonl", rows)
             last = new[-1]
-            bar.update(1, postfix=f"h={width} δ={delta:g} seed={seed}: ratio {last['ratio']:.1f}")
+            bar.update(1, work=width,
+                       postfix=f"h={width} δ={delta:g} seed={seed}: ratio {last['ratio']:.1f}")  # fmt: skip
 
     results, analysis = _collect(config, rows)
     elapsed = time.perf_counter() - t0
@@ -807,6 +812,7 @@ def run(
     rd.write_json("meta.json", meta)
     rd.write_text("summary.md", _summary(config, results, analysis, meta))
     plot(rd.path)
+    rd.mark_complete("indicator", config)
     return results
 
 
@@ -922,7 +928,7 @@ def _summary(
         "",
         "Log-log slope of the final ratio against D: "
         + ("n/a (one width)" if slope is None else f"{slope:.3f}")
-        + " (a ratio ∝ D gives 1). A PAPER_NOTES re-simulation of the released script gave "
+        + " (a ratio ∝ D gives 1). A re-simulation of the released script gave "
         "about 0.4·D (≈ 40 / 170 / 650 for D = 96 / 384 / 1536); the paper states no number.",
     ]
     if analysis["delta_sweep"]:

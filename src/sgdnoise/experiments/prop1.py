@@ -1,5 +1,5 @@
 """Proposition 1 numerically: anisotropic aligned noise beats its isotropic equivalent by
-``Tr(HΣ)/Tr(HΣ̄) ≥ a·D/(k + D^{1−d})² ~ a·D^{2d−1}`` (PAPER_NOTES §1.3).
+``Tr(HΣ)/Tr(HΣ̄) ≥ a·D/(k + D^{1−d})² ~ a·D^{2d−1}`` (Zhu et al., ICML 2019, Proposition 1).
 
 Construction, for each dimension D and exponent d ∈ (1/2, 1]:
 
@@ -457,6 +457,7 @@ def run(
     """
     config = config.validate()
     rd = RunDir(out_dir)
+    rd.clear_complete()
     t0 = time.perf_counter()
     rd.write_config({**dataclasses.asdict(config), "device": "cpu", "preset": preset})
     rd.write_env("cpu")
@@ -472,6 +473,7 @@ def run(
     rd.write_json("meta.json", {"seconds": elapsed, "device": "cpu"})
     rd.write_text("summary.md", _summary(config, results, elapsed))
     plot(rd.path)
+    rd.mark_complete("prop1", config)
     return results
 
 

@@ -1,4 +1,4 @@
-"""The 2-D escape experiment (PAPER_NOTES §3.1; poster Fig. 1), vectorised over runs.
+"""The 2-D escape experiment (Zhu et al., ICML 2019, Sec. 5.1; poster Fig. 1), vectorised over runs.
 
 Setting (the released ``2Dim`` code): per-sample loss ``ℓ(w; x) = min{q_s(w − x − (1,1)),
 q_f(w − x + (1,1))}`` (sharp minimum near (1, 1) with Hessian eigenvalues 200/20, flat one near
@@ -45,6 +45,7 @@ from ..optim import factor_noise, gld_step
 from ._common import (
     Progress,
     RunDir,
+    check_memory,
     load_toml_config,
     replace_config,
     resolve_device,
@@ -147,12 +148,17 @@ class ToyConfig:
                 or v <= 0
             ):
                 raise ValueError(f"toy config: {name} must be a finite number > 0, got {v!r}")
-        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or not math.isfinite(self.threshold)
+        ):
             raise ValueError(
                 f"toy config: threshold must be a finite number, got {self.threshold!r}"
             )
         if len(self.start) != 2 or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in self.start
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in self.start
         ):
             raise ValueError(f"toy config: start must be two finite numbers, got {self.start!r}")
         bad = [d for d in self.dynamics if d not in ALL_DYNAMICS]
@@ -161,7 +167,7 @@ class ToyConfig:
                 f"toy config: dynamics must be a non-empty list of distinct names from "
                 f"{', '.join(ALL_DYNAMICS)}; got {list(self.dynamics)}"
             )
-        if self.leading_k not in (1, 2):
+        if isinstance(self.leading_k, bool) or self.leading_k not in (1, 2):
             raise ValueError(
                 f"toy config: leading_k must be 1 or 2 (D = 2), got {self.leading_k!r}"
             )
@@ -171,7 +177,11 @@ class ToyConfig:
             raise ValueError(
                 f"toy config: dtype must be 'float32' or 'float64', got {self.dtype!r}"
             )
-        if not isinstance(self.trajectory_run, int) or not 0 <= self.trajectory_run < self.runs:
+        if (
+            isinstance(self.trajectory_run, bool)
+            or not isinstance(self.trajectory_run, int)
+            or not 0 <= self.trajectory_run < self.runs
+        ):
             raise ValueError(
                 f"toy config: trajectory_run must be an integer in [0, runs) = [0, {self.runs}), "
                 f"got {self.trajectory_run!r}"
@@ -379,7 +389,15 @@ def run(
     config = config.validate()
     dev = resolve_device(device)
     dtype = resolve_dtype(config.dtype)
+    # The [runs, num_points, 2] data and about a dozen temporaries of that size per step.
+    check_memory(
+        12 * config.runs * config.num_points * 2 * torch.finfo(dtype).bits // 8,
+        dev,
+        what=f"{config.runs} runs × {config.num_points} points",
+        fix="lower --runs (the paper uses 100) or num_points",
+    )
     rd = RunDir(out_dir)
+    rd.clear_complete()
     t0 = time.perf_counter()
     rd.write_config({**dataclasses.asdict(config), "device": str(dev), "preset": preset})
     rd.write_env(dev)
@@ -439,6 +457,7 @@ def run(
     rd.write_json("meta.json", {"simulation_seconds": elapsed, "device": str(dev)})
     rd.write_text("summary.md", _summary(config, results, elapsed))
     plot(rd.path)
+    rd.mark_complete("toy", config)
     return results
 
 
@@ -481,7 +500,7 @@ def _summary(config: ToyConfig, results: dict[str, Any], elapsed: float) -> str:
         "",
         _ordering_note(results),
         "",
-        "Reference ([SIM] in PAPER_NOTES, 3 seeds × 100 runs of the released settings): GD 0, "
+        "Reference (a re-simulation of the released code, 3 seeds × 100 runs of its settings): GD 0, "
         "const 0–2, diag 0–1, leading 31–36, Hessian 24–31, 1st eigvec(H) 37–41 (per 100). "
         "Tr(HΣ) at the exact sharp minimum: 1st eigvec 2.00 > Hessian = leading 1.84 > "
         "const = diag 1.10 > GD 0. GLD leading (k = 2 = D) and GLD full have the same covariance "
