@@ -252,7 +252,7 @@ def test_trace_estimate_errors() -> None:
     A = DenseOperator(torch.eye(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown method 'exact'"):
         sgdnoise.trace_estimate(A, 10, method="exact", generator=0)
-    with pytest.raises(ValueError, match="num_matvecs >= 3"):
+    with pytest.raises(ValueError, match="num_matvecs >= 4"):
         sgdnoise.trace_estimate(A, 2, generator=0)
     with pytest.raises(TypeError, match="torch.Generator or an int seed"):
         sgdnoise.trace_estimate(A, 10, generator=None)

@@ -95,7 +95,9 @@ def by_layer(
 
     Returns:
         :class:`LayerTable`; ``table.total("tr_S")`` equals ``Tr Σ_b`` of the whole problem and
-        ``table.total("tr_H")`` its ``Tr H`` (exact traces).
+        ``table.total("tr_H")`` its ``Tr H`` — exactly in exact mode; with ``num_samples`` a
+        layer's Tr H is a Hutch++ estimate when its D exceeds the sample's product budget
+        (``tr_H_exact`` per row says which).
     """
     rows: list[dict[str, object]] = []
     seed = generator if isinstance(generator, int) else int(generator.initial_seed())

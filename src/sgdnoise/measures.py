@@ -8,6 +8,7 @@ mini-batch mean gradient (``Σ_1 = (1/N) Σ_i c_i c_iᵀ``, ``c_i = g_i − ḡ`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from torch import nn
 from ._utils import as_generator, check_finite, randn
 from .linalg.covariance import GradientNoiseCovariance, batch_scale
 from .linalg.hessian import HessianOperator
-from .linalg.lanczos import top_eigenpairs
+from .linalg.lanczos import EigenPairs, default_tol, top_eigenpairs
 from .linalg.trace import trace_estimate
 from .problem import Problem
 
@@ -23,7 +24,9 @@ __all__ = [
     "Alignment",
     "EscapeIndicator",
     "ExpectedSharpness",
+    "MeasurementContext",
     "alignment",
+    "at_theta",
     "escape_indicator",
     "expected_sharpness",
     "hessian_trace",
@@ -118,11 +121,32 @@ def hessian_trace(
     exact_max_dim: int = EXACT_TRACE_MAX_DIM,
     num_matvecs: int = 99,
     generator: torch.Generator | int | None = None,
+    exact: bool | None = None,
 ) -> tuple[float, float, bool]:
-    """``(Tr H, stderr, exact)``: exact from D products when D ≤ ``exact_max_dim``, else Hutch++."""
+    """``(Tr H, stderr, exact)``.
+
+    Args:
+        H: the Hessian operator.
+        exact_max_dim: with ``exact=None``, Tr H is exact (D products) when D ≤ this, else Hutch++.
+        num_matvecs: Hutch++ budget (products).
+        generator: randomness of Hutch++ (``None``: seed 0).
+        exact: ``True`` always computes the exact trace (D products, in blocks of unit vectors —
+            no D×D matrix above ``exact_max_dim``), ``False`` always estimates it with Hutch++
+            from ``num_matvecs`` products, ``None`` (default) decides by ``exact_max_dim``.
+    """
     D = H.shape[0]
-    if D <= exact_max_dim:
-        return float(H.to_dense(max_dim=exact_max_dim).diagonal().sum()), 0.0, True
+    if exact is None:
+        exact = D <= exact_max_dim
+    if exact:
+        if D <= exact_max_dim:
+            return float(H.to_dense(max_dim=exact_max_dim).diagonal().sum()), 0.0, True
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, D, 256):
+            stop = min(D, start + 256)
+            E = torch.zeros(D, stop - start, dtype=H.dtype, device=H.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            total += (H @ E)[start:stop].diagonal().double().sum().cpu()
+        return float(total), 0.0, True
     est = trace_estimate(
         H,
         num_matvecs,
@@ -141,6 +165,266 @@ def _quadratic_forms(H: HessianOperator, C: torch.Tensor, block: int) -> torch.T
     return torch.cat(out)
 
 
+class MeasurementContext:
+    """Measurements at one θ that share their products: H, Σ_b, Tr H, Tr Σ_b, eigenpairs.
+
+    ``escape_indicator``, ``alignment``, ``hessian_trace`` and ``top_eigenpairs`` called through
+    one context (its methods, or the functions with ``context=``) reuse what an earlier call at
+    the same θ computed instead of recomputing it:
+
+    * one :class:`~sgdnoise.linalg.HessianOperator` (so ``context.hessian.num_products`` counts
+      every Hessian product spent at this θ);
+    * the noise covariance ``Σ_b`` per ``(batch_size, replacement)`` (its per-sample gradient
+      pass) and its exact trace;
+    * ``Tr H``: an exact value is reused by every later request (exact or not: it is better and
+      free); a Hutch++ estimate is reused by a request for a Hutch++ estimate with a budget no
+      larger than its own, else recomputed (and kept if its budget is larger);
+    * the N quadratic forms ``c_iᵀ H c_i`` of the exact indicator (independent of b);
+    * top eigenpairs of H or Σ_b: a result for ``(k', tol')`` serves any request with ``k ≤ k'``
+      and ``tol ≥ tol'`` (its first k pairs).
+
+    A reused quantity equals the one the first call computed, bit for bit; a call served from the
+    cache draws nothing from its generator, so later *random* quantities in the same call may
+    differ from an uncached call (within their error bars). Exact quantities are identical.
+
+    Never stale: every access compares the problem's current θ with the snapshot taken when the
+    cache was filled and, if they differ (an optimizer step, ``set_theta``), drops everything and
+    starts afresh at the new θ. :meth:`invalidate` does the same by hand (e.g. after changing the
+    data in place, which the context cannot see). Usable as a context manager (the cache is freed
+    on exit).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from sgdnoise.measures import MeasurementContext
+        >>> import sgdnoise
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(16, 1, generator=g, dtype=torch.float64)
+        >>> problem = sgdnoise.Problem(nn.Linear(3, 1).double(), nn.functional.mse_loss, x, y)
+        >>> with MeasurementContext(problem, batch_size=4) as m:
+        ...     ind = m.escape_indicator()
+        ...     before = m.hessian.num_products
+        ...     al = m.alignment(k=1)  # reuses Tr H, Σ_b and its trace: only Lanczos products
+        >>> ind.tr_H == al.tr_H
+        True
+
+    Args:
+        problem: model, loss and data.
+        batch_size: default mini-batch size b of ``Σ_b`` for the methods.
+        replacement: default sampling of SGD's mini-batches.
+    """
+
+    def __init__(self, problem: Problem, batch_size: int = 1, *, replacement: bool = True) -> None:
+        if not isinstance(problem, Problem):
+            raise TypeError(
+                f"MeasurementContext needs a sgdnoise.Problem, got {type(problem).__name__}"
+            )
+        batch_scale(problem.num_samples, batch_size, replacement)  # validates b
+        self.problem = problem
+        self.batch_size = batch_size
+        self.replacement = bool(replacement)
+        self.num_invalidations = 0
+        self._fill_at_current_theta()
+
+    # ------------------------------------------------------------------ cache state
+    def _fill_at_current_theta(self) -> None:
+        self._hessian = HessianOperator(self.problem)  # snapshots θ
+        self._theta = self._hessian.theta
+        self._covs: dict[tuple[int, bool], GradientNoiseCovariance] = {}
+        self._tr_S: dict[tuple[int, bool], float] = {}
+        self._tr_H: tuple[float, float, bool, int] | None = None  # value, stderr, exact, budget
+        self._quad: torch.Tensor | None = None  # exact c_iᵀ H c_i, i = 1..N
+        self._pairs: dict[object, EigenPairs] = {}
+
+    def invalidate(self) -> None:
+        """Drop every cached quantity and re-snapshot θ (done automatically when θ changes)."""
+        self.num_invalidations += 1
+        self._fill_at_current_theta()
+
+    def _sync(self) -> None:
+        theta = self.problem.theta()
+        if not torch.equal(theta, self._theta):
+            self.invalidate()
+
+    def __enter__(self) -> MeasurementContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._covs, self._pairs, self._quad = {}, {}, None
+
+    def __repr__(self) -> str:
+        return (
+            f"MeasurementContext(D={self.problem.dim}, batch_size={self.batch_size}, "
+            f"replacement={self.replacement}, hessian_products={self._hessian.num_products}, "
+            f"cached={self._cached_names()})"
+        )
+
+    def _cached_names(self) -> list[str]:
+        names = []
+        if self._tr_H is not None:
+            names.append("tr_H" + ("" if self._tr_H[2] else "~"))
+        names += [f"sigma_b{b}" for b, _ in self._covs]
+        if self._quad is not None:
+            names.append("quadratic_forms")
+        names += [f"eig_{key[0]}" for key in self._pairs]  # type: ignore[index]
+        return names
+
+    def _key(self, batch_size: int | None, replacement: bool | None) -> tuple[int, bool]:
+        b = self.batch_size if batch_size is None else batch_size
+        r = self.replacement if replacement is None else bool(replacement)
+        return b, r
+
+    # ------------------------------------------------------------------ shared quantities
+    @property
+    def hessian(self) -> HessianOperator:
+        """The Hessian at the current θ (one operator per θ: its ``num_products`` counts all)."""
+        self._sync()
+        return self._hessian
+
+    def covariance(
+        self, batch_size: int | None = None, replacement: bool | None = None
+    ) -> GradientNoiseCovariance:
+        """``Σ_b`` at the current θ (one per ``(batch_size, replacement)``)."""
+        self._sync()
+        key = self._key(batch_size, replacement)
+        if key not in self._covs:
+            self._covs[key] = GradientNoiseCovariance(self.problem, key[0], key[1])
+        return self._covs[key]
+
+    def noise_trace(self, batch_size: int | None = None, replacement: bool | None = None) -> float:
+        """Exact ``Tr Σ_b`` at the current θ."""
+        key = self._key(batch_size, replacement)
+        cov = self.covariance(*key)
+        if key not in self._tr_S:
+            self._tr_S[key] = float(cov.trace())
+        return self._tr_S[key]
+
+    def hessian_trace(
+        self,
+        *,
+        exact_max_dim: int = EXACT_TRACE_MAX_DIM,
+        num_matvecs: int = 99,
+        generator: torch.Generator | int | None = None,
+        exact: bool | None = None,
+    ) -> tuple[float, float, bool]:
+        """:func:`hessian_trace` at the current θ, cached as described in the class docstring."""
+        H = self.hessian
+        D = H.shape[0]
+        want_exact = D <= exact_max_dim if exact is None else exact
+        cached = self._tr_H
+        if cached is not None and (
+            cached[2] or (not want_exact and exact is not True and cached[3] >= num_matvecs)
+        ):
+            return cached[0], cached[1], cached[2]
+        value, se, is_exact = hessian_trace(
+            H,
+            exact_max_dim=exact_max_dim,
+            num_matvecs=num_matvecs,
+            generator=generator,
+            exact=exact,
+        )
+        if cached is None or is_exact or num_matvecs > cached[3]:
+            self._tr_H = (value, se, is_exact, D if is_exact else num_matvecs)
+        return value, se, is_exact
+
+    def top_eigenpairs(
+        self,
+        k: int,
+        *,
+        of: str = "hessian",
+        tol: float | None = None,
+        generator: torch.Generator | int | None = None,
+        batch_size: int | None = None,
+        replacement: bool | None = None,
+    ) -> EigenPairs:
+        """Top-k eigenpairs of H (``of="hessian"``) or ``Σ_b`` (``of="noise"``), cached.
+
+        A cached result for ``(k', tol')`` with ``k' ≥ k`` and ``tol' ≤ tol`` is reused (its first
+        k pairs; ``num_matvecs`` is that of the computation that produced it).
+        """
+        if of == "hessian":
+            op: Any = self.hessian
+            key: tuple[object, ...] = ("hessian",)
+        elif of == "noise":
+            bkey = self._key(batch_size, replacement)
+            op = self.covariance(*bkey)
+            key = ("noise", *bkey)
+        else:
+            raise ValueError(f"of must be 'hessian' or 'noise', got {of!r}")
+        want_tol = default_tol(op.dtype) if tol is None else tol
+        hit = self._pairs.get(key)
+        if hit is not None and hit.eigenvalues.numel() >= k and hit.tol <= want_tol:
+            if hit.eigenvalues.numel() == k:
+                return hit
+            return EigenPairs(
+                hit.eigenvalues[:k],
+                hit.eigenvectors[:, :k],
+                residuals=hit.residuals[:k],
+                num_matvecs=hit.num_matvecs,
+                converged=hit.converged,
+                tol=hit.tol,
+            )
+        pairs = top_eigenpairs(
+            op, k, tol=tol, generator=as_generator(0 if generator is None else generator)
+        )
+        if hit is None or pairs.eigenvalues.numel() >= hit.eigenvalues.numel():
+            self._pairs[key] = pairs
+        return pairs
+
+    def quadratic_forms(self, block_size: int = 32) -> torch.Tensor:
+        """The N values ``c_iᵀ H c_i`` (centred per-sample gradients; independent of b), cached."""
+        self._sync()
+        if self._quad is None:
+            # Any Σ_b already made holds the same centred gradients (b only scales it).
+            cov = next(iter(self._covs.values())) if self._covs else self.covariance()
+            H, problem, N = self._hessian, self.problem, self.problem.num_samples
+            if cov.centered is not None:
+                self._quad = _quadratic_forms(H, cov.centered, block_size)
+            else:
+                parts = []
+                for start in range(0, N, block_size):
+                    idx = torch.arange(start, min(N, start + block_size), device=problem.device)
+                    C = problem.per_sample_gradients(idx, theta=cov.theta) - cov.mean_gradient
+                    parts.append(_quadratic_forms(H, C, block_size))
+                self._quad = torch.cat(parts)
+        return self._quad
+
+    # ------------------------------------------------------------------ the measures
+    def escape_indicator(self, batch_size: int | None = None, **kwargs: Any) -> EscapeIndicator:
+        """:func:`escape_indicator` at the current θ, sharing this context's products."""
+        b, r = self._key(batch_size, kwargs.pop("replacement", None))
+        return escape_indicator(self.problem, b, replacement=r, context=self, **kwargs)
+
+    def alignment(self, k: int = 1, batch_size: int | None = None, **kwargs: Any) -> Alignment:
+        """:func:`alignment` at the current θ, sharing this context's products."""
+        b, r = self._key(batch_size, kwargs.pop("replacement", None))
+        return alignment(self.problem, b, k, replacement=r, context=self, **kwargs)
+
+
+def at_theta(
+    problem: Problem, batch_size: int = 1, *, replacement: bool = True
+) -> MeasurementContext:
+    """A :class:`MeasurementContext` at the problem's current θ:
+    ``with at_theta(problem, 32) as m: m.escape_indicator(); m.alignment(k=5)``."""
+    return MeasurementContext(problem, batch_size, replacement=replacement)
+
+
+def _context(context: MeasurementContext | None, problem: Problem, who: str) -> MeasurementContext:
+    if context is None:
+        return MeasurementContext(problem)
+    if not isinstance(context, MeasurementContext):
+        raise TypeError(
+            f"{who}: context must be a MeasurementContext, got {type(context).__name__}"
+        )
+    if context.problem is not problem:
+        raise ValueError(
+            f"{who}: the context was made for another Problem; make one with "
+            "MeasurementContext(problem) for this problem"
+        )
+    return context
+
+
 def escape_indicator(
     problem: Problem,
     batch_size: int = 1,
@@ -150,7 +434,9 @@ def escape_indicator(
     replacement: bool = True,
     block_size: int = 32,
     exact_trace_max_dim: int = EXACT_TRACE_MAX_DIM,
-    trace_matvecs: int = 99,
+    trace_matvecs: int | None = None,
+    exact_trace: bool | None = None,
+    context: MeasurementContext | None = None,
 ) -> EscapeIndicator:
     """The escape indicator ``Tr(H Σ_b)`` and its isotropic equivalent ``Tr(H) Tr(Σ_b) / D``.
 
@@ -161,8 +447,15 @@ def escape_indicator(
     finite-population correction ``√(1 − m/N)``. ``ḡ`` is always the exact full gradient, and
     ``Tr(Σ_b)`` is always exact (one per-sample gradient pass).
 
-    ``Tr(H)`` is exact (D products) when D ≤ ``exact_trace_max_dim``, otherwise a Hutch++
-    estimate from ``trace_matvecs`` products (``tr_H_exact`` says which).
+    ``Tr(H)`` (``tr_H_exact`` says how it was obtained, ``tr_H_stderr`` its standard error):
+
+    * exact mode: exact (D products) when D ≤ ``exact_trace_max_dim``, otherwise a Hutch++
+      estimate from ``trace_matvecs`` (default 99) products;
+    * sampled mode: a Hutch++ estimate from ``trace_matvecs`` products, by default ``max(m, 6)``
+      — comparable to the m products of the sample, so that the sampled indicator costs about
+      ``2m`` Hessian products (plus the per-sample gradient pass) whatever D is, and not the D
+      products of an exact trace. When ``D ≤`` that budget the trace is exact (it costs no more).
+    * ``exact_trace=True`` forces the exact trace (D products), ``False`` forces Hutch++.
 
     Args:
         problem: model, loss and data, at the model's current parameters.
@@ -171,7 +464,9 @@ def escape_indicator(
         generator: randomness for sampling examples and for Hutch++ (``None``: seed 0).
         replacement: whether SGD's mini-batches are drawn with replacement (scales ``Σ_b``).
         block_size: Hessian products per batch.
-        exact_trace_max_dim, trace_matvecs: Tr(H) policy (see above).
+        exact_trace_max_dim, trace_matvecs, exact_trace: Tr(H) policy (see above).
+        context: a :class:`MeasurementContext` for this problem: Σ_b, Tr Σ_b, Tr H and the exact
+            quadratic forms computed by earlier calls at the same θ are reused (``None``: none).
     """
     N, D = problem.num_samples, problem.dim
     s = batch_scale(N, batch_size, replacement)
@@ -184,20 +479,16 @@ def escape_indicator(
         raise ValueError(
             f"num_samples must be None (exact) or an integer in [2, N] = [2, {N}], got {num_samples!r}"
         )
-    H = HessianOperator(problem)
-    cov = GradientNoiseCovariance(problem, batch_size, replacement)
-    tr_S = float(cov.trace())
-    if num_samples is None or num_samples == N:
-        if cov.centered is not None:
-            q = _quadratic_forms(H, cov.centered, block_size)
-        else:
-            parts = []
-            for start in range(0, N, block_size):
-                idx = torch.arange(start, min(N, start + block_size), device=problem.device)
-                C = problem.per_sample_gradients(idx, theta=cov.theta) - cov.mean_gradient
-                parts.append(_quadratic_forms(H, C, block_size))
-            q = torch.cat(parts)
+    ctx = _context(context, problem, "escape_indicator")
+    H = ctx.hessian
+    cov = ctx.covariance(batch_size, replacement)
+    tr_S = ctx.noise_trace(batch_size, replacement)
+    sampled = not (num_samples is None or num_samples == N)
+    if not sampled:
+        q = ctx.quadratic_forms(block_size)
         tr_HS, stderr, m, exact = float(q.double().mean()) * s, 0.0, N, True
+        budget = 99 if trace_matvecs is None else trace_matvecs
+        want_exact = exact_trace
     else:
         m = num_samples
         idx = torch.randperm(N, generator=gen, device=gen.device)[:m].to(problem.device)
@@ -208,8 +499,11 @@ def escape_indicator(
         q = _quadratic_forms(H, C, block_size).double()
         fpc = (1.0 - m / N) ** 0.5
         tr_HS, stderr, exact = float(q.mean()) * s, float(q.std() / m**0.5) * s * fpc, False
-    tr_H, tr_H_se, tr_H_exact = hessian_trace(
-        H, exact_max_dim=exact_trace_max_dim, num_matvecs=trace_matvecs, generator=gen
+        budget = max(m, 6) if trace_matvecs is None else trace_matvecs
+        # Exact when D is within the budget: it costs no more than the estimate.
+        want_exact = (D <= budget) if exact_trace is None else exact_trace
+    tr_H, tr_H_se, tr_H_exact = ctx.hessian_trace(
+        exact_max_dim=exact_trace_max_dim, num_matvecs=budget, generator=gen, exact=want_exact
     )
     tr_HS_iso = tr_H * tr_S / D
     ratio = tr_HS / tr_HS_iso if tr_HS_iso != 0 else float("nan")
@@ -239,6 +533,7 @@ def alignment(
     tol: float | None = None,
     exact_trace_max_dim: int = EXACT_TRACE_MAX_DIM,
     trace_matvecs: int = 99,
+    context: MeasurementContext | None = None,
 ) -> Alignment:
     """Proposition 1's alignment coefficient and the overlap of the top-k eigenspaces.
 
@@ -255,6 +550,10 @@ def alignment(
     altogether (b = N without replacement, or equal per-sample gradients) ``a`` and ``overlap``
     are NaN.
 
+    With ``context`` (a :class:`MeasurementContext` for this problem) H's eigenpairs, Σ_b's
+    eigenpairs, Tr H, Σ_b and Tr Σ_b computed by earlier calls at the same θ (e.g.
+    :func:`escape_indicator`'s exact Tr H) are reused instead of recomputed.
+
     Raises:
         ValueError: k outside ``[1, D]``, or above the (numerical) rank of Σ_b (the message gives
             the rank; pass a smaller k).
@@ -269,12 +568,14 @@ def alignment(
             + (" with more samples" if N <= 1 else "")
         )
     gen = as_generator(0 if generator is None else generator)
-    H = HessianOperator(problem)
-    cov = GradientNoiseCovariance(problem, batch_size, replacement)
-    lam, U_H = top_eigenpairs(H, k, tol=tol, generator=gen)
-    noise_pairs = top_eigenpairs(cov, k, tol=tol, generator=gen)
+    ctx = _context(context, problem, "alignment")
+    cov = ctx.covariance(batch_size, replacement)
+    lam, U_H = ctx.top_eigenpairs(k, of="hessian", tol=tol, generator=gen)
+    noise_pairs = ctx.top_eigenpairs(
+        k, of="noise", tol=tol, generator=gen, batch_size=batch_size, replacement=replacement
+    )
     mu, U_S = noise_pairs
-    tr_S = float(cov.trace())
+    tr_S = ctx.noise_trace(batch_size, replacement)
     mu1, muk = float(mu[0]), float(mu[-1])
     sigma_zero = tr_S == 0 or mu1 <= 0
     if not sigma_zero and k > 1:
@@ -287,8 +588,8 @@ def alignment(
                 f"numerical rank {rank} (≤ N − 1 = {N - 1}; duplicated or equivalent samples "
                 f"lower it), so its top-{k} eigenspace is not defined; pass k ≤ {rank}"
             )
-    tr_H, _, tr_H_exact = hessian_trace(
-        H, exact_max_dim=exact_trace_max_dim, num_matvecs=trace_matvecs, generator=gen
+    tr_H, _, tr_H_exact = ctx.hessian_trace(
+        exact_max_dim=exact_trace_max_dim, num_matvecs=trace_matvecs, generator=gen
     )
     # Eigenvectors come back in float32 for 16-bit models: products need the operator's dtype.
     u1 = U_H[:, 0]

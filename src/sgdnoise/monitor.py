@@ -75,7 +75,7 @@ QUANTITIES: dict[str, str] = {
     "tr_HS": "Tr(H Σ_b), the escape indicator (exact, or sampled with num_samples)",
     "tr_HS_iso": "Tr(H Σ̄) = Tr H · Tr Σ_b / D, its isotropic equivalent",
     "lambda_max": "largest Hessian eigenvalue (Lanczos, warm-started from the last call)",
-    "tr_H": "Tr H (exact up to D = 2048, Hutch++ above)",
+    "tr_H": "Tr H (exact up to D = 2048, Hutch++ above or with a sampled indicator)",
     "tr_S": "Tr Σ_b (exact)",
     "b_simple": "gradient noise scale B_simple = Tr Σ₁ / ‖∇L‖² (exact)",
     "alignment": "Proposition 1's alignment a = u₁ᵀΣ_b u₁ · Tr H / (λ₁ Tr Σ_b)",
