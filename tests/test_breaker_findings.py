@@ -112,3 +112,30 @@ def test_tiny_budgets_and_booleans_are_refused_clearly() -> None:
         MemoryError, match=r"needs about \d+(\.\d)? (bytes|KiB) .* budget of 8 bytes"
     ):
         tiny.gradient()
+
+
+def _spectrum(d: torch.Tensor) -> DenseOperator:
+    Q, _ = torch.linalg.qr(
+        torch.randn(len(d), len(d), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    return DenseOperator(Q @ torch.diag(d) @ Q.T), Q
+
+
+def test_lanczos_is_not_trapped_by_a_warm_start_inside_an_invariant_subspace() -> None:
+    op, Q = _spectrum(torch.arange(60, dtype=torch.float64))
+    pairs = sgdnoise.top_eigenpairs(op, 1, v0=Q[:, 5], generator=0)
+    assert pairs.converged and float(pairs.eigenvalues[0]) == pytest.approx(59.0, rel=1e-8)
+    pairs = sgdnoise.top_eigenpairs(op, 3, v0=Q[:, [5, 6, 7]], generator=0)
+    torch.testing.assert_close(
+        pairs.eigenvalues, torch.tensor([59.0, 58.0, 57.0], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("mult,k,block", [(4, 5, 1), (10, 12, None), (10, 10, None)])
+def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue(
+    mult: int, k: int, block: int | None
+) -> None:
+    d = torch.tensor([5.0] * mult + [1.0] * (60 - mult), dtype=torch.float64)
+    op, _ = _spectrum(d)
+    pairs = sgdnoise.top_eigenpairs(op, k, generator=0, block_size=block)
+    torch.testing.assert_close(pairs.eigenvalues, d[:k])

@@ -231,6 +231,11 @@ def _nonconvergence_message(
     )
 
 
+#: Random directions (and one Krylov step from them) probed before convergence is accepted.
+_PROBE_SIZE = 2
+_MAX_PROBES = 3
+
+
 def top_eigenpairs(
     op: LinearOperator,
     k: int,
@@ -356,6 +361,8 @@ def top_eigenpairs(
     # also stays a sound subspace method if the basis is not Krylov (Rayleigh–Ritz and residuals
     # are always explicit), and convergence is checked after every block once the basis has filled.
     expand(X)
+    probes = 0
+    accepted: tuple | None = None  # the converged state before a probe
     while True:
         q = Q.shape[1]
         T = (Q.T @ AQ).double()
@@ -378,6 +385,30 @@ def top_eigenpairs(
         filled = filled or q >= min(m, D)
         converged = full_space or (filled and q >= k and bool(ok[:k].all()))
         history.append((matvecs, float(res[: min(k, c)].max()) / max(norm_est, tiny)))
+        if accepted is not None:
+            # After a probe: did the enlarged basis find a Ritz value above the accepted k-th?
+            if float(theta[k - 1]) <= accepted[0] + thresh:
+                theta, U, res, converged = accepted[1], accepted[2], accepted[3], True
+                break
+            accepted, filled = None, True  # something was missed: iterate on
+            converged = False
+        elif converged and not full_space and probes < _MAX_PROBES and D - c > 0:
+            # Converged residuals cannot tell a top-k eigenpair from any other: a start block
+            # inside an invariant subspace (a warm start made of exact eigenvectors) or an
+            # eigenvalue of multiplicity above the block size leaves larger eigenvalues unseen
+            # with every residual small. Probe: keep the Ritz vectors, add a random block
+            # orthogonal to them and one Krylov step from it, and see whether the k-th Ritz
+            # value rises.
+            probes += 1
+            accepted = (float(theta[k - 1]), theta, U, res)
+            Q, AQ = U, AU
+            p = min(_PROBE_SIZE, D - c)
+            added = expand(randn((D, p), generator=gen, dtype=dtype, device=device))
+            if added:
+                expand(AQ[:, -added:])
+                continue
+            theta, U, res = accepted[1], accepted[2], accepted[3]
+            break
         if converged or matvecs >= budget:
             break
         bad = (~ok[: min(k, c)]).nonzero().flatten().tolist()
