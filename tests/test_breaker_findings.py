@@ -139,3 +139,20 @@ def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue(
     op, _ = _spectrum(d)
     pairs = sgdnoise.top_eigenpairs(op, k, generator=0, block_size=block)
     torch.testing.assert_close(pairs.eigenvalues, d[:k])
+
+
+def test_expected_sharpness_of_a_16_bit_model_is_that_of_its_float32_copy() -> None:
+    import copy
+
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    x, y = (
+        torch.randn(30, 4, generator=gen).to(torch.bfloat16),
+        torch.randint(0, 3, (30,), generator=gen),
+    )
+    low = sgdnoise.Problem(model, F.cross_entropy, x, y)
+    f32 = sgdnoise.Problem(copy.deepcopy(model).float(), F.cross_entropy, x.float(), y)
+    a = sgdnoise.expected_sharpness(low, 1e-3, 64, generator=0)
+    b = sgdnoise.expected_sharpness(f32, 1e-3, 64, generator=0)
+    assert a == b
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

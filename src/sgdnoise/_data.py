@@ -14,6 +14,7 @@ Every source gives the same two operations: ``chunks(indices, size)`` — consec
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -119,6 +120,12 @@ class DataSource(ABC):
     num_samples: int
     default_chunk: int | None = None  # full passes: None = all samples at once
 
+    def recast(self, device: torch.device, dtype: torch.dtype) -> DataSource:
+        """The same samples, delivered with floating tensors in ``dtype`` on ``device``."""
+        other = copy.copy(self)
+        other.device, other.dtype = device, dtype  # type: ignore[attr-defined]
+        return other
+
     @abstractmethod
     def take(self, indices: torch.Tensor) -> Batch:
         """The rows ``indices`` (any order, repeats allowed) as one batch."""
@@ -150,6 +157,9 @@ class TensorSource(DataSource):
         self.inputs = _to(inputs, device, dtype)
         self.targets = _to(targets, device, dtype)
         self.num_samples = n
+
+    def recast(self, device: torch.device, dtype: torch.dtype) -> DataSource:
+        return TensorSource(self.inputs, self.targets, device, dtype)
 
     def take(self, indices: torch.Tensor) -> Batch:
         indices = indices.to(_leaves(self.inputs)[0].device)

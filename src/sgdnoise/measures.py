@@ -7,6 +7,7 @@ mini-batch mean gradient (``Σ_1 = (1/N) Σ_i c_i c_iᵀ``, ``c_i = g_i − ḡ`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -612,6 +613,21 @@ def alignment(
     )
 
 
+def _float32_twin(problem: Problem) -> Problem:
+    """The same model (a float32 copy at the same, upcast, weights), loss, data and block."""
+    model = copy.deepcopy(problem.model).to(torch.float32)
+    return Problem(
+        model,
+        problem.loss_fn,
+        problem._source.recast(problem.device, torch.float32),
+        None,
+        chunk_size=problem.chunk_size,
+        reduction=problem.reduction,
+        params=list(problem.param_names),
+        memory_budget=problem._budget_arg,
+    )
+
+
 def expected_sharpness(
     problem: Problem,
     sigma: float,
@@ -626,6 +642,10 @@ def expected_sharpness(
     Draws are made ``draws_per_batch`` at a time and evaluated either with one vmapped forward
     pass over the data (``vectorize=True``) or one plain forward pass per draw (``False``). The
     model is never modified: its parameters are bit-for-bit unchanged afterwards.
+
+    float16/bfloat16 models are evaluated on a float32 copy at the same (upcast) weights, with
+    float32 draws: 16-bit rounding of a loss (relative ~1e-3) and of θ + ν would otherwise bias
+    the difference by more than typical sharpness values, without showing in the standard error.
 
     Args:
         problem: model, loss and data (the training loss L).
@@ -654,6 +674,8 @@ def expected_sharpness(
     if vectorize is None:
         vectorize = not any(isinstance(m, nn.modules.conv._ConvNd) for m in problem.model.modules())
     gen = as_generator(generator)
+    if problem.dtype in (torch.float16, torch.bfloat16):
+        problem = _float32_twin(problem)
     theta = problem.theta()
     L0 = problem.loss(theta)
     diffs = []
