@@ -12,7 +12,7 @@ PROFILE ?= quick
 OUT ?= results
 DEVICE ?= cpu
 
-.PHONY: venv reproduce test lint format bench clean
+.PHONY: venv data reproduce test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-reproduce: venv
+# FashionMNIST: present, or installed from Debian's package where the machine allows (root),
+# or downloaded by torchvision where installed and online; otherwise one line says how.
+data: venv
+	$(PY) -m sgdnoise.data.fetch --required
+
+reproduce: venv data
 	$(VENV)/bin/sgdnoise reproduce --profile $(PROFILE) --device $(DEVICE) --out $(OUT)
 
 test: venv
+	$(PY) -m sgdnoise.data.fetch || true
 	$(PY) -m pytest -q
 
 lint: venv
