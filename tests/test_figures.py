@@ -34,7 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
                 gd_iterations=4, iterations=8, checkpoint_every=4,
                 gd_eval_every=2, eval_every=2, gd_sharpness_every=2, sharpness_every=2,
                 sharpness_draws=3, gd_indicator_every=2, indicator_every=4,
-                indicator_samples=2, indicator_trace_matvecs=3,
+                indicator_samples=2, indicator_trace_matvecs=4,
             )  # fmt: skip
             out[len(seeds)] = base / f"seeds{len(seeds)}"
             fashion.run(cfg, out[len(seeds)], device="cpu", data_dir=data, progress=False)

@@ -49,7 +49,7 @@ SMALL = dataclasses.replace(
     eval_every=2,
     sharpness_draws=2,
     indicator_samples=2,
-    indicator_trace_matvecs=3,
+    indicator_trace_matvecs=4,
 )
 
 

@@ -1065,9 +1065,11 @@ def _check_sharpness(c: Ctx, vectorize: bool) -> None:
         c.problem, sigma, NUM_DRAWS, generator=SEED, vectorize=vectorize
     )
     # Same draws as sgdnoise (one batch of NUM_DRAWS ≤ draws_per_batch), θ + σν rounded in the
-    # problem's dtype, then the loss of the float64 reference model at that point.
-    theta0 = c.problem.theta()
-    nu = _draws((NUM_DRAWS, r.D), tier.dtype)
+    # problem's dtype (float32 for 16-bit models, which sgdnoise evaluates on a float32 copy),
+    # then the loss of the float64 reference model at that point.
+    work = torch.float32 if tier.dtype in (torch.float16, torch.bfloat16) else tier.dtype
+    theta0 = c.problem.theta().to(work)
+    nu = _draws((NUM_DRAWS, r.D), work)
     model = copy.deepcopy(r.model)
     params = _trainable(model)
 

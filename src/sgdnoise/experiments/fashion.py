@@ -371,8 +371,8 @@ def validate(config: FashionConfig) -> None:
         f"{c.indicator_samples!r}",
     )
     need(
-        _is_int(c.indicator_trace_matvecs) and c.indicator_trace_matvecs >= 3,
-        f"indicator_trace_matvecs must be an integer >= 3, got {c.indicator_trace_matvecs!r}",
+        _is_int(c.indicator_trace_matvecs) and c.indicator_trace_matvecs >= 4,
+        f"indicator_trace_matvecs must be an integer >= 4 (Hutch++), got {c.indicator_trace_matvecs!r}",
     )
     bad_ind = [d for d in c.indicator_dynamics if d not in ALL_DYNAMICS]
     need(

@@ -426,9 +426,15 @@ def top_eigenpairs(
         if expand(X) == 0:
             break
 
+    # Eigenvectors are defined up to sign; fix it (largest-magnitude entry positive) so that the
+    # same operator gives the same vectors whatever rounding led there (routes, chunking).
+    Uk = U[:, :k]
+    pivot = Uk.abs().argmax(dim=0)
+    signs = torch.sign(Uk[pivot, torch.arange(Uk.shape[1], device=Uk.device)])
+    Uk = Uk * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]
     result = EigenPairs(
         theta[:k].to(dtype),
-        U[:, :k],
+        Uk,
         residuals=res[:k],
         num_matvecs=matvecs,
         converged=converged,
