@@ -146,6 +146,7 @@ def _run_task(name: str, task: str, quick: bool) -> dict:
     problem.gradient()
     grad_s = time.perf_counter() - start
     out: dict = {"gradient_s": grad_s, "D": problem.dim, "N": problem.num_samples}
+    b = min(32, problem.num_samples)  # SGD's mini-batch size whose noise is measured
     start = time.perf_counter()
     if task == "hvp_cost":
         V = torch.randn(problem.dim, 2, generator=torch.Generator().manual_seed(0))
@@ -156,14 +157,14 @@ def _run_task(name: str, task: str, quick: bool) -> dict:
         out["hvp_per_column_over_gradient"] = out["hvp_per_column_s"] / grad_s
     elif task == "indicator_sampled":
         ind = sgdnoise.escape_indicator(
-            problem, 32, num_samples=min(32, problem.num_samples), generator=0
+            problem, b, num_samples=min(32, problem.num_samples), generator=0
         )
         out.update(tr_HS=ind.tr_HS, stderr=ind.stderr, tr_HS_iso=ind.tr_HS_iso, ratio=ind.ratio)
     elif task == "top5_eigenpairs":
         pairs = sgdnoise.top_eigenpairs(sgdnoise.hessian(problem), 5, tol=1e-2, generator=0)
         out.update(eigenvalues=pairs.eigenvalues.tolist(), matvecs=pairs.num_matvecs)
     elif task == "alignment_k1":
-        al = sgdnoise.alignment(problem, 32, k=1, generator=0, tol=1e-2)
+        al = sgdnoise.alignment(problem, b, k=1, generator=0, tol=1e-2)
         out.update(a=al.a, lambda_1=al.lambda_1)
     elif task == "sharpness_100":
         sh = sgdnoise.expected_sharpness(problem, 1e-3, 100, generator=0)
@@ -176,7 +177,7 @@ def _run_task(name: str, task: str, quick: bool) -> dict:
             problem,
             0.01,
             generator=0,
-            batch_size=32,
+            batch_size=b,
             refresh_every=10,
             **options,
         )
