@@ -1,6 +1,7 @@
 """Matrix-free linear algebra: operators, the Hessian, Σ_b, Lanczos and trace estimation."""
 
 from .covariance import GradientNoiseCovariance, batch_scale, gradient_noise_covariance
+from .gauss_newton import GaussNewtonOperator, gauss_newton
 from .hessian import HessianOperator, hessian
 from .lanczos import ConvergenceError, EigenPairs, top_eigenpairs
 from .operators import (
@@ -18,6 +19,7 @@ __all__ = [
     "DenseOperator",
     "DiagonalOperator",
     "EigenPairs",
+    "GaussNewtonOperator",
     "GradientNoiseCovariance",
     "HessianOperator",
     "LinearOperator",
@@ -26,6 +28,7 @@ __all__ = [
     "SumOperator",
     "TraceEstimate",
     "batch_scale",
+    "gauss_newton",
     "gradient_noise_covariance",
     "hessian",
     "top_eigenpairs",
