@@ -214,11 +214,15 @@ class GaussNewtonOperator(LinearOperator):
         def out(t: torch.Tensor) -> torch.Tensor:
             return self._outputs(t, x)
 
-        F, pull = vjp(out, th)
-        F = F.detach()
+        primal = vjp(out, th)
+        F, pull = primal[0].detach(), primal[1]
+
         # Λ (J v) by reverse-over-reverse in output space (Λ is symmetric): forward mode through
         # a loss whose targets carry no tangent trips on immutable zero tangents (mse_loss).
-        _, lam = vjp(grad(lambda f: _mean_loss(self.problem, f, y)), F)
+        def loss_grad(f: torch.Tensor) -> torch.Tensor:
+            return _mean_loss(self.problem, f, y)
+
+        lam = vjp(grad(loss_grad), F)[1]
 
         def one(v: torch.Tensor) -> torch.Tensor:
             return pull(lam(jvp(out, (th,), (v,))[1])[0])[0]
