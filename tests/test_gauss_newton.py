@@ -138,6 +138,14 @@ def test_dense_route_is_the_closed_form_bit_for_bit():
     assert torch.equal(G @ V, Jl.T @ (Jl @ V) * (2.0 / problem.num_samples))
 
 
+def test_all_outputs_clipped_gives_zero():
+    problem = _one_hidden_layer()
+    with torch.no_grad():
+        problem.model.bias.fill_(-10.0)  # every unit off: every output clipped, J = 0
+    V = torch.ones(problem.dim, 2, dtype=F64)
+    assert torch.equal(gauss_newton(problem) @ V, torch.zeros_like(V))
+
+
 def test_float32_against_float64():
     x, y = _data(10, 3, classes=True)
     p64 = sgdnoise.Problem(_mlp(3), nn.functional.cross_entropy, x, y)

@@ -6,39 +6,30 @@ Setting (the released ``OneHiddenLayer/gd.py``): N = 1000 points ``x ~ U([−2, 
 layer and bias trained, ``D = 3h``), fixed ±1 output weights and the clip
 ``φ(f) = min(max(f, δ), 1 − δ)``; mean squared loss ``L = (1/N) Σ_i (φ(f(x_i)) − y_i)²``.
 Training: full-batch Adam, lr 1e-3, 31 epochs × 10 steps; the learning rate of epoch ``e``
-(0-based) is ``lr`` for ``e < E − K`` and ``lr · (E − e)/K`` afterwards (E = 31 epochs, K = 10), i.e.
-a linear decay towards 0 that reaches ``lr/10`` in the last epoch, exactly as the released script.
-``optimizer="sgd"`` swaps in plain (mini-batch, ``train_batch_size``) SGD with the same schedule.
+(0-based) is ``lr`` for ``e < E − K`` and ``lr · (E − e)/K`` afterwards (E = 31, K = 10), exactly as
+the released script. ``optimizer="sgd"`` swaps in plain (mini-batch) SGD with the same schedule.
 
-Measurement, at initialisation (epoch 0) and after every epoch e = 1..E, in ``measure_dtype``
-(float64 by default, on a copy of the float32 model):
+Measurement, at initialisation and after every epoch, in ``measure_dtype`` (float64 by default,
+on a copy of the float32 model):
 
-* ``Tr(H Σ_b)`` and ``Tr(H Σ̄_b) = Tr(H) Tr(Σ_b)/D`` with :func:`sgdnoise.escape_indicator`, exactly
-  (no sampling, no Hutch++). ``Σ_b = Σ_1 (N − b)/(b (N − 1))`` is the covariance of the mean
-  gradient of a mini-batch of b = 10 samples drawn *without replacement* (as the released code
-  draws each batch), ``Σ_1 = (1/N) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ``. The released code instead estimates
-  Σ from 100 random mini-batch gradients (divisor 99); we use the exact population covariance,
-  which that estimator is unbiased for. The ratio ``Tr(HΣ)/Tr(HΣ̄)`` does not depend on b or on
-  the with/without-replacement factor.
-* Proposition 1's alignment coefficient ``a = u₁ᵀΣu₁ · Tr H/(λ₁ Tr Σ)`` with
-  :func:`sgdnoise.alignment` (Lanczos on H and Σ).
-* Proposition 2's guaranteed lower bound ``r_min²/r_max²``, where ``r_i = φ(f_i) − y_i`` over the
-  unclipped samples: with ``g_i = 2 r_i ∇φ_i`` and ``H = (2/N) Σ_i ∇φ_i∇φ_iᵀ`` the uncentred second
-  moment ``M = (1/N) Σ g_i g_iᵀ`` satisfies ``u₁ᵀMu₁ ≥ 2 r_min² λ₁`` and ``Tr M ≤ 2 r_max² Tr H``, so
-  M is aligned with coefficient ``≥ r_min²/r_max² ≥ δ²/r_max²`` (Σ = M − ḡḡᵀ differs by a term
-  that vanishes at a stationary point).
-* train loss, accuracy (threshold 0.5), the fraction of unclipped samples, λ₁, Tr H, Tr Σ.
+* ``Tr(H Σ_b)`` and ``Tr(H Σ̄_b) = Tr(H) Tr(Σ_b)/D`` with :func:`sgdnoise.escape_indicator`, exactly.
+  ``Σ_b = Σ_1 (N − b)/(b (N − 1))`` is the covariance of the mean gradient of a mini-batch of
+  b = 10 samples drawn without replacement, ``Σ_1 = (1/N) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ`` (the released
+  code estimates Σ from 100 mini-batch gradients; we use the population covariance, which that
+  estimator is unbiased for). The ratio does not depend on b or on the sampling factor.
+* Proposition 1's alignment coefficient ``a = u₁ᵀΣu₁ · Tr H/(λ₁ Tr Σ)`` (:func:`sgdnoise.alignment`).
+* Proposition 2's guaranteed lower bound ``r_min²/r_max²`` over the unclipped residuals
+  ``r_i = φ(f_i) − y_i``: with ``g_i = 2 r_i ∇φ_i`` and ``H = (2/N) Σ_i ∇φ_i∇φ_iᵀ`` the uncentred
+  second moment ``M = (1/N) Σ g_i g_iᵀ`` has ``u₁ᵀMu₁ ≥ 2 r_min² λ₁`` and ``Tr M ≤ 2 r_max² Tr H``.
+* train loss, accuracy (threshold 0.5), the unclipped fraction, λ₁, Tr H, Tr Σ.
 
-**Exact, cheap Hessian.** ``f`` is piecewise linear in θ and φ is piecewise linear, so
-``∇²φ(f(x_i; θ)) = 0`` almost everywhere and the Hessian of the mean squared loss is exactly the
-Gauss–Newton matrix ``H = (2/N) J_φᵀ J_φ`` with ``J_φ`` the ``[N, D]`` Jacobian of the clipped
-outputs (rows of clipped samples are zero). :class:`OneHiddenLayerProblem` overrides
-:meth:`~sgdnoise.Problem.hvp` with this closed form (one vmapped Jacobian per θ, cached), so the
-core measurement functions run unchanged but ~100× faster than double backward (one dense H at
-D = 1536 takes about a minute with generic HVPs on 2 CPU cores). It is the same matrix that
-autograd differentiates (autograd also takes ReLU'' = clip'' = 0): the tests compare it with
-``torch.func.hessian`` in float64, and every run compares it with the generic double-backward HVP
-on random vectors at the first and last measurement (``hessian_check_rel_err``).
+**Exact, cheap Hessian.** ``φ(f(x; θ))`` is piecewise linear in θ (ReLU, clip, fixed output
+weights), so the Hessian of the squared loss is exactly its Gauss–Newton matrix
+``H = (2/N) J_φᵀ J_φ`` almost everywhere (autograd also takes ReLU'' = clip'' = 0).
+:func:`sgdnoise.linalg.gauss_newton` (dense route: one vmapped Jacobian per θ, clipped rows
+dropped) gives it ~100× faster than double backward; every run compares it with the generic
+double-backward products on random vectors at the first and last measurement
+(``hessian_check_rel_err``).
 """
 
 from __future__ import annotations
@@ -49,16 +40,17 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.func import grad, vmap
 
 from ..data import one_hidden_layer_data
-from ..measures import alignment, escape_indicator
+from ..figures.indicator import plot
+from ..linalg import LinearOperator, gauss_newton
+from ..measures import MeasurementContext, alignment, escape_indicator
 from ..models import OneHiddenLayerNet, one_hidden_layer_loss
 from ..problem import Problem
 from ._common import (
@@ -68,18 +60,17 @@ from ._common import (
     replace_config,
     resolve_device,
     resolve_dtype,
-    save_figure,
 )
 
 __all__ = [
     "PRESETS",
     "IndicatorConfig",
-    "OneHiddenLayerProblem",
     "add_parser",
     "learning_rate",
     "measure",
     "plot",
     "run",
+    "summary",
     "train_and_measure",
 ]
 
@@ -306,108 +297,6 @@ PRESETS: dict[str, IndicatorConfig] = {
 
 
 # --------------------------------------------------------------------------------------------
-# The closed-form exact Hessian
-# --------------------------------------------------------------------------------------------
-
-
-class OneHiddenLayerProblem(Problem):
-    """A :class:`~sgdnoise.Problem` for :class:`OneHiddenLayerNet` + MSE with exact, cheap HVPs.
-
-    ``L(θ) = (1/n) Σ_i (φ_i(θ) − y_i)²`` with ``φ_i = φ(f(x_i; θ))`` piecewise linear in θ, so
-    ``∇²φ_i = 0`` almost everywhere and ``∇²L = (2/n) Σ_i ∇φ_i ∇φ_iᵀ = (2/n) J_φᵀ J_φ`` exactly
-    (the residual term of the Gauss–Newton split vanishes). :meth:`hvp` returns
-    ``(2/n) J_φᵀ (J_φ V)`` with the Jacobian ``J_φ`` ``[n, D]`` of the clipped outputs computed by
-    one vmapped reverse pass and cached for the last (θ, indices); rows of clipped samples (zero
-    gradient) are dropped. Everything else (loss, per-sample gradients, Σ) is the base class's.
-
-    Args:
-        model: a :class:`OneHiddenLayerNet` (other models are refused: the identity needs a
-            piecewise-linear network and the squared loss).
-        inputs, targets: ``[N, 2]`` and ``[N]``.
-        chunk_size: as :class:`~sgdnoise.Problem`.
-    """
-
-    def __init__(
-        self,
-        model: OneHiddenLayerNet,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        *,
-        chunk_size: int | None = None,
-    ) -> None:
-        if not isinstance(model, OneHiddenLayerNet):
-            raise TypeError(
-                "OneHiddenLayerProblem's closed-form Hessian H = (2/N) JᵀJ holds only for "
-                f"OneHiddenLayerNet with the squared loss, got {type(model).__name__}; use "
-                "sgdnoise.Problem (generic double-backward Hessian products) for other models"
-            )
-        super().__init__(model, one_hidden_layer_loss, inputs, targets, chunk_size=chunk_size)
-        self._jac_cache: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int] | None = None
-
-    def output_jacobian(
-        self, theta: torch.Tensor | None = None, indices: torch.Tensor | Sequence[int] | None = None
-    ) -> torch.Tensor:
-        """``J_φ`` ``[n, D]``: row i is ``∇_θ φ(f(x_i; θ))`` (zero for clipped samples)."""
-        theta = (self.theta() if theta is None else theta).detach()
-        idx = self.check_indices(indices)
-        x = self.inputs if idx is None else self.inputs[idx]
-
-        def output(th: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-            return self._outputs(th, xi[None])[0]
-
-        size = self._per_sample_chunk_size()
-        parts = [
-            vmap(grad(output), in_dims=(None, 0))(theta, x[s : s + size])
-            for s in range(0, x.shape[0], size)
-        ]
-        return torch.cat(parts)
-
-    def _active_jacobian(
-        self, theta: torch.Tensor, indices: torch.Tensor | None
-    ) -> tuple[torch.Tensor, int]:
-        cache = self._jac_cache
-        if (
-            cache is not None
-            and torch.equal(cache[0], theta)
-            and (
-                (indices is None and cache[1] is None)
-                or (
-                    indices is not None
-                    and cache[1] is not None
-                    and cache[1].shape == indices.shape
-                    and torch.equal(cache[1], indices)
-                )
-            )
-        ):
-            return cache[2], cache[3]
-        J = self.output_jacobian(theta, indices)
-        n = J.shape[0]
-        J = J[(J != 0).any(dim=1)]
-        self._jac_cache = (theta.clone(), None if indices is None else indices.clone(), J, n)
-        return J, n
-
-    def hvp(
-        self,
-        V: torch.Tensor,
-        theta: torch.Tensor | None = None,
-        indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``∇²L(θ) V = (2/n) J_φᵀ (J_φ V)`` for ``V`` ``[D, k]`` (exact almost everywhere)."""
-        theta = (self.theta() if theta is None else theta).detach()
-        J, n = self._active_jacobian(theta, self.check_indices(indices))
-        return J.T @ (J @ V) * (2.0 / n)
-
-    def autograd_hvp(
-        self,
-        V: torch.Tensor,
-        theta: torch.Tensor | None = None,
-        indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The generic double-backward product of :meth:`Problem.hvp` (for cross-checks)."""
-        return super().hvp(V, theta, indices)
-
-
-# --------------------------------------------------------------------------------------------
 # Training and measurement
 # --------------------------------------------------------------------------------------------
 
@@ -422,6 +311,7 @@ def learning_rate(config: IndicatorConfig, epoch: int) -> float:
 
 @contextlib.contextmanager
 def _num_threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads set to ``n`` inside the block (``None``: unchanged)."""
     if n is None:
         yield
         return
@@ -433,24 +323,44 @@ def _num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _hessian_check(problem: OneHiddenLayerProblem, num: int, seed: int) -> float:
-    """Largest relative error of the closed-form HVP against double backward on random vectors."""
+def _hessian_check(problem: Problem, H: LinearOperator, num: int, seed: int) -> float:
+    """Largest relative error of ``H @ V`` against double-backward products on random vectors."""
     if num == 0:
         return float("nan")
     gen = torch.Generator().manual_seed(seed)
     V = torch.randn(problem.dim, num, generator=gen, dtype=torch.float64)
     V = V.to(dtype=problem.dtype, device=problem.device)
-    fast, slow = problem.hvp(V), problem.autograd_hvp(V)
+    fast, slow = H @ V, problem.hvp(V)
     scale = slow.norm(dim=0).clamp_min(torch.finfo(problem.dtype).tiny)
     err = float(((fast - slow).norm(dim=0) / scale).max())
     tol = HESSIAN_CHECK_TOL[problem.dtype]
     if not err <= tol or (slow.norm() == 0 and fast.norm() != 0):
         raise RuntimeError(
-            f"the closed-form Hessian (2/N)JᵀJ disagrees with double-backward Hessian products "
+            f"the Gauss–Newton matrix (2/N)JᵀJ disagrees with double-backward Hessian products "
             f"(relative error {err:.2e} > {tol:.0e}); the one-hidden-layer identity does not hold "
             "for this model. Please report this with the config."
         )
     return err
+
+
+def _curvature(
+    problem: Problem, H: LinearOperator, b: int, replacement: bool, gen: torch.Generator,
+    tol: float | None,
+) -> dict[str, float]:  # fmt: skip
+    """Tr(HΣ_b), Tr(HΣ̄_b), their ratio, Tr H, Tr Σ_b and the alignment (λ₁, u₁ᵀΣu₁, overlap)."""
+    D = problem.dim
+    # ISSUE11-MERGE: with H1's measures on operators this is tr_HS(H, S) and alignment(H, S, 1)
+    # for S = gradient_noise_covariance(problem, b, replacement=...); until then the context's
+    # Hessian is swapped for the Gauss–Newton operator (same products, shared Σ_b and Tr H).
+    ctx = MeasurementContext(problem)
+    ctx._hessian = H  # type: ignore[assignment]
+    ei = escape_indicator(problem, b, replacement=replacement, block_size=256,
+                          exact_trace_max_dim=D, generator=gen, context=ctx)  # fmt: skip
+    al = alignment(problem, b, 1, generator=gen, replacement=replacement, tol=tol,
+                   exact_trace_max_dim=D, context=ctx)  # fmt: skip
+    return {"tr_HS": ei.tr_HS, "tr_HS_iso": ei.tr_HS_iso, "ratio": ei.ratio, "tr_H": ei.tr_H,
+            "tr_S": ei.tr_S, "alignment": al.a, "lambda_1": al.lambda_1, "u1_S_u1": al.u1_S_u1,
+            "overlap": al.overlap}  # fmt: skip
 
 
 def measure(
@@ -467,22 +377,37 @@ def measure(
 ) -> dict[str, float]:
     """All per-epoch quantities at the model's current parameters (the model is not modified).
 
-    Returns a dict with ``tr_HS``, ``tr_HS_iso``, ``ratio``, ``tr_H``, ``tr_S``, ``alignment``
-    (a), ``lambda_1``, ``u1_S_u1``, ``overlap`` (top-1 eigenvector overlap of H and Σ),
-    ``a_bound`` (``r_min²/r_max²`` over unclipped samples), ``frac_active`` (unclipped fraction),
-    ``train_loss``, ``train_accuracy`` and ``hessian_check_rel_err`` (NaN when not checked).
-    With no unclipped sample H = 0 and the curvature quantities are NaN.
+    H is the Gauss–Newton operator of a plain :class:`~sgdnoise.Problem` (exactly the Hessian
+    here, see the module docstring), Σ_b the exact covariance of a mini-batch gradient.
+
+    Args:
+        model: the network (copied and cast to ``dtype``).
+        x, y: inputs ``[N, 2]`` and targets ``[N]`` in {0, 1}.
+        noise_batch_size: b of Σ_b. replacement: SGD's sampling of mini-batches.
+        dtype: dtype of the measurement. generator: randomness of the Lanczos solves.
+        lanczos_tol: Lanczos tolerance (``None``: library default).
+        hessian_check_vectors: random vectors of the Gauss–Newton vs double-backward check.
+
+    Returns:
+        A dict with ``tr_HS``, ``tr_HS_iso``, ``ratio``, ``tr_H``, ``tr_S``, ``alignment`` (a),
+        ``lambda_1``, ``u1_S_u1``, ``overlap`` (top-1 eigenvector overlap of H and Σ),
+        ``a_bound`` (``r_min²/r_max²`` over unclipped samples), ``frac_active`` (unclipped
+        fraction), ``train_loss``, ``train_accuracy`` and ``hessian_check_rel_err`` (NaN when not
+        checked). With no unclipped sample H = 0 and the curvature quantities are NaN.
+
+    Raises:
+        RuntimeError: if the Gauss–Newton products disagree with double backward.
     """
     m = copy.deepcopy(model).to(dtype)
-    problem = OneHiddenLayerProblem(m, x.to(dtype), y.to(dtype))
-    D = problem.dim
+    problem = Problem(m, one_hidden_layer_loss, x.to(dtype), y.to(dtype))
+    H = gauss_newton(problem, dense=True)
     gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
     if not isinstance(generator, torch.Generator):
         gen.manual_seed(int(generator))
     with torch.no_grad():
         out = m(problem.inputs)
     r = out - problem.targets
-    active = (problem.output_jacobian() != 0).any(dim=1)
+    active = (H.jacobian()[0].reshape(problem.num_samples, -1) != 0).any(dim=1)
     nan = float("nan")
     row: dict[str, float] = {
         "train_loss": float((r**2).mean()),
@@ -492,40 +417,13 @@ def measure(
     ra = r[active].abs()
     row["a_bound"] = float((ra.min() / ra.max()) ** 2) if ra.numel() else nan
     row["hessian_check_rel_err"] = _hessian_check(
-        problem, hessian_check_vectors, int(torch.randint(2**31 - 1, (1,), generator=gen))
+        problem, H, hessian_check_vectors, int(torch.randint(2**31 - 1, (1,), generator=gen))
     )
     if not bool(active.any()):  # every sample clipped: H = 0, ratio and a undefined
         keys = ("tr_HS", "tr_HS_iso", "ratio", "tr_H", "tr_S", "alignment", "lambda_1")
         row.update(dict.fromkeys(keys, nan), u1_S_u1=nan, overlap=nan)
         return row
-    ei = escape_indicator(
-        problem,
-        noise_batch_size,
-        replacement=replacement,
-        block_size=256,
-        exact_trace_max_dim=D,
-        generator=gen,
-    )
-    al = alignment(
-        problem,
-        noise_batch_size,
-        1,
-        generator=gen,
-        replacement=replacement,
-        tol=lanczos_tol,
-        exact_trace_max_dim=D,
-    )
-    row.update(
-        tr_HS=ei.tr_HS,
-        tr_HS_iso=ei.tr_HS_iso,
-        ratio=ei.ratio,
-        tr_H=ei.tr_H,
-        tr_S=ei.tr_S,
-        alignment=al.a,
-        lambda_1=al.lambda_1,
-        u1_S_u1=al.u1_S_u1,
-        overlap=al.overlap,
-    )
+    row.update(_curvature(problem, H, noise_batch_size, replacement, gen, lanczos_tol))
     return row
 
 
@@ -739,48 +637,26 @@ def _units(config: IndicatorConfig) -> list[tuple[str, int, float, int]]:
     return units
 
 
-def run(
-    config: IndicatorConfig,
-    out_dir: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    preset: str | None = None,
-) -> dict[str, Any]:
-    """Run the experiment and write the run directory; returns ``results.json``'s content.
-
-    ``results.json`` maps each width (a string) to ``ratio_final`` (mean over seeds of the final
-    ``Tr(HΣ)/Tr(HΣ̄)``), ``tr_HS_final``, ``tr_HS_iso_final``, ``alignment_final`` (each with
-    ``*_std``, the sample std over seeds, and ``*_per_seed``), the other final quantities,
-    ``alignment_min`` (over all epochs and seeds) and ``curves`` (per-epoch mean and std).
-    ``analysis.json`` holds the log-log slope of the final ratio against D and the δ sweep
-    (Proposition 2). Also written: ``config.json``, ``env.json``, ``metrics.jsonl``/``.csv`` (one
-    row per width, δ, seed and epoch), ``meta.json`` (timings), ``summary.md`` and the figures
-    ``indicator`` (poster Fig. 4 left), ``indicator_ratio`` and ``prop2_alignment`` (PNG + SVG).
-
-    Resuming: if ``out_dir`` holds a run with the same config, its finished training runs are
-    kept and only the missing ones are computed.
-    """
-    config = config.validate()
-    dev = resolve_device(device)
-    rd = RunDir(out_dir)
-    rd.clear_complete()
-    t0 = time.perf_counter()
-    cfg = {**dataclasses.asdict(config), "device": str(dev), "preset": preset}
-    rows: list[dict[str, Any]] = []
+def _kept_rows(rd: RunDir, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of an earlier run in ``rd`` with the same config (device and profile aside)."""
     old = rd.read_json_or_quarantine("config.json") if rd.exists("metrics.jsonl") else None
-    if isinstance(old, dict):
-        same = {k: v for k, v in old.items() if k not in ("device", "preset")} == {
-            k: v for k, v in _json_roundtrip(cfg).items() if k not in ("device", "preset")
-        }
-        if same:
-            rows = rd.read_jsonl("metrics.jsonl")
-    rd.write_config(cfg)
-    rd.write_env(dev)
+    if not isinstance(old, dict):
+        return []
+    ignore = ("device", "preset")
+    same = {k: v for k, v in old.items() if k not in ignore} == {
+        k: v for k, v in _json_roundtrip(cfg).items() if k not in ignore
+    }
+    return rd.read_jsonl("metrics.jsonl") if same else []
 
+
+def _train_all(
+    config: IndicatorConfig, rows: list[dict[str, Any]], rd: RunDir, dev: torch.device,
+    progress: bool,
+) -> dict[str, float]:  # fmt: skip
+    """Train and measure every missing unit, appending to ``rows`` and ``metrics.jsonl``."""
     units = _units(config)
     done = {(r["width"], r["delta"], r["seed"]) for r in rows if r["epoch"] == config.epochs}
-    rows = [r for r in rows if (r["width"], r["delta"], r["seed"]) in done]
+    rows[:] = [r for r in rows if (r["width"], r["delta"], r["seed"]) in done]
     timings: dict[str, float] = {}
     # A training run's cost grows about linearly with D = 3h (every product is over all of θ):
     # the ETA weights each run by its width, and kept runs shorten the work without time.
@@ -798,20 +674,63 @@ def run(
             rows.extend(new)
             timings[f"h={width},delta={delta:g},seed={seed}"] = time.perf_counter() - t1
             rd.write_jsonl("metrics.jsonl", rows)
-            last = new[-1]
             bar.update(1, work=width,
-                       postfix=f"h={width} δ={delta:g} seed={seed}: ratio {last['ratio']:.1f}")  # fmt: skip
+                       postfix=f"h={width} δ={delta:g} seed={seed}: ratio {new[-1]['ratio']:.1f}")  # fmt: skip
+    return timings
 
+
+def run(
+    config: IndicatorConfig,
+    out: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    profile: str | None = None,
+    preset: str | None = None,
+) -> dict[str, Any]:
+    """Run the experiment and write the run directory (no figures); returns ``results.json``.
+
+    Args:
+        config: the configuration (validated here).
+        out: run directory; a run there with the same config keeps its finished training runs.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        progress: show a progress line. profile: the preset's name, recorded in ``config.json``.
+        preset: the former name of ``profile``; the figures are drawn too when it is given.
+
+    Returns:
+        ``results.json``'s content: each width (a string) maps to ``ratio_final`` (mean over the
+        live seeds of the final ``Tr(HΣ)/Tr(HΣ̄)``), ``tr_HS_final``, ``tr_HS_iso_final``,
+        ``alignment_final`` (each with ``*_std``, the sample std over seeds, and ``*_per_seed``),
+        the other final quantities, ``alignment_min`` (over all epochs and seeds) and ``curves``
+        (per-epoch mean and std). Also written: ``analysis.json`` (log-log slope of the final
+        ratio against D; the δ sweep of Proposition 2), ``config.json``, ``env.json``,
+        ``metrics.jsonl``/``.csv`` (one row per width, δ, seed and epoch), ``meta.json``
+        (timings) and ``summary.md``. Figures: :func:`sgdnoise.figures.indicator.plot`.
+
+    Raises:
+        ValueError: an invalid config or device.
+    """
+    config = config.validate()
+    dev = resolve_device(device)
+    rd = RunDir(out)
+    rd.clear_complete()
+    t0 = time.perf_counter()
+    cfg = {**dataclasses.asdict(config), "device": str(dev),
+           "preset": profile if preset is None else preset}  # fmt: skip
+    rows = _kept_rows(rd, cfg)
+    rd.write_config(cfg)
+    rd.write_env(dev)
+    timings = _train_all(config, rows, rd, dev, progress)
     results, analysis = _collect(config, rows)
-    elapsed = time.perf_counter() - t0
     rd.write_json("results.json", results)
     rd.write_json("analysis.json", analysis)
     rd.write_csv("metrics.csv", rows)
-    meta = {"seconds": elapsed, "runs_computed": len(timings), "runs_total": len(units),
-            "unit_seconds": timings, "device": str(dev)}  # fmt: skip
+    meta = {"seconds": time.perf_counter() - t0, "runs_computed": len(timings),
+            "runs_total": len(_units(config)), "unit_seconds": timings, "device": str(dev)}  # fmt: skip
     rd.write_json("meta.json", meta)
-    rd.write_text("summary.md", _summary(config, results, analysis, meta))
-    plot(rd.path)
+    rd.write_text("summary.md", _summary_md(config, results, analysis, meta))
+    if preset is not None:  # ISSUE11-MERGE: the old _main's call; the protocol draws the figures
+        plot(rd.path)
     rd.mark_complete("indicator", config)
     return results
 
@@ -855,7 +774,7 @@ def _collect(
 
 
 # --------------------------------------------------------------------------------------------
-# Summary and figures
+# Summary
 # --------------------------------------------------------------------------------------------
 
 
@@ -890,9 +809,10 @@ def _dead_notes(groups: dict[str, dict[str, Any]]) -> list[str]:
             if notes else [])  # fmt: skip
 
 
-def _summary(
+def _summary_md(
     config: IndicatorConfig, results: dict[str, Any], analysis: dict[str, Any], meta: dict[str, Any]
 ) -> str:
+    """``summary.md``: the width table, the slope, the δ sweep, the Hessian check and timings."""
     opt = "Adam" if config.optimizer == "adam" else "SGD"
     batch = "full batch" if config.train_batch_size is None else f"batch {config.train_batch_size}"
     lines = [
@@ -931,28 +851,7 @@ def _summary(
         + " (a ratio ∝ D gives 1). A re-simulation of the released script gave "
         "about 0.4·D (≈ 40 / 170 / 650 for D = 96 / 384 / 1536); the paper states no number.",
     ]
-    if analysis["delta_sweep"]:
-        lines += [
-            "",
-            f"## Proposition 2: a(θ) against δ (h = {analysis['delta_sweep_width']})",
-            "",
-            "a = u₁ᵀΣu₁·Tr H/(λ₁ Tr Σ); the bound r_min²/r_max² (unclipped residuals, ≥ δ²/r_max²) "
-            "is what Proposition 2's argument guarantees for the uncentred second moment.",
-            "",
-            "| δ | a (final) | min a over training | bound r_min²/r_max² (final) | unclipped "
-            "fraction | train loss | ratio | live seeds |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for d, r in analysis["delta_sweep"].items():
-            lines.append(
-                f"| {d} | {_pm(r['alignment_final'], r['alignment_final_std'])} | "
-                f"{r['alignment_min']:.3g} | {_pm(r['a_bound_final'], r['a_bound_final_std'])} | "
-                f"{_pm(r['frac_active_final'], r['frac_active_final_std'])} | "
-                f"{_pm(r['train_loss_final'], r['train_loss_final_std'])} | "
-                f"{_pm(r['ratio_final'], r['ratio_final_std'])} | "
-                f"{r['num_valid_final']}/{len(r['seeds'])} |"
-            )
-        lines += _dead_notes({f"δ = {d}": r for d, r in analysis["delta_sweep"].items()})
+    lines += _sweep_md(analysis)
     checks = [results[str(w)]["hessian_check_max_rel_err"] for w in config.widths]
     checks = [c for c in checks if c is not None]
     if checks:
@@ -972,143 +871,50 @@ def _summary(
     return "\n".join(lines)
 
 
-def _band(ax: Any, x: list[int], mean: list[float], std: list[Any], color: Any, **kw: Any) -> None:
-    import numpy as np
-
-    m = np.array([np.nan if v is None else v for v in mean], dtype=float)
-    s = np.array([0.0 if v is None else v for v in std], dtype=float)
-    ax.plot(x, m, color=color, **kw)
-    if np.any(s > 0):
-        lo = np.where(m - s > 0, m - s, m)  # keep log axes valid
-        ax.fill_between(x, lo, m + s, color=color, alpha=0.15, linewidth=0)
-
-
-def _plain_log_ticks(ax: Any, which: str = "y") -> None:
-    """Plain ``%g`` tick labels on a log axis, at 1-2-5 steps when it spans under two decades
-    (the default mathtext labels take seconds to lay out on a busy CPU). Call after plotting."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    axis = ax.yaxis if which == "y" else ax.xaxis
-    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
-    if lo > 0 and hi / lo < 100:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def plot(run_dir: str | Path) -> list[Path]:
-    """Redraw the figures of a run directory from its saved results (no recomputation)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rd = RunDir(run_dir)
-    results = rd.read_json("results.json")
-    analysis = rd.read_json("analysis.json") if rd.exists("analysis.json") else {}
-    config = rd.read_json("config.json")
-    widths = sorted(results, key=int)
-    colors = plt.get_cmap("viridis")(
-        [0.1 + 0.75 * i / max(1, len(widths) - 1) for i in range(len(widths))]
-    )
-    written: list[Path] = []
-
-    # Poster Fig. 4 left: Tr(HΣ) solid, Tr(HΣ̄) dotted, log scale.
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    for w, c in zip(widths, colors, strict=True):
-        cv = results[w]["curves"]
-        _band(ax, cv["epoch"], cv["tr_HS_mean"], cv["tr_HS_std"], c, lw=1.8,
-              label=f"h = {w}: Tr(HΣ)")  # fmt: skip
-        _band(ax, cv["epoch"], cv["tr_HS_iso_mean"], cv["tr_HS_iso_std"], c, lw=1.8, ls=":",
-              label=f"h = {w}: Tr(H$\\bar{{\\Sigma}}$)")  # fmt: skip
-    ax.set_yscale("log")
-    _plain_log_ticks(ax)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"escape indicator (Σ for batch size {config.get('noise_batch_size', 10)})")
-    ax.set_title("SGD noise vs isotropic equivalent, one hidden layer")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3, which="both")
-    written += save_figure(fig, rd / "indicator")
-
-    # Ratio along training and against D.
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.0))
-    for w, c in zip(widths, colors, strict=True):
-        cv = results[w]["curves"]
-        _band(a1, cv["epoch"], cv["ratio_mean"], cv["ratio_std"], c, lw=1.8, label=f"h = {w}")
-    a1.set_yscale("log")
-    _plain_log_ticks(a1)
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("Tr(HΣ) / Tr(H$\\bar{\\Sigma}$)")
-    a1.legend(fontsize=8)
-    a1.grid(alpha=0.3, which="both")
-    dims = [results[w]["dim"] for w in widths]
-    ratios = [results[w]["ratio_final"] for w in widths]
-    errs = [results[w]["ratio_final_std"] or 0.0 for w in widths]
-    a2.errorbar(dims, ratios, yerr=errs, fmt="o-", color="k", capsize=3, label="final ratio")
-    slope = analysis.get("ratio_vs_dim_loglog_slope")
-    a2.set_xscale("log")
-    a2.set_yscale("log")
-    _plain_log_ticks(a2, "x")
-    _plain_log_ticks(a2, "y")
-    a2.set_xlabel("D = 3h")
-    a2.set_ylabel("final Tr(HΣ) / Tr(H$\\bar{\\Sigma}$)")
-    a2.set_title("" if slope is None else f"log-log slope {slope:.2f}")
-    a2.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    written += save_figure(fig, rd / "indicator_ratio")
-
-    # Proposition 2: a along training (widths), a along training (δ), final a vs δ.
-    sweep = analysis.get("delta_sweep") or {}
-    ncols = 3 if sweep else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 3.8), squeeze=False)
-    ax = axes[0, 0]
-    for w, c in zip(widths, colors, strict=True):
-        cv = results[w]["curves"]
-        _band(ax, cv["epoch"], cv["alignment_mean"], cv["alignment_std"], c, lw=1.8,
-              label=f"h = {w}")  # fmt: skip
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("a = u₁ᵀΣu₁ · Tr H / (λ₁ Tr Σ)")
-    ax.set_title(f"alignment along training (δ = {config.get('delta')})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    if sweep:
-        deltas = list(sweep)
-        dcol = plt.get_cmap("plasma")(
-            [0.1 + 0.75 * i / max(1, len(deltas) - 1) for i in range(len(deltas))]
+def _sweep_md(analysis: dict[str, Any]) -> list[str]:
+    """The δ-sweep table of ``summary.md`` (Proposition 2; empty without a sweep)."""
+    if not analysis["delta_sweep"]:
+        return []
+    lines = [
+        "",
+        f"## Proposition 2: a(θ) against δ (h = {analysis['delta_sweep_width']})",
+        "",
+        "a = u₁ᵀΣu₁·Tr H/(λ₁ Tr Σ); the bound r_min²/r_max² (unclipped residuals, ≥ δ²/r_max²) "
+        "is what Proposition 2's argument guarantees for the uncentred second moment.",
+        "",
+        "| δ | a (final) | min a over training | bound r_min²/r_max² (final) | unclipped "
+        "fraction | train loss | ratio | live seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d, r in analysis["delta_sweep"].items():
+        lines.append(
+            f"| {d} | {_pm(r['alignment_final'], r['alignment_final_std'])} | "
+            f"{r['alignment_min']:.3g} | {_pm(r['a_bound_final'], r['a_bound_final_std'])} | "
+            f"{_pm(r['frac_active_final'], r['frac_active_final_std'])} | "
+            f"{_pm(r['train_loss_final'], r['train_loss_final_std'])} | "
+            f"{_pm(r['ratio_final'], r['ratio_final_std'])} | "
+            f"{r['num_valid_final']}/{len(r['seeds'])} |"
         )
-        ax = axes[0, 1]
-        for d, c in zip(deltas, dcol, strict=True):
-            cv = sweep[d]["curves"]
-            _band(ax, cv["epoch"], cv["alignment_mean"], cv["alignment_std"], c, lw=1.8,
-                  label=f"δ = {d}")  # fmt: skip
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("a")
-        ax.set_title(f"alignment vs δ (h = {analysis.get('delta_sweep_width')})")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        ax = axes[0, 2]
-        dv = [float(d) for d in deltas]
-        a_fin = [sweep[d]["alignment_final"] for d in deltas]
-        a_err = [sweep[d]["alignment_final_std"] or 0.0 for d in deltas]
-        a_min = [sweep[d]["alignment_min"] for d in deltas]
-        bound = [sweep[d]["a_bound_final"] for d in deltas]
-        ax.errorbar(dv, a_fin, yerr=a_err, fmt="o-", capsize=3, label="a (final)")
-        ax.plot(dv, a_min, "s--", label="min a over training")
-        ax.plot(dv, bound, "^:", label="bound r²_min/r²_max (final)")
-        ax.plot(dv, [d * d for d in dv], color="gray", lw=0.8, label="δ² (the bound for r_max ≤ 1)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _plain_log_ticks(ax, "x")
-        _plain_log_ticks(ax, "y")
-        ax.set_xlabel("δ")
-        ax.set_ylabel("alignment coefficient")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    written += save_figure(fig, rd / "prop2_alignment")
-    return written
+    lines += _dead_notes({f"δ = {d}": r for d, r in analysis["delta_sweep"].items()})
+    return lines
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The short table printed at the end of a run: one line per width.
+
+    Args:
+        results: what :func:`run` returned (``results.json``).
+
+    Returns:
+        Lines ``h = … (D = …): Tr(HΣ)/Tr(HΣ̄) = mean ± std, a = …, train acc …``.
+    """
+    return "\n".join(
+        f"h = {w:>4} (D = {r['dim']:>5}): Tr(HΣ)/Tr(HΣ̄) = "
+        f"{_pm(r['ratio_final'], r['ratio_final_std'])}, a = "
+        f"{_pm(r['alignment_final'], r['alignment_final_std'])}, "
+        f"train acc {r['train_accuracy_final']:.3f}"
+        for w, r in results.items()
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -203,7 +203,8 @@ class GaussNewtonOperator(LinearOperator):
         assert self._cache is not None
         J, lam = self._cache[2], self._cache[3]
         m, o = lam.shape[0], lam.shape[1]
-        U = torch.bmm(lam, (J @ V).reshape(m, o, -1)).reshape(m * o, -1)
+        k = V.shape[1]
+        U = torch.bmm(lam, (J @ V).reshape(m, o, k)).reshape(m * o, k)
         return J.T @ U * (1.0 / self.num_samples)
 
     # ------------------------------------------------------------------ matrix-free route

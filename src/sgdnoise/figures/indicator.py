@@ -1,0 +1,173 @@
+"""Figures of ``sgdnoise indicator`` (poster Fig. 4 left; Proposition 2), from a run directory.
+
+``plot(run_dir)`` reads what the run wrote — ``results.json`` (per width), ``analysis.json`` (the
+log-log slope and the δ sweep) and ``config.json`` (b and δ for the labels) — and recomputes
+nothing. matplotlib is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..experiments._common import RunDir, save_figure
+
+__all__ = ["band", "colors", "plain_log_ticks", "plot"]
+
+SIGMA_BAR = "$\\bar{\\Sigma}$"
+
+
+def band(ax: Any, x: list[int], mean: list[Any], std: list[Any], color: Any, **kw: Any) -> None:
+    """Plot a mean curve with a ±1 std band (``None`` entries: a gap / no band).
+
+    The band's lower edge falls back to the mean where ``mean − std ≤ 0`` (keeps log axes valid).
+    """
+    import numpy as np
+
+    m = np.array([np.nan if v is None else v for v in mean], dtype=float)
+    s = np.array([0.0 if v is None else v for v in std], dtype=float)
+    ax.plot(x, m, color=color, **kw)
+    if np.any(s > 0):
+        lo = np.where(m - s > 0, m - s, m)
+        ax.fill_between(x, lo, m + s, color=color, alpha=0.15, linewidth=0)
+
+
+def plain_log_ticks(ax: Any, which: str = "y") -> None:
+    """Plain ``%g`` tick labels on a log axis (``which``: ``"x"`` or ``"y"``), at 1-2-5 steps when
+    it spans under two decades (the default mathtext labels take seconds to lay out on a busy
+    CPU). Call after plotting."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
+    if lo > 0 and hi / lo < 100:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def colors(n: int, cmap: str = "viridis") -> list[Any]:
+    """``n`` colours spread over 10–85 % of a matplotlib colormap."""
+    import matplotlib.pyplot as plt
+
+    return list(plt.get_cmap(cmap)([0.1 + 0.75 * i / max(1, n - 1) for i in range(n)]))
+
+
+def _finish(ax: Any, xlabel: str, ylabel: str, *, log: str = "", fontsize: int = 8) -> None:
+    for which in log:
+        getattr(ax, f"set_{which}scale")("log")
+        plain_log_ticks(ax, which)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both" if log else "major")
+
+
+def _indicator(results: dict[str, Any], config: dict[str, Any], stem: Path) -> list[Path]:
+    """Poster Fig. 4 left: Tr(HΣ) solid, Tr(HΣ̄) dotted, log scale."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for w, c in zip(results, colors(len(results)), strict=True):
+        cv = results[w]["curves"]
+        band(
+            ax, cv["epoch"], cv["tr_HS_mean"], cv["tr_HS_std"], c, lw=1.8, label=f"h = {w}: Tr(HΣ)"
+        )
+        band(ax, cv["epoch"], cv["tr_HS_iso_mean"], cv["tr_HS_iso_std"], c, lw=1.8, ls=":",
+             label=f"h = {w}: Tr(H{SIGMA_BAR})")  # fmt: skip
+    b = config.get("noise_batch_size", 10)
+    _finish(ax, "epoch", f"escape indicator (Σ for batch size {b})", log="y")
+    ax.set_title("SGD noise vs isotropic equivalent, one hidden layer")
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, stem)
+
+
+def _ratio(results: dict[str, Any], analysis: dict[str, Any], stem: Path) -> list[Path]:
+    """The ratio along training (left) and its final value against D (right)."""
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.0))
+    for w, c in zip(results, colors(len(results)), strict=True):
+        cv = results[w]["curves"]
+        band(a1, cv["epoch"], cv["ratio_mean"], cv["ratio_std"], c, lw=1.8, label=f"h = {w}")
+    _finish(a1, "epoch", f"Tr(HΣ) / Tr(H{SIGMA_BAR})", log="y")
+    a1.legend(fontsize=8)
+    dims = [r["dim"] for r in results.values()]
+    errs = [r["ratio_final_std"] or 0.0 for r in results.values()]
+    a2.errorbar(dims, [r["ratio_final"] for r in results.values()], yerr=errs, fmt="o-",
+                color="k", capsize=3, label="final ratio")  # fmt: skip
+    _finish(a2, "D = 3h", f"final Tr(HΣ) / Tr(H{SIGMA_BAR})", log="xy")
+    slope = analysis.get("ratio_vs_dim_loglog_slope")
+    a2.set_title("" if slope is None else f"log-log slope {slope:.2f}")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def _alignment_vs_delta(ax: Any, sweep: dict[str, Any]) -> None:
+    """Final a, its minimum over training and the bound r²_min/r²_max against δ."""
+    dv = [float(d) for d in sweep]
+    rows = list(sweep.values())
+    ax.errorbar(dv, [r["alignment_final"] for r in rows],
+                yerr=[r["alignment_final_std"] or 0.0 for r in rows], fmt="o-", capsize=3,
+                label="a (final)")  # fmt: skip
+    ax.plot(dv, [r["alignment_min"] for r in rows], "s--", label="min a over training")
+    ax.plot(dv, [r["a_bound_final"] for r in rows], "^:", label="bound r²_min/r²_max (final)")
+    ax.plot(dv, [d * d for d in dv], color="gray", lw=0.8, label="δ² (the bound for r_max ≤ 1)")
+    _finish(ax, "δ", "alignment coefficient", log="xy")
+    ax.legend(fontsize=7)
+
+
+def _alignment(
+    results: dict[str, Any], analysis: dict[str, Any], config: dict[str, Any], stem: Path
+) -> list[Path]:
+    """Proposition 2: a along training (widths), a along training (δ), final a against δ."""
+    import matplotlib.pyplot as plt
+
+    sweep = analysis.get("delta_sweep") or {}
+    ncols = 3 if sweep else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 3.8), squeeze=False)
+    panels = [(axes[0, 0], results, "h", f"alignment along training (δ = {config.get('delta')})")]
+    if sweep:
+        title = f"alignment vs δ (h = {analysis.get('delta_sweep_width')})"
+        panels.append((axes[0, 1], sweep, "δ", title))
+    for i, (ax, groups, sym, title) in enumerate(panels):
+        for key, c in zip(groups, colors(len(groups), "plasma" if i else "viridis"), strict=True):
+            cv = groups[key]["curves"]
+            band(ax, cv["epoch"], cv["alignment_mean"], cv["alignment_std"], c, lw=1.8,
+                 label=f"{sym} = {key}")  # fmt: skip
+        ax.set_ylim(bottom=0)
+        _finish(ax, "epoch", "a" if i else "a = u₁ᵀΣu₁ · Tr H / (λ₁ Tr Σ)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    if sweep:
+        _alignment_vs_delta(axes[0, 2], sweep)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def plot(run_dir: str | Path) -> list[Path]:
+    """Draw the figures of an indicator run directory from its saved results (no recomputation).
+
+    Args:
+        run_dir: a directory written by :func:`sgdnoise.experiments.indicator.run`.
+
+    Returns:
+        The written files: ``indicator`` (poster Fig. 4 left), ``indicator_ratio`` and
+        ``prop2_alignment``, each as PNG and SVG.
+
+    Raises:
+        FileNotFoundError: if ``results.json`` or ``config.json`` is missing.
+        ModuleNotFoundError: without matplotlib (``pip install sgdnoise[plot]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rd = RunDir(run_dir)
+    raw = rd.read_json("results.json")
+    results = {w: raw[w] for w in sorted(raw, key=int)}
+    analysis = rd.read_json("analysis.json") if rd.exists("analysis.json") else {}
+    config = rd.read_json("config.json")
+    return [
+        *_indicator(results, config, rd / "indicator"),
+        *_ratio(results, analysis, rd / "indicator_ratio"),
+        *_alignment(results, analysis, config, rd / "prop2_alignment"),
+    ]
