@@ -35,20 +35,19 @@ against D is compared with the bound's slope over the same D range and with the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..linalg.lanczos import top_eigenpairs
-from ..linalg.operators import LinearOperator
-from ._common import Progress, RunDir, load_toml_config, replace_config, save_figure
+from ..figures.prop1 import plot
+from ..linalg import LinearOperator, top_eigenpairs
+from ._common import Progress, RunDir, load_toml_config, replace_config
+from .indicator import _num_threads  # ISSUE11-MERGE: one helper in experiments/_common.py
 
 __all__ = [
     "NOISE_RESTS",
@@ -65,6 +64,7 @@ __all__ = [
     "noise_spectrum",
     "plot",
     "run",
+    "summary",
 ]
 
 NOISE_RESTS = ("isotropic", "hessian", "tail")
@@ -440,26 +440,43 @@ def _rel(a: float, b: float) -> float:
 
 def run(
     config: Prop1Config,
-    out_dir: str | Path,
+    out: str | Path,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
+    profile: str | None = None,
     preset: str | None = None,
 ) -> dict[str, Any]:
-    """Run the check and write the run directory; returns ``results.json``'s content.
+    """Run the check and write the run directory (no figures); returns ``results.json``.
 
-    ``results.json``: ``dims``, ``k``, ``a``, ``all_bounds_hold``, ``max_numeric_rel_err`` and
-    ``exponents`` mapping each d (a string) to ``asymptotic_slope`` (2d − 1), ``bound_slope``
-    (fitted over ``dims``), ``bounds`` and, per noise rest, ``ratios``, ``slope``,
-    ``ratio_over_bound`` and ``bound_holds``. Also ``config.json``, ``env.json``,
-    ``metrics.jsonl``/``.csv`` (one row per D, d and rest), ``summary.md`` and the figure
-    ``prop1`` (PNG + SVG). Everything runs on the CPU in float64 (``device`` is recorded only).
+    Everything runs on the CPU in float64 (``device`` is accepted for a uniform interface and
+    ignored; ``config.json`` records ``"cpu"``).
+
+    Args:
+        config: the configuration (validated here).
+        out: run directory to write.
+        device: ignored (see above). progress: show a progress line.
+        profile: the preset's name, recorded in ``config.json``.
+        preset: the former name of ``profile``; the figure is drawn too when it is given.
+
+    Returns:
+        ``results.json``'s content: ``dims``, ``k``, ``a``, ``all_bounds_hold``,
+        ``max_numeric_rel_err`` and ``exponents`` mapping each d (a string) to
+        ``asymptotic_slope`` (2d − 1), ``bound_slope`` (fitted over ``dims``), ``bounds`` and, per
+        noise rest, ``ratios``, ``slope``, ``ratio_over_bound`` and ``bound_holds``. Also written:
+        ``config.json``, ``env.json``, ``metrics.jsonl``/``.csv`` (one row per D, d and rest),
+        ``meta.json`` and ``summary.md``. Figure: :func:`sgdnoise.figures.prop1.plot`.
+
+    Raises:
+        ValueError: an invalid config.
     """
+    del device  # CPU only
     config = config.validate()
-    rd = RunDir(out_dir)
+    rd = RunDir(out)
     rd.clear_complete()
     t0 = time.perf_counter()
-    rd.write_config({**dataclasses.asdict(config), "device": "cpu", "preset": preset})
+    name = profile if preset is None else preset
+    rd.write_config({**dataclasses.asdict(config), "device": "cpu", "preset": name})
     rd.write_env("cpu")
     rows: list[dict[str, Any]] = []
     bar = Progress(len(config.dims) * len(config.exponents), "prop1", enabled=progress)
@@ -471,23 +488,11 @@ def run(
     rd.write_csv("metrics.csv", rows)
     rd.write_json("results.json", results)
     rd.write_json("meta.json", {"seconds": elapsed, "device": "cpu"})
-    rd.write_text("summary.md", _summary(config, results, elapsed))
-    plot(rd.path)
+    rd.write_text("summary.md", _summary_md(config, results, elapsed))
+    if preset is not None:  # ISSUE11-MERGE: the old _main's call; the protocol draws the figure
+        plot(rd.path)
     rd.mark_complete("prop1", config)
     return results
-
-
-@contextlib.contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _compute(config: Prop1Config, rows: list[dict[str, Any]], bar: Progress) -> None:
@@ -579,7 +584,8 @@ def _collect(config: Prop1Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _summary(config: Prop1Config, results: dict[str, Any], elapsed: float) -> str:
+def _summary_md(config: Prop1Config, results: dict[str, Any], elapsed: float) -> str:
+    """``summary.md``: slopes per d and noise rest, ratios at the largest D, the checks."""
     rests = list(config.noise_rests)
     lines = [
         "# Proposition 1: Tr(HΣ)/Tr(HΣ̄) against a·D/(k + D^(1−d))²",
@@ -644,65 +650,23 @@ def _summary(config: Prop1Config, results: dict[str, Any], elapsed: float) -> st
     return "\n".join(lines)
 
 
-def plot(run_dir: str | Path) -> list[Path]:
-    """Redraw the figure of a run directory from its saved results (no recomputation)."""
-    import matplotlib
+def summary(results: dict[str, Any]) -> str:
+    """The short table printed at the end of a run: one line per exponent d, then the bound.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    Args:
+        results: what :func:`run` returned (``results.json``).
 
-    def plain(ax: Any) -> None:  # %g labels: mathtext log labels are slow to lay out
-        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
-            if axis.get_scale() == "log" and lo > 0 and hi / lo < 100:
-                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            axis.set_minor_formatter(NullFormatter())
-
-    rd = RunDir(run_dir)
-    res = rd.read_json("results.json")
-    dims = res["dims"]
-    keys = list(res["exponents"])
-    rests = res["noise_rests"]
-    cmap = plt.get_cmap("viridis")
-    colors = [cmap(0.1 + 0.75 * i / max(1, len(keys) - 1)) for i in range(len(keys))]
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.2))
-    main = rests[0]
-    for key, c in zip(keys, colors, strict=True):
-        e = res["exponents"][key]
-        a1.plot(dims, e["rests"][main]["ratios"], "o-", color=c, label=f"d = {key}")
-        a1.plot(dims, e["bounds"], "--", color=c, lw=1)
-        a3.plot(dims, e["rests"][main]["ratio_over_bound"], "o-", color=c, label=f"d = {key}")
-    a1.set_xscale("log")
-    a1.set_yscale("log")
-    plain(a1)
-    a1.set_xlabel("D")
-    a1.set_ylabel("Tr(HΣ) / Tr(H$\\bar{\\Sigma}$)")
-    a1.set_title(f"ratio (Σ rest: {main}, solid) vs bound aD/(k+D^(1−d))² (dashed)", fontsize=9)
-    a1.legend(fontsize=8)
-    a1.grid(alpha=0.3, which="both")
-    ds = [res["exponents"][k]["d"] for k in keys]
-    a2.plot(ds, [2 * d - 1 for d in ds], "k-", lw=1.2, label="2d − 1 (asymptotic)")
-    a2.plot(ds, [res["exponents"][k]["bound_slope"] for k in keys], "k--", lw=1.2,
-            label="bound, fitted over D")  # fmt: skip
-    markers = {"isotropic": "o", "hessian": "s", "tail": "^"}
-    for rest in rests:
-        a2.plot(ds, [res["exponents"][k]["rests"][rest]["slope"] for k in keys],
-                markers.get(rest, "x"), label=f"ratio, Σ rest {rest}")  # fmt: skip
-    a2.set_xlabel("d")
-    a2.set_ylabel("log-log slope against D")
-    a2.set_title(f"fitted slopes over D = {min(dims)} … {max(dims)}", fontsize=9)
-    a2.legend(fontsize=8)
-    a2.grid(alpha=0.3)
-    a3.set_xscale("log")
-    plain(a3)
-    a3.set_xlabel("D")
-    a3.set_ylabel("ratio / bound")
-    a3.set_title(f"ratio over bound (Σ rest: {main}; ≥ 1 everywhere)", fontsize=9)
-    a3.axhline(1.0, color="gray", lw=0.8)
-    a3.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    return save_figure(fig, rd / "prop1")
+    Returns:
+        Lines ``d = …: slope … (Σ rest …), bound slope …, 2d − 1 = …`` and whether the bound
+        holds for every instance.
+    """
+    main = results["noise_rests"][0]
+    lines = [
+        f"d = {key}: slope {e['rests'][main]['slope']:.3f} (Σ rest {main}), bound slope "
+        f"{e['bound_slope']:.3f}, 2d − 1 = {e['asymptotic_slope']:.2f}"
+        for key, e in results["exponents"].items()
+    ]
+    return "\n".join([*lines, f"bound holds everywhere: {results['all_bounds_hold']}"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Figure of ``sgdnoise prop1`` (Proposition 1, numerically), drawn from ``results.json`` only.
+
+matplotlib is imported inside the function only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..experiments._common import RunDir, save_figure
+from .indicator import colors, plain_log_ticks
+
+__all__ = ["plot"]
+
+#: Marker per way Σ spreads the weight not on u₁ (``x`` for others).
+MARKERS = {"isotropic": "o", "hessian": "s", "tail": "^"}
+
+
+def _ratios(ax: Any, res: dict[str, Any], main: str, cols: list[Any], *, over_bound: bool) -> None:
+    """Ratio (solid) and bound (dashed) against D, or their quotient, one colour per d."""
+    dims = res["dims"]
+    for key, c in zip(res["exponents"], cols, strict=True):
+        e = res["exponents"][key]
+        if over_bound:
+            ax.plot(dims, e["rests"][main]["ratio_over_bound"], "o-", color=c, label=f"d = {key}")
+        else:
+            ax.plot(dims, e["rests"][main]["ratios"], "o-", color=c, label=f"d = {key}")
+            ax.plot(dims, e["bounds"], "--", color=c, lw=1)
+    ax.set_xscale("log")
+    plain_log_ticks(ax, "x")
+    ax.set_xlabel("D")
+    ax.grid(alpha=0.3, which="both")
+
+
+def _slopes(ax: Any, res: dict[str, Any]) -> None:
+    """Fitted log-log slopes against d, with 2d − 1 and the bound's fitted slope."""
+    keys = list(res["exponents"])
+    ds = [res["exponents"][k]["d"] for k in keys]
+    ax.plot(ds, [2 * d - 1 for d in ds], "k-", lw=1.2, label="2d − 1 (asymptotic)")
+    ax.plot(ds, [res["exponents"][k]["bound_slope"] for k in keys], "k--", lw=1.2,
+            label="bound, fitted over D")  # fmt: skip
+    for rest in res["noise_rests"]:
+        ax.plot(ds, [res["exponents"][k]["rests"][rest]["slope"] for k in keys],
+                MARKERS.get(rest, "x"), label=f"ratio, Σ rest {rest}")  # fmt: skip
+    ax.set_xlabel("d")
+    ax.set_ylabel("log-log slope against D")
+    ax.set_title(f"fitted slopes over D = {min(res['dims'])} … {max(res['dims'])}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot(run_dir: str | Path) -> list[Path]:
+    """Draw the figure of a prop1 run directory from its ``results.json`` (no recomputation).
+
+    Left: the ratio ``Tr(HΣ)/Tr(HΣ̄)`` for the first noise rest and the bound ``aD/(k+D^(1−d))²``
+    against D; middle: fitted slopes against d; right: ratio over bound (≥ 1 everywhere).
+
+    Args:
+        run_dir: a directory written by :func:`sgdnoise.experiments.prop1.run`.
+
+    Returns:
+        The written files ``prop1.png`` and ``prop1.svg``.
+
+    Raises:
+        FileNotFoundError: if ``results.json`` is missing.
+        ModuleNotFoundError: without matplotlib (``pip install sgdnoise[plot]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rd = RunDir(run_dir)
+    res = rd.read_json("results.json")
+    main = res["noise_rests"][0]
+    cols = colors(len(res["exponents"]))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.2))
+    _ratios(a1, res, main, cols, over_bound=False)
+    a1.set_yscale("log")
+    plain_log_ticks(a1, "y")
+    a1.set_ylabel("Tr(HΣ) / Tr(H$\\bar{\\Sigma}$)")
+    a1.set_title(f"ratio (Σ rest: {main}, solid) vs bound aD/(k+D^(1−d))² (dashed)", fontsize=9)
+    a1.legend(fontsize=8)
+    _slopes(a2, res)
+    _ratios(a3, res, main, cols, over_bound=True)
+    a3.set_ylabel("ratio / bound")
+    a3.set_title(f"ratio over bound (Σ rest: {main}; ≥ 1 everywhere)", fontsize=9)
+    a3.axhline(1.0, color="gray", lw=0.8)
+    fig.tight_layout()
+    return save_figure(fig, rd / "prop1")
