@@ -40,7 +40,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -610,7 +610,7 @@ def _aggregate(rows: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
     return out
 
 
-def _loglog_slope(xs: list[float], ys: list[float]) -> float | None:
+def _loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys, strict=True) if a > 0 and b > 0]
     if len(pts) < 2:
         return None
@@ -724,7 +724,7 @@ def run(
     results, analysis = _collect(config, rows)
     rd.write_json("results.json", results)
     rd.write_json("analysis.json", analysis)
-    rd.write_csv("metrics.csv", rows)
+    rd.write_csv("metrics.csv", [r for r in rows])  # ISSUE11-MERGE: write_csv(Sequence)
     meta = {"seconds": time.perf_counter() - t0, "runs_computed": len(timings),
             "runs_total": len(_units(config)), "unit_seconds": timings, "device": str(dev)}  # fmt: skip
     rd.write_json("meta.json", meta)

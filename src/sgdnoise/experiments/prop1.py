@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -426,7 +427,7 @@ def measure_instance(
 # --------------------------------------------------------------------------------------------
 
 
-def _loglog_slope(xs: list[float], ys: list[float]) -> float:
+def _loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     lx = [math.log(x) for x in xs]
     ly = [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
@@ -485,7 +486,7 @@ def run(
     results = _collect(config, rows)
     elapsed = time.perf_counter() - t0
     rd.write_jsonl("metrics.jsonl", rows)
-    rd.write_csv("metrics.csv", rows)
+    rd.write_csv("metrics.csv", [r for r in rows])  # ISSUE11-MERGE: write_csv(Sequence)
     rd.write_json("results.json", results)
     rd.write_json("meta.json", {"seconds": elapsed, "device": "cpu"})
     rd.write_text("summary.md", _summary_md(config, results, elapsed))
