@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..figures.prop1 import plot
+from ..figures.prop1 import plot, summary_markdown
 from ..linalg import LinearOperator, top_eigenpairs
 from ._common import Progress, RunDir, load_toml_config, replace_config
 from .indicator import _num_threads  # ISSUE11-MERGE: one helper in experiments/_common.py
@@ -489,7 +490,10 @@ def run(
     rd.write_csv("metrics.csv", [r for r in rows])  # ISSUE11-MERGE: write_csv(Sequence)
     rd.write_json("results.json", results)
     rd.write_json("meta.json", {"seconds": elapsed, "device": "cpu"})
-    rd.write_text("summary.md", _summary_md(config, results, elapsed))
+    rd.write_text(
+        "summary.md",
+        summary_markdown(json.loads(json.dumps(dataclasses.asdict(config))), results, elapsed),
+    )
     if preset is not None:  # ISSUE11-MERGE: the old _main's call; the protocol draws the figure
         plot(rd.path)
     rd.mark_complete("prop1", config)
@@ -583,72 +587,6 @@ def _collect(config: Prop1Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "num_instances": len(rows),
         "exponents": per_d,
     }
-
-
-def _summary_md(config: Prop1Config, results: dict[str, Any], elapsed: float) -> str:
-    """``summary.md``: slopes per d and noise rest, ratios at the largest D, the checks."""
-    rests = list(config.noise_rests)
-    lines = [
-        "# Proposition 1: Tr(HΣ)/Tr(HΣ̄) against a·D/(k + D^(1−d))²",
-        "",
-        f"k = {config.k} large eigenvalues (1 … {config.top_min}), tail ≤ {config.tail_scale}·"
-        f"λ₁D^(−d), Σ aligned with coefficient exactly a = {config.a}; D ∈ "
-        f"{list(config.dims)} ({results['decades']:.1f} decades), random eigenbasis "
-        f"({config.rotations} Householder reflections, seed {config.seed}).",
-        "",
-        "Fitted log-log slope of the ratio against D, per d and per way Σ spreads the weight "
-        "not on u₁; 'bound' is the slope of a·D/(k + D^(1−d))² fitted over the same D, "
-        "'local' its exact slope at the largest D, 'aDλ₁²/Tr(H)²' the slope of the sharper "
-        "bound the proof passes through, and 2d − 1 the asymptotic exponent.",
-        "",
-        "| d | 2d − 1 | bound | local | aDλ₁²/Tr(H)² | "
-        + " | ".join(f"slope ({r})" for r in rests)
-        + " |",
-        "|---|---|---|---|---|" + "---|" * len(rests),
-    ]
-    for key, e in results["exponents"].items():
-        lines.append(
-            f"| {key} | {e['asymptotic_slope']:.2f} | {e['bound_slope']:.3f} | "
-            f"{e['bound_local_slope_at_max_dim']:.3f} | {e['spectral_bound_slope']:.3f} | "
-            + " | ".join(f"{e['rests'][r]['slope']:.3f}" for r in rests)
-            + " |"
-        )
-    D_hi = max(config.dims)
-    lines += [
-        "",
-        f"Ratio and bound at D = {D_hi}:",
-        "",
-        "| d | bound | " + " | ".join(f"ratio ({r})" for r in rests) + " |",
-        "|---|---|" + "---|" * len(rests),
-    ]
-    idx = config.dims.index(D_hi)
-    for key, e in results["exponents"].items():
-        lines.append(
-            f"| {key} | {e['bounds'][idx]:.4g} | "
-            + " | ".join(f"{e['rests'][r]['ratios'][idx]:.4g}" for r in rests)
-            + " |"
-        )
-    err = results["max_numeric_rel_err"]
-    lines += [
-        "",
-        f"Bound ratio ≥ aDλ₁²/Tr(H)² ≥ aD/(k + D^(1−d))² holds for every instance: "
-        f"{results['all_bounds_hold']}.",
-        f"Re-measured from the operators (Lanczos λ₁, u₁ and a for every instance; traces from "
-        f"the dense matrices for {results['num_dense']}/{results['num_instances']} instances, "
-        f"D ≤ {config.verify_max_dim}): max relative difference to the closed form "
-        + ("n/a" if err is None else f"{err:.1e}")
-        + ".",
-        "",
-        "The fitted slopes approach 2d − 1 only as D^(1−d) ≫ k: over a finite D range the bound's "
-        "own slope is larger, and the measured slopes should be compared with it. With the "
-        "'tail' rest Σ is the worst case condition 2 allows and the ratio tracks aDλ₁²/Tr(H)² "
-        "(the bound up to the tail's exact weight); 'isotropic' adds about 1 − α to the ratio, "
-        "which flattens the slope where the ratio is small (d near 1/2).",
-        "",
-        f"Wall time: {elapsed:.1f} s.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def summary(results: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from ..experiments._common import RunDir, save_figure
 from .indicator import colors, plain_log_ticks
 
-__all__ = ["plot"]
+__all__ = ["plot", "summary_markdown"]
 
 #: Marker per way Σ spreads the weight not on u₁ (``x`` for others).
 MARKERS = {"isotropic": "o", "hessian": "s", "tail": "^"}
@@ -89,3 +89,76 @@ def plot(run_dir: str | Path) -> list[Path]:
     a3.axhline(1.0, color="gray", lw=0.8)
     fig.tight_layout()
     return save_figure(fig, rd / "prop1")
+
+
+def summary_markdown(config: dict[str, Any], results: dict[str, Any], elapsed: float) -> str:
+    """The text of a prop1 run's ``summary.md``.
+
+    Args:
+        config: the run's ``config.json``. results: its ``results.json``. elapsed: seconds.
+
+    Returns:
+        Markdown: slopes per d and noise rest, ratios at the largest D, the checks.
+    """
+    rests = list(config["noise_rests"])
+    lines = [
+        "# Proposition 1: Tr(HΣ)/Tr(HΣ̄) against a·D/(k + D^(1−d))²",
+        "",
+        f"k = {config['k']} large eigenvalues (1 … {config['top_min']}), tail ≤ {config['tail_scale']}·"
+        f"λ₁D^(−d), Σ aligned with coefficient exactly a = {config['a']}; D ∈ "
+        f"{list(config['dims'])} ({results['decades']:.1f} decades), random eigenbasis "
+        f"({config['rotations']} Householder reflections, seed {config['seed']}).",
+        "",
+        "Fitted log-log slope of the ratio against D, per d and per way Σ spreads the weight "
+        "not on u₁; 'bound' is the slope of a·D/(k + D^(1−d))² fitted over the same D, "
+        "'local' its exact slope at the largest D, 'aDλ₁²/Tr(H)²' the slope of the sharper "
+        "bound the proof passes through, and 2d − 1 the asymptotic exponent.",
+        "",
+        "| d | 2d − 1 | bound | local | aDλ₁²/Tr(H)² | "
+        + " | ".join(f"slope ({r})" for r in rests)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(rests),
+    ]
+    for key, e in results["exponents"].items():
+        lines.append(
+            f"| {key} | {e['asymptotic_slope']:.2f} | {e['bound_slope']:.3f} | "
+            f"{e['bound_local_slope_at_max_dim']:.3f} | {e['spectral_bound_slope']:.3f} | "
+            + " | ".join(f"{e['rests'][r]['slope']:.3f}" for r in rests)
+            + " |"
+        )
+    D_hi = max(config["dims"])
+    lines += [
+        "",
+        f"Ratio and bound at D = {D_hi}:",
+        "",
+        "| d | bound | " + " | ".join(f"ratio ({r})" for r in rests) + " |",
+        "|---|---|" + "---|" * len(rests),
+    ]
+    idx = list(config["dims"]).index(D_hi)
+    for key, e in results["exponents"].items():
+        lines.append(
+            f"| {key} | {e['bounds'][idx]:.4g} | "
+            + " | ".join(f"{e['rests'][r]['ratios'][idx]:.4g}" for r in rests)
+            + " |"
+        )
+    err = results["max_numeric_rel_err"]
+    lines += [
+        "",
+        f"Bound ratio ≥ aDλ₁²/Tr(H)² ≥ aD/(k + D^(1−d))² holds for every instance: "
+        f"{results['all_bounds_hold']}.",
+        f"Re-measured from the operators (Lanczos λ₁, u₁ and a for every instance; traces from "
+        f"the dense matrices for {results['num_dense']}/{results['num_instances']} instances, "
+        f"D ≤ {config['verify_max_dim']}): max relative difference to the closed form "
+        + ("n/a" if err is None else f"{err:.1e}")
+        + ".",
+        "",
+        "The fitted slopes approach 2d − 1 only as D^(1−d) ≫ k: over a finite D range the bound's "
+        "own slope is larger, and the measured slopes should be compared with it. With the "
+        "'tail' rest Σ is the worst case condition 2 allows and the ratio tracks aDλ₁²/Tr(H)² "
+        "(the bound up to the tail's exact weight); 'isotropic' adds about 1 − α to the ratio, "
+        "which flattens the slope where the ratio is small (d near 1/2).",
+        "",
+        f"Wall time: {elapsed:.1f} s.",
+        "",
+    ]
+    return "\n".join(lines)
