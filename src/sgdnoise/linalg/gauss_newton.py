@@ -118,14 +118,8 @@ class GaussNewtonOperator(LinearOperator):
         problem._check_decoupled("the Gauss–Newton operator")  # ISSUE11-MERGE: check_decoupled
         if theta is None:
             theta = problem.theta()
-        elif not isinstance(theta, torch.Tensor) or theta.shape != (problem.dim,):
-            shape = list(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
-            raise ValueError(f"theta must be a flat vector of shape [{problem.dim}], got {shape}")
-        elif theta.dtype != problem.dtype or theta.device != problem.device:
-            raise ValueError(
-                f"theta must be {problem.dtype} on {problem.device} (the model's), got "
-                f"{theta.dtype} on {theta.device}"
-            )
+        else:  # ISSUE11-MERGE: public name for Problem._check_vector, if H1 adds one
+            problem._check_vector(theta, "theta")
         self.problem = problem
         self.theta = theta.detach().clone()
         self.indices = problem.check_indices(indices)
