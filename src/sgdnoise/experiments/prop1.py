@@ -402,6 +402,8 @@ def measure_instance(
     λ₁, u₁ and ``u₁ᵀΣu₁`` are measured. ``cache`` (a dict) shares the H-only work between Σ's
     with the same H.
     """
+    # ISSUE11-MERGE: with H1's measures on operators, Tr(HΣ) and a come from sgdnoise.tr_HS(H, Σ)
+    # and sgdnoise.alignment(H, Σ, 1) on inst.H, inst.Sigma (check bits against this dense route).
     cache = {} if cache is None else cache
     if "top" not in cache:
         vals, vecs = top_eigenpairs(inst.H, 1, generator=generator, tol=tol)
