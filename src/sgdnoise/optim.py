@@ -357,7 +357,7 @@ class GLD(ProblemOptimizer):
         elif isinstance(noise, str):
             cls = noise_class(noise)  # ValueError listing the valid names
             batch_scale(problem.num_samples, batch_size, replacement)  # validate now, not at step 0
-            cls._resolve_options(options)
+            cls.resolve_options(options)
             self.noise = None  # built on the first step (with that step's per-sample gradients)
             self.noise_name = noise
         else:

@@ -157,7 +157,7 @@ class NoiseModel(ABC):
         self.scale = batch_scale(problem.num_samples, batch_size, replacement)
         self.batch_size = batch_size
         self.replacement = bool(replacement)
-        self.options = self._resolve_options(options)
+        self.options = self.resolve_options(options)
         self.problem = problem
         self.num_refreshes = 0
         self.sigma_trace: torch.Tensor | None = None
@@ -168,7 +168,13 @@ class NoiseModel(ABC):
 
     # ------------------------------------------------------------------ options
     @classmethod
-    def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaults updated with ``options``, each value checked.
+
+        Raises:
+            TypeError: an option the structure does not have (the message lists the valid ones).
+            ValueError: a bad value (from ``_check_option``).
+        """
         unknown = sorted(set(options) - set(cls.option_defaults))
         if unknown:
             raise TypeError(
@@ -354,7 +360,7 @@ class NoiseModel(ABC):
         Args:
             stats: the R runs' centred per-sample gradients (and mean Hessians).
             trace: T, the trace of every ``L Lᵀ``.
-            options: the resolved options (:meth:`_resolve_options`).
+            options: the resolved options (:meth:`resolve_options`).
 
         Returns:
             ``[R, D, r]`` (r = the structure's rank, e.g. D or k).

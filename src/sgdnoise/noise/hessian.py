@@ -52,7 +52,7 @@ class _HessianEigenNoise(EigenNoise):
         if stats.hessian is None:
             raise ValueError(f"noise structure {cls.name!r} needs the mean Hessian")
         D = stats.hessian.shape[-1]
-        return scaled_top_eigen_factor(stats.hessian, trace, min(options.get("k", 1), D))
+        return scaled_top_eigen_factor(stats.hessian, trace, min(options["k"], D))
 
 
 @register_noise
@@ -115,3 +115,10 @@ class HessianTop1Noise(_HessianEigenNoise):
         self._hessian_pairs(1)
         s = trace.reshape(1).clamp_min(0).to(self.problem.dtype)
         self._set_low_rank(self.eigenvectors, s)
+
+    @classmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """Factor ``√T u₁`` ``[R, D, 1]`` from the runs' mean Hessians."""
+        return super().batched_factor(stats, trace, {**options, "k": 1})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -11,7 +10,7 @@ from .._utils import as_generator, randn
 from ..linalg import covariance as _cov
 from ..linalg.covariance import GradientNoiseCovariance
 from ..linalg.operators import LinearOperator
-from ._base import BatchedStatistics, NoiseModel, register_noise
+from ._base import NoiseModel, register_noise
 from ._gradients import weighted_gradients
 from .full import FullNoise
 
@@ -166,15 +165,5 @@ class MultiplicativeNoise(NoiseModel):
     def sample(self, num: int, *, generator: torch.Generator | int) -> torch.Tensor:
         return self.noise_from_weights(self.sample_weights(num, generator=generator))
 
-    @classmethod
-    def batched_factor(
-        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
-    ) -> torch.Tensor:
-        """Gaussian weights give ``n = L z`` with the per-sample factor (as ``full``).
-
-        Raises:
-            ValueError: for ``distribution="sgd"`` (not Gaussian: no factor).
-        """
-        if options.get("distribution", "gaussian") != "gaussian":
-            raise ValueError("multiplicative noise has a Gaussian factor only for 'gaussian'")
-        return FullNoise.batched_factor(stats, trace, options)
+    #: Gaussian weights (the default law) draw ``n = L z`` with ``full``'s per-sample factor.
+    batched_factor = FullNoise.batched_factor
