@@ -401,8 +401,8 @@ class GLD(ProblemOptimizer):
         p = self.problem
         theta = p.theta()
         if noise_class(self.noise_name).forms_gradient:
-            model = self.noise if self.noise is not None else self._refresh(None)
-            loss, g_noisy = model.noisy_gradient(theta, generator=self.generator)
+            former = self.noise if self.noise is not None else self._refresh(None)
+            loss, g_noisy = former.noisy_gradient(theta, generator=self.generator)
             p.set_theta(gld_step(theta, g_noisy, self.lr))
             return loss, StepInfo(t, float(loss), float(g_noisy.norm()), None, False, True)
 
@@ -410,6 +410,7 @@ class GLD(ProblemOptimizer):
         if self._prebuilt_fresh:
             refresh = self._prebuilt_fresh = False
         self._force_refresh = False
+        model: NoiseModel | None
         if refresh and noise_class(self.noise_name).needs_per_sample and materializes(p):
             # One [N, D] buffer for the whole run: the structure centres it in place and keeps
             # it until the next refresh overwrites it (a fresh matrix per step costs page faults).
@@ -430,11 +431,11 @@ class GLD(ProblemOptimizer):
             loss, grad = p.loss_and_gradient(theta)
             model = self._refresh(None) if refresh else self.noise
         assert model is not None
+        n: torch.Tensor | None = None
+        noise_norm = 0.0
         if refresh or not self.noise_only_on_refresh:
-            n: torch.Tensor | None = model.sample(1, generator=self.generator)[0]
-            noise_norm = float(n.norm())
-        else:
-            n, noise_norm = None, 0.0
+            draw = model.sample(1, generator=self.generator)[0]
+            n, noise_norm = draw, float(draw.norm())
         self._apply(theta, grad, n)
         return loss, StepInfo(t, float(loss), float(grad.norm()), noise_norm, refresh, True)
 

@@ -608,7 +608,7 @@ def _load_data(
     config: FashionConfig, data_dir: str | Path | None, dtype: torch.dtype, dev: torch.device
 ) -> tuple[dict[str, Any], PhaseData, str]:
     """The files' identity, the tensors a phase measures on, and the data source."""
-    ident = fashion_mnist_identity(data_dir)
+    ident: dict[str, Any] = fashion_mnist_identity(data_dir)
     if config.n_test is not None and config.n_test > ident["num_test"]:
         raise ValueError(
             f"n_test={config.n_test} test images were asked for, but the test file in "
@@ -953,9 +953,9 @@ def build_results(
     return results
 
 
-def _flat_rows(phases: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+def _flat_rows(phases: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[Mapping[str, Any]]:
     keys = ["seed", "phase", "t", "iteration", *_CURVE_KEYS]
-    out = []
+    out: list[Mapping[str, Any]] = []
     for seed, per in phases.items():
         for name, res in per.items():
             for r in res["rows"]:

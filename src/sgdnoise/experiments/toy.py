@@ -28,6 +28,7 @@ import itertools
 import math
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -462,7 +463,9 @@ def run(
     ]  # fmt: skip
     bar = Progress(len(config.dynamics), "toy", enabled=progress)
     results: dict[str, Any] = {}
-    rows, metrics, trajectories = [], [], {}
+    rows: list[Mapping[str, Any]] = []
+    metrics: list[dict[str, Any]] = []
+    trajectories: dict[str, Any] = {}
     for name in config.dynamics:
         results[name], r, m, trajectories[name] = _run_dynamics(name, data, config)
         rows += r
