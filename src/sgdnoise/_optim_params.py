@@ -81,40 +81,51 @@ def split_parameters(
             seen.add(id(p))
             extra.append(p)
     if missing or extra:
-        parts = []
-        if missing:
-            pairs = zip(problem.param_names, theirs, strict=True)
-            now_frozen = {n for n, p in pairs if not p.requires_grad}
-            parts.append(
-                "missing "
-                + ", ".join(
-                    f"{n} (requires_grad=False now but trainable when the Problem was built: "
-                    "rebuild the Problem)"
-                    if n in now_frozen
-                    else n
-                    for n in missing
-                )
-            )
-        if extra:
-            described = []
-            for p in extra:
-                if id(p) in names:
-                    described.append(
-                        f"{names[id(p)]} (trainable but not in the Problem's θ: frozen when "
-                        "the Problem was built, or left out by its params= selection)"
-                    )
-                else:
-                    described.append(f"a tensor of shape {list(p.shape)} not in problem.model")
-            parts.append(f"extra {', '.join(described)}")
-        fix = (
-            "pass only the parameters named in problem.param_names, or build the optimizer "
-            "with make_optimizer(...)"
-            if extra
-            else "pass problem.model.parameters() (frozen parameters are skipped automatically)"
-        )
-        raise ValueError(
-            f"{cls} must train exactly the problem's trainable parameters "
-            f"({', '.join(problem.param_names)}; D = {problem.dim}) but got {'; '.join(parts)}; "
-            + fix
-        )
+        raise ValueError(_mismatch(cls, problem, names, missing, extra))
     return trained, frozen
+
+
+def _mismatch(
+    cls: str,
+    problem: Problem,
+    names: dict[int, str],
+    missing: list[str],
+    extra: list[torch.Tensor],
+) -> str:
+    """The message naming the missing and extra parameters and the fix."""
+    theirs = problem._trainable()  # ISSUE11-MERGE: problem.trainable_parameters()
+    parts = []
+    if missing:
+        pairs = zip(problem.param_names, theirs, strict=True)
+        now_frozen = {n for n, p in pairs if not p.requires_grad}
+        parts.append(
+            "missing "
+            + ", ".join(
+                f"{n} (requires_grad=False now but trainable when the Problem was built: "
+                "rebuild the Problem)"
+                if n in now_frozen
+                else n
+                for n in missing
+            )
+        )
+    if extra:
+        described = []
+        for p in extra:
+            if id(p) in names:
+                described.append(
+                    f"{names[id(p)]} (trainable but not in the Problem's θ: frozen when "
+                    "the Problem was built, or left out by its params= selection)"
+                )
+            else:
+                described.append(f"a tensor of shape {list(p.shape)} not in problem.model")
+        parts.append(f"extra {', '.join(described)}")
+    fix = (
+        "pass only the parameters named in problem.param_names, or build the optimizer "
+        "with make_optimizer(...)"
+        if extra
+        else "pass problem.model.parameters() (frozen parameters are skipped automatically)"
+    )
+    return (
+        f"{cls} must train exactly the problem's trainable parameters "
+        f"({', '.join(problem.param_names)}; D = {problem.dim}) but got {'; '.join(parts)}; " + fix
+    )
