@@ -19,16 +19,15 @@ second full-batch pass. :func:`make_optimizer` builds any of them from a dynamic
 
 from __future__ import annotations
 
-import math
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from ._optim_params import check_lr, is_int, materializes, split_parameters
 from ._utils import as_generator
-from .linalg import covariance as _covariance
 from .linalg.covariance import batch_scale
 from .noise import (
     NoiseModel,
@@ -37,8 +36,6 @@ from .noise import (
     noise_structures,
     per_sample_gradients_and_losses,
 )
-from .noise._gradients import weighted_gradients
-from .noise.multiplicative import MultiplicativeNoise
 from .problem import Problem
 
 __all__ = [
@@ -47,6 +44,9 @@ __all__ = [
     "MinibatchSGD",
     "ProblemOptimizer",
     "StepInfo",
+    "default_refresh",
+    "dynamics_family",
+    "dynamics_label",
     "dynamics_names",
     "factor_noise",
     "gld_step",
@@ -101,13 +101,6 @@ def sample_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def _materializes(problem: Problem) -> bool:
-    """Whether the ``[N, D]`` per-sample matrix may be stored: ``N·D ≤ MATERIALIZE_LIMIT``, the
-    rule of :func:`~sgdnoise.gradient_noise_covariance` (read at call time, so lowering
-    ``sgdnoise.linalg.covariance.MATERIALIZE_LIMIT`` takes effect at once)."""
-    return problem.num_samples * problem.dim <= _covariance.MATERIALIZE_LIMIT
-
-
 @dataclass(frozen=True)
 class StepInfo:
     """What one step saw.
@@ -131,20 +124,8 @@ class StepInfo:
     full_batch: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "loss": self.loss,
-            "grad_norm": self.grad_norm,
-            "noise_norm": self.noise_norm,
-            "refreshed": self.refreshed,
-            "full_batch": self.full_batch,
-        }
-
-
-def _check_lr(lr: float) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0 (the step size η), got {lr!r}")
-    return float(lr)
+        """The fields as a plain dict (JSON-ready)."""
+        return asdict(self)
 
 
 class ProblemOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
@@ -167,77 +148,10 @@ class ProblemOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, *, problem: Problem) -> None:
-        if not isinstance(problem, Problem):
-            raise TypeError(f"problem must be a sgdnoise.Problem, got {type(problem).__name__}")
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        params = list(params)
-        if any(isinstance(p, dict) for p in params):
-            raise ValueError(
-                f"{type(self).__name__} takes one parameter group (θ is one flat vector); pass "
-                "problem.model.parameters() itself, not a list of groups"
-            )
-        cls = type(self).__name__
-        names = {id(p): n for n, p in problem.model.named_parameters(remove_duplicate=False)}
-        for p in params:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(
-                    f"{cls} expected parameters (tensors) such as problem.model.parameters(), got "
-                    f"an element of type {type(p).__name__}"
-                )
-        trained = [p for p in params if p.requires_grad]
-        self.frozen_parameter_names = [
-            names.get(id(p), f"<tensor {list(p.shape)}>") for p in params if not p.requires_grad
-        ]
-        theirs = problem._trainable()
-        theirs_ids = {id(p) for p in theirs}
-        mine_ids = {id(p) for p in trained}
-        missing = [
-            n for n, p in zip(problem.param_names, theirs, strict=True) if id(p) not in mine_ids
-        ]
-        extra, seen = [], set(theirs_ids)
-        for p in trained:
-            if id(p) not in seen:
-                seen.add(id(p))
-                extra.append(p)
-        if missing or extra:
-            parts = []
-            if missing:
-                pairs = zip(problem.param_names, theirs, strict=True)
-                now_frozen = {n for n, p in pairs if not p.requires_grad}
-                parts.append(
-                    "missing "
-                    + ", ".join(
-                        f"{n} (requires_grad=False now but trainable when the Problem was built: "
-                        "rebuild the Problem)"
-                        if n in now_frozen
-                        else n
-                        for n in missing
-                    )
-                )
-            if extra:
-                described = []
-                for p in extra:
-                    if id(p) in names:
-                        described.append(
-                            f"{names[id(p)]} (trainable but not in the Problem's θ: frozen when "
-                            "the Problem was built, or left out by its params= selection)"
-                        )
-                    else:
-                        described.append(f"a tensor of shape {list(p.shape)} not in problem.model")
-                parts.append(f"extra {', '.join(described)}")
-            fix = (
-                "pass only the parameters named in problem.param_names, or build the optimizer "
-                "with make_optimizer(...)"
-                if extra
-                else "pass problem.model.parameters() (frozen parameters are skipped automatically)"
-            )
-            raise ValueError(
-                f"{cls} must train exactly the problem's trainable parameters "
-                f"({', '.join(problem.param_names)}; D = {problem.dim}) but got {'; '.join(parts)}; "
-                + fix
-            )
-        super().__init__(trained, {"lr": _check_lr(lr)})
+        trained, self.frozen_parameter_names = split_parameters(
+            type(self).__name__, params, problem
+        )
+        super().__init__(trained, {"lr": check_lr(lr)})
         self.trained_parameter_names: list[str] = list(problem.param_names)
         self.problem = problem
         self.num_steps = 0
@@ -323,11 +237,7 @@ class MinibatchSGD(ProblemOptimizer):
     ) -> None:
         super().__init__(params, lr, problem=problem)
         N = problem.num_samples
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int)
-            or not 1 <= batch_size <= N
-        ):
+        if not is_int(batch_size) or not 1 <= batch_size <= N:
             raise ValueError(
                 f"batch_size must be an integer in [1, N] = [1, {N}], got {batch_size!r}"
             )
@@ -368,8 +278,9 @@ class GLD(ProblemOptimizer):
     * ``state_dict()`` holds the step counter, the generator state and the eigen solvers' warm
       start (:meth:`~sgdnoise.noise.NoiseModel.warm_state`); a run resumed on a refresh step
       continues exactly.
-    * ``multiplicative`` takes one gradient of the randomly re-weighted loss per step (at the
-      current θ; ``refresh_every`` is irrelevant) — no Σ is formed.
+    * Structures whose noise enters through the loss (``forms_gradient``, e.g. ``multiplicative``)
+      form ``∇L + n`` themselves at every step (:meth:`~sgdnoise.noise.NoiseModel.noisy_gradient`,
+      at the current θ; ``refresh_every`` is irrelevant) and report no ``noise_norm``.
     * ``noise_only_on_refresh=True`` reproduces the released ``gld_lead.py`` quirk (noise injected
       only on refresh steps, ``n_t = 0`` otherwise). Off by default: it divides the injected noise
       energy by ``refresh_every``, which is not the dynamics the paper describes.
@@ -388,13 +299,12 @@ class GLD(ProblemOptimizer):
 
     Example:
         >>> import torch
-        >>> from torch import nn
         >>> import sgdnoise
         >>> g = torch.Generator().manual_seed(0)
-        >>> model = nn.Linear(3, 1).double()
-        >>> x = torch.randn(16, 3, generator=g, dtype=torch.float64)
-        >>> y = torch.randn(16, 1, generator=g, dtype=torch.float64)
-        >>> problem = sgdnoise.Problem(model, nn.functional.mse_loss, x, y)
+        >>> data = torch.randn(16, 4, generator=g, dtype=torch.float64)  # 3 inputs, 1 target
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> mse = torch.nn.functional.mse_loss
+        >>> problem = sgdnoise.Problem(model, mse, data[:, :3], data[:, 3:])
         >>> opt = sgdnoise.GLD(model.parameters(), 0.1, noise="diag", problem=problem,
         ...                    batch_size=4, generator=g)
         >>> loss = opt.step()
@@ -417,11 +327,7 @@ class GLD(ProblemOptimizer):
         **options: Any,
     ) -> None:
         super().__init__(params, lr, problem=problem)
-        if (
-            isinstance(refresh_every, bool)
-            or not isinstance(refresh_every, int)
-            or refresh_every < 1
-        ):
+        if not is_int(refresh_every) or refresh_every < 1:
             raise ValueError(
                 f"refresh_every must be a positive int (steps between covariance refreshes), "
                 f"got {refresh_every!r}"
@@ -451,7 +357,7 @@ class GLD(ProblemOptimizer):
         elif isinstance(noise, str):
             cls = noise_class(noise)  # ValueError listing the valid names
             batch_scale(problem.num_samples, batch_size, replacement)  # validate now, not at step 0
-            cls._resolve_options(options)
+            cls.resolve_options(options)
             self.noise = None  # built on the first step (with that step's per-sample gradients)
             self.noise_name = noise
         else:
@@ -479,9 +385,6 @@ class GLD(ProblemOptimizer):
         self._prebuilt_fresh = False
         self._pending_warm_state = warm or None
 
-    def _needs_per_sample(self) -> bool:
-        return noise_class(self.noise_name).needs_per_sample
-
     def _refresh(self, per_sample: torch.Tensor | None, *, overwrite: bool = False) -> NoiseModel:
         warm, self._pending_warm_state = self._pending_warm_state, None
         if self.noise is None:
@@ -497,12 +400,9 @@ class GLD(ProblemOptimizer):
     def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
         p = self.problem
         theta = p.theta()
-        if self.noise_name == "multiplicative":
-            mult = self.noise if self.noise is not None else self._refresh(None)
-            assert isinstance(mult, MultiplicativeNoise)
-            w = mult.sample_weights(1, generator=self.generator)[0]
-            g_noisy, losses = weighted_gradients(p, w, theta)  # ∇L + n in one pass
-            loss = losses.mean()
+        if noise_class(self.noise_name).forms_gradient:
+            former = self.noise if self.noise is not None else self._refresh(None)
+            loss, g_noisy = former.noisy_gradient(theta, generator=self.generator)
             p.set_theta(gld_step(theta, g_noisy, self.lr))
             return loss, StepInfo(t, float(loss), float(g_noisy.norm()), None, False, True)
 
@@ -510,7 +410,8 @@ class GLD(ProblemOptimizer):
         if self._prebuilt_fresh:
             refresh = self._prebuilt_fresh = False
         self._force_refresh = False
-        if refresh and self._needs_per_sample() and _materializes(p):
+        model: NoiseModel | None
+        if refresh and noise_class(self.noise_name).needs_per_sample and materializes(p):
             # One [N, D] buffer for the whole run: the structure centres it in place and keeps
             # it until the next refresh overwrites it (a fresh matrix per step costs page faults).
             first = self.noise is None
@@ -530,11 +431,11 @@ class GLD(ProblemOptimizer):
             loss, grad = p.loss_and_gradient(theta)
             model = self._refresh(None) if refresh else self.noise
         assert model is not None
+        n: torch.Tensor | None = None
+        noise_norm = 0.0
         if refresh or not self.noise_only_on_refresh:
-            n: torch.Tensor | None = model.sample(1, generator=self.generator)[0]
-            noise_norm = float(n.norm())
-        else:
-            n, noise_norm = None, 0.0
+            draw = model.sample(1, generator=self.generator)[0]
+            n, noise_norm = draw, float(draw.norm())
         self._apply(theta, grad, n)
         return loss, StepInfo(t, float(loss), float(grad.norm()), noise_norm, refresh, True)
 
@@ -545,8 +446,58 @@ class GLD(ProblemOptimizer):
 
 
 def dynamics_names() -> tuple[str, ...]:
-    """``("gd", "sgd", "gld_const", "gld_dynamic", …)`` — every name :func:`make_optimizer` accepts."""
+    """``("gd", "sgd", "gld_const", "gld_dynamic", …)`` — every name :func:`make_optimizer` accepts.
+
+    Read from the noise-structure registry at call time: a structure registered later appears.
+    """
     return ("gd", "sgd", *(f"gld_{s}" for s in noise_structures()))
+
+
+def _structure(dynamics: str) -> type[NoiseModel] | None:
+    """The structure class of ``gld_<name>``; ``None`` for gd/sgd; ``ValueError`` otherwise."""
+    if dynamics in ("gd", "sgd"):
+        return None
+    if not isinstance(dynamics, str) or not dynamics.startswith("gld_"):
+        names = ", ".join(dynamics_names())
+        raise ValueError(f"unknown dynamics {dynamics!r}; valid names: {names}")
+    return noise_class(dynamics[len("gld_") :])
+
+
+def dynamics_label(dynamics: str) -> str:
+    """The legend / report label: ``"GD"``, ``"SGD"`` or the structure's ``label``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    cls = _structure(dynamics)
+    return {"gd": "GD", "sgd": "SGD"}[dynamics] if cls is None else cls.label
+
+
+def dynamics_family(dynamics: str) -> str:
+    """Which side of the poster's claim a dynamics is on.
+
+    Returns:
+        ``"none"`` for GD (no noise), ``"aligned"`` for SGD (its own noise) and the structure's
+        ``family`` (``"aligned"`` or ``"isotropic"``) for ``gld_<structure>``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    cls = _structure(dynamics)
+    if cls is None:
+        return "none" if dynamics == "gd" else "aligned"
+    return cls.family
+
+
+def default_refresh(dynamics: str) -> int:
+    """The covariance refresh period (steps) a dynamics starts from: 0 for gd/sgd (nothing to
+    refresh), else the structure's ``default_refresh`` (the released code's periods).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    cls = _structure(dynamics)
+    return 0 if cls is None else cls.default_refresh
 
 
 def make_optimizer(
@@ -577,19 +528,17 @@ def make_optimizer(
         raise ValueError(f"unknown dynamics {dynamics!r}; valid names: {', '.join(names)}")
     # The model's parameters: θ's tensors plus the frozen ones (skipped, and reported in
     # frozen_parameter_names); tensors held fixed by a Problem built on a block of θ are left out.
-    in_theta = {id(p) for p in problem._trainable()}
+    in_theta = {id(p) for p in problem._trainable()}  # ISSUE11-MERGE: trainable_parameters()
     params = [p for p in problem.model.parameters() if id(p) in in_theta or not p.requires_grad]
+    if dynamics in ("gd", "sgd") and options:
+        raise TypeError(f"{dynamics!r} takes no noise options, got {sorted(options)}")
     if dynamics == "gd":
-        if options:
-            raise TypeError(f"'gd' takes no noise options, got {sorted(options)}")
         return GD(params, lr, problem=problem)
     if generator is None:
         raise TypeError(
             f"dynamics {dynamics!r} is random: pass generator=torch.Generator().manual_seed(s) or an int"
         )
     if dynamics == "sgd":
-        if options:
-            raise TypeError(f"'sgd' takes no noise options, got {sorted(options)}")
         return MinibatchSGD(params, lr, problem=problem, batch_size=batch_size,
                             generator=generator, replacement=replacement)  # fmt: skip
     return GLD(

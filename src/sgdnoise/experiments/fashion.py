@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from ..data import FASHION_MNIST_FILES as FASHION_FILES
 from ..data import corrupted_fashion_mnist, fashion_mnist_identity
 from ..models import FashionCNN
+from ..noise import noise_class
+from ..optim import default_refresh, dynamics_label, dynamics_names
 from ..problem import Problem
 from ._common import (
     Progress,
@@ -51,14 +53,12 @@ from ._common import (
     replace_config,
     resolve_device,
     resolve_dtype,
-    save_figure,
 )
 from .fashion_run import PhaseData, PhaseSpec, run_phase
 
 __all__ = [
     "ALL_DYNAMICS",
     "DEFAULT_REFRESH",
-    "LABELS",
     "PRESETS",
     "FashionConfig",
     "add_parser",
@@ -66,47 +66,19 @@ __all__ = [
     "phase_cost",
     "plot",
     "run",
+    "summary",
     "validate",
 ]
 
+# ISSUE11-MERGE: the config (H4) should read dynamics_names() / default_refresh() at validation
+# time, so that structures registered after this import are accepted; these names keep today's
+# config working. Every name comes from the noise-structure registry (sgdnoise.optim).
 #: Every dynamics compared after the switch, in the order they are run and plotted.
-ALL_DYNAMICS: tuple[str, ...] = (
-    "gd",
-    "sgd",
-    "gld_const",
-    "gld_dynamic",
-    "gld_diag",
-    "gld_leading",
-    "gld_hessian",
-    "gld_hessian_top1",
-    "gld_full",
-    "gld_multiplicative",
-)
-
-#: Legend labels (the poster's names; ``full`` and ``multiplicative`` are ours).
-LABELS: dict[str, str] = {
-    "gd": "GD",
-    "sgd": "SGD",
-    "gld_const": "GLD const",
-    "gld_dynamic": "GLD dynamic",
-    "gld_diag": "GLD diag",
-    "gld_leading": "GLD leading",
-    "gld_hessian": "GLD Hessian",
-    "gld_hessian_top1": "GLD 1st eigvec(H)",
-    "gld_full": "GLD full Σ",
-    "gld_multiplicative": "multiplicative",
-}
+ALL_DYNAMICS: tuple[str, ...] = dynamics_names()
 
 #: Covariance refresh periods of the released code (steps); ``gd``/``sgd`` have nothing to refresh.
 DEFAULT_REFRESH: dict[str, int] = {
-    "gld_const": 1,
-    "gld_dynamic": 1,
-    "gld_diag": 1,
-    "gld_leading": 10,
-    "gld_hessian": 10,
-    "gld_hessian_top1": 1,
-    "gld_full": 1,
-    "gld_multiplicative": 1,
+    d: default_refresh(d) for d in ALL_DYNAMICS if default_refresh(d)
 }
 
 _NUM_TEST = 10000
@@ -434,20 +406,11 @@ def config_from(
 # --------------------------------------------------------------------------------------------
 
 
-def _noise_options(config: FashionConfig, dynamics: str) -> dict[str, Any]:
-    if dynamics == "gld_const":
-        return {"sigma": float(config.const_sigma)}
-    if dynamics == "gld_leading":
-        return {"k": config.k, "match_trace": config.leading_match_trace}
-    if dynamics in ("gld_hessian", "gld_hessian_top1"):
-        budget = config.eigen_max_matvecs if dynamics == "gld_hessian" else config.top1_max_matvecs
-        opts: dict[str, Any] = {"max_matvecs": budget, "tol": config.eigen_tol}
-        if budget is not None:
-            opts["on_nonconvergence"] = "ignore"  # a deliberate budget, not a failure
-        if dynamics == "gld_hessian":
-            opts["k"] = config.k
-        return opts
-    return {}
+def _options(config: FashionConfig, dynamics: str) -> dict[str, Any]:
+    """The structure options of a GLD dynamics, read from the config by the structure itself."""
+    if not dynamics.startswith("gld_"):
+        return {}
+    return noise_class(dynamics[len("gld_") :]).options_from(config)
 
 
 def _gd_spec(config: FashionConfig, seed: int) -> PhaseSpec:
@@ -483,7 +446,7 @@ def _dynamics_spec(config: FashionConfig, seed: int, dynamics: str) -> PhaseSpec
         lr=config.lr,
         batch_size=config.batch_size,
         refresh_every=int(config.refresh_every.get(dynamics, 1)),
-        options=_noise_options(config, dynamics),
+        options=_options(config, dynamics),
         eval_every=config.eval_every,
         sharpness_every=config.sharpness_every,
         indicator_every=config.indicator_every if dynamics in config.indicator_dynamics else -1,
@@ -641,39 +604,11 @@ def phase_cost(config: FashionConfig, phase: str) -> float:
     )
 
 
-def run(
-    config: FashionConfig,
-    out_dir: str | Path,
-    *,
-    device: str | torch.device | None = "auto",
-    data_dir: str | Path | None = None,
-    progress: bool = True,
-    _stop_after: int | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) the experiment into ``out_dir``; returns the content of ``results.json``.
-
-    Finished phases are loaded, unfinished ones resume from their last checkpoint (a damaged
-    checkpoint is moved aside and its phase recomputed). Writes ``config.json``, ``data.json``
-    (the input files' names, sizes and SHA-256: resuming on other files is refused), ``env.json``,
-    per-phase ``metrics.jsonl``, ``metrics.csv``, ``results.json``, ``summary.md``, the figures
-    and, last, ``complete.json``.
-
-    Args:
-        config: a validated :class:`FashionConfig` (see :data:`PRESETS`, :func:`config_from`).
-        out_dir: the run directory.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        data_dir: folder with the four FashionMNIST IDX files (default: the usual places).
-        progress: show a progress bar with ETA on stderr.
-
-    Raises:
-        DataNotFoundError: FashionMNIST is not available (the message says how to get it).
-        ValueError: a bad config, a run directory holding a run with other settings or other
-            data, or data files with fewer images than ``n_train``/``n_test`` ask for.
-    """
-    validate(config)
-    dev = resolve_device(device)
-    dtype = resolve_dtype(config.dtype)
-    ident = fashion_mnist_identity(data_dir)
+def _load_data(
+    config: FashionConfig, data_dir: str | Path | None, dtype: torch.dtype, dev: torch.device
+) -> tuple[dict[str, Any], PhaseData, str]:
+    """The files' identity, the tensors a phase measures on, and the data source."""
+    ident: dict[str, Any] = fashion_mnist_identity(data_dir)
     if config.n_test is not None and config.n_test > ident["num_test"]:
         raise ValueError(
             f"n_test={config.n_test} test images were asked for, but the test file in "
@@ -686,18 +621,10 @@ def run(
             f"{ident['source']} holds only {ident['num_train']}; lower n_train or pass --data-dir "
             "with the full FashionMNIST files"
         )
-    rd = RunDir(out_dir)
-    _check_run_dir(rd, config)
-    _check_data(rd, ident)
-    rd.clear_complete()
     data = corrupted_fashion_mnist(
-        n_train=config.n_train,
-        n_clean=config.n_clean,
-        seed=config.data_seed,
-        data_dir=data_dir,
-        dtype=dtype,
-        device=dev,
-    )
+        n_train=config.n_train, n_clean=config.n_clean, seed=config.data_seed,
+        data_dir=data_dir, dtype=dtype, device=dev,
+    )  # fmt: skip
     n_test = config.n_test or data.y_test.shape[0]
     pdata = PhaseData(
         x_train=data.x_train,
@@ -707,66 +634,130 @@ def run(
         x_test=data.x_test[:n_test],
         y_test=data.y_test[:n_test],
     )
+    return ident, pdata, str(data.source)
+
+
+class _Bar:
+    """The progress bar over every phase, its work weighted by :func:`phase_cost`."""
+
+    def __init__(self, config: FashionConfig, enabled: bool) -> None:
+        phases = ("gd_phase", *config.dynamics)
+        total = len(config.seeds) * (
+            config.gd_iterations + len(config.dynamics) * config.iterations
+        )
+        work = len(config.seeds) * sum(phase_cost(config, p) for p in phases)
+        self.costs = {p: _unit_costs(config, p) for p in phases}
+        self.bar = Progress(total, "fashion", enabled=enabled, work_total=work)
+        self.phase, self.acc, self.key = "", "", "gd_phase"
+
+    def start(self, seed: int, key: str) -> None:
+        """Phase ``key`` of seed ``seed`` begins."""
+        self.key = key
+        name = "GD phase" if key == "gd_phase" else dynamics_label(key)
+        self.phase = f"seed {seed} {name}"
+
+    def advance(
+        self, n: int, row: dict[str, Any] | None, skipped: bool = False, rows: Sequence[Any] = ()
+    ) -> None:
+        """``run_phase``'s progress callback (see :func:`~.fashion_run.run_phase`)."""
+        if row is not None and "test_acc" in row:
+            self.acc = f"test acc {row['test_acc']:.3f}"
+        costs = self.costs[self.key]
+        post = f"{self.phase} {self.acc}"
+        if skipped:  # loaded steps and the measurements made along them
+            loaded = n * costs["step"] + sum(_row_cost(costs, r) for r in rows)
+            self.bar.skip(n, work=loaded, postfix=post)
+        else:  # computed steps, plus the measurements made after them
+            self.bar.update(n, postfix=post, work=n * costs["step"] + _row_cost(costs, row))
+
+
+def _run_seed(
+    config: FashionConfig,
+    seed: int,
+    pdata: PhaseData,
+    folder: Path,
+    bar: _Bar,
+    stop_after: int | None,
+) -> dict[str, dict[str, Any]] | None:
+    """Every phase of one seed (``None`` when ``stop_after`` interrupted one)."""
+    dtype, dev = pdata.x_train.dtype, pdata.x_train.device
+    model = FashionCNN(generator=torch.Generator().manual_seed(seed), dtype=dtype, device=dev)
+    problem = Problem(model, F.cross_entropy, pdata.x_train, pdata.y_train)
+    theta = problem.theta()
+    phases: dict[str, dict[str, Any]] = {}
+    for key in ("gd_phase", *config.dynamics):
+        bar.start(seed, key)
+        spec = _gd_spec(config, seed) if key == "gd_phase" else _dynamics_spec(config, seed, key)
+        start = theta if key == "gd_phase" else phases["gd_phase"]["theta"]
+        res = run_phase(problem, pdata, spec, folder / key, start, advance=bar.advance,
+                        stop_after=stop_after)  # fmt: skip
+        if res.get("unfinished"):
+            return None
+        phases[key] = res
+    return phases
+
+
+def run(
+    config: FashionConfig,
+    out: str | Path,
+    *,
+    device: str | torch.device | None = "auto",
+    progress: bool = True,
+    profile: str | None = None,
+    data_dir: str | Path | None = None,
+    _stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment into ``out``; returns the content of ``results.json``.
+
+    Finished phases are loaded, unfinished ones resume from their last checkpoint (a damaged
+    checkpoint is moved aside and its phase recomputed). Writes ``config.json``, ``data.json``
+    (the input files' names, sizes and SHA-256: resuming on other files is refused), ``env.json``,
+    per-phase ``metrics.jsonl``, ``metrics.csv``, ``results.json``, ``summary.md``, the figures
+    and, last, ``complete.json``.
+
+    Args:
+        config: a validated :class:`FashionConfig` (see :data:`PRESETS`, :func:`config_from`).
+        out: the run directory.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        progress: show a progress bar with ETA on stderr.
+        profile: the preset's name (informational: ``config.profile`` is what is recorded).
+        data_dir: folder with the four FashionMNIST IDX files (default: the usual places).
+
+    Returns:
+        ``results.json``'s content; ``{}`` when ``_stop_after`` (a testing hook) interrupted it.
+
+    Raises:
+        DataNotFoundError: FashionMNIST is not available (the message says how to get it).
+        ValueError: a bad config, a run directory holding a run with other settings or other
+            data, or data files with fewer images than ``n_train``/``n_test`` ask for.
+    """
+    validate(config)
+    dev = resolve_device(device)
+    ident, pdata, source = _load_data(config, data_dir, resolve_dtype(config.dtype), dev)
+    rd = RunDir(out)
+    _check_run_dir(rd, config)
+    _check_data(rd, ident)
+    rd.clear_complete()
     rd.write_config(config.to_dict())
     rd.write_json("data.json", ident)
     rd.write_env(dev)
-
-    total = len(config.seeds) * (config.gd_iterations + len(config.dynamics) * config.iterations)
-    costs = {p: _unit_costs(config, p) for p in ("gd_phase", *config.dynamics)}
-    bar = Progress(
-        total, "fashion", enabled=progress, work_total=len(config.seeds) * sum(
-            phase_cost(config, p) for p in ("gd_phase", *config.dynamics)
-        ),
-    )  # fmt: skip
-    state: dict[str, Any] = {"phase": "", "acc": "", "key": "gd_phase"}
-
-    def advance(
-        n: int, row: dict[str, Any] | None, skipped: bool = False, rows: Sequence[Any] = ()
-    ) -> None:
-        if row is not None and "test_acc" in row:
-            state["acc"] = f"test acc {row['test_acc']:.3f}"
-        key = state["key"]
-        post = f"{state['phase']} {state['acc']}"
-        if skipped:  # loaded steps and the measurements made along them
-            loaded = n * costs[key]["step"] + sum(_row_cost(costs[key], r) for r in rows)
-            bar.skip(n, work=loaded, postfix=post)
-        else:  # computed steps, plus the measurements made after them
-            bar.update(n, postfix=post, work=n * costs[key]["step"] + _row_cost(costs[key], row))
-
+    bar = _Bar(config, progress)
     phases: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in config.seeds:
-        model = FashionCNN(generator=torch.Generator().manual_seed(seed), dtype=dtype, device=dev)
-        problem = Problem(model, F.cross_entropy, pdata.x_train, pdata.y_train)
-        theta_init = problem.theta()
-        seed_dir = rd.path / f"seed_{seed}"
-        state["phase"] = f"seed {seed} GD phase"
-        state["key"] = "gd_phase"
-        gd = run_phase(
-            problem, pdata, _gd_spec(config, seed), seed_dir / "gd_phase", theta_init,
-            advance=advance, stop_after=_stop_after,
-        )  # fmt: skip
-        if gd.get("unfinished"):
+        per_seed = _run_seed(config, seed, pdata, rd.path / f"seed_{seed}", bar, _stop_after)
+        if per_seed is None:
             return {}
-        phases[seed] = {"gd_phase": gd}
-        for dyn in config.dynamics:
-            state["phase"] = f"seed {seed} {LABELS[dyn]}"
-            state["key"] = dyn
-            res = run_phase(
-                problem, pdata, _dynamics_spec(config, seed, dyn), seed_dir / dyn, gd["theta"],
-                advance=advance, stop_after=_stop_after,
-            )  # fmt: skip
-            if res.get("unfinished"):
-                return {}
-            phases[seed][dyn] = res
-
+        phases[seed] = per_seed
     results = build_results(
-        config, phases, source=str(data.source), device=str(dev), n_test=n_test,
+        config, phases, source=source, device=str(dev), n_test=pdata.y_test.shape[0],
         data_files=ident["files"],
     )  # fmt: skip
     rd.write_json("results.json", results)
     rd.write_csv("metrics.csv", _flat_rows(phases))
-    rd.write_text("summary.md", summary_markdown(results))
-    plot(rd.path)
+    rd.write_text("summary.md", summary(results))
+    from ..figures.fashion import plot as draw  # ISSUE11-MERGE: the protocol draws after run()
+
+    draw(rd.path)
     rd.mark_complete("fashion", config, data=_data_key(ident))
     return results
 
@@ -827,6 +818,31 @@ _CURVE_KEYS = (
     "tr_HS_iso",
     "indicator_ratio",
 )
+#: The end-of-phase values of the GD phase in ``results.json`` (in this order).
+_GD_KEYS = (
+    "test_acc",
+    "test_loss",
+    "train_acc_clean",
+    "train_acc_corrupted",
+    "train_acc_corrupted_true",
+    "train_loss",
+    "sharpness_signed",
+    "sharpness_abs",
+    "tr_HS",
+    "tr_HS_iso",
+    "indicator_ratio",
+)
+#: ``results.json`` key → metrics key of the last value after the switch (in this order).
+_FINAL_KEYS = {
+    "final_test_acc": "test_acc",
+    "final_test_loss": "test_loss",
+    "final_train_loss": "train_loss",
+    "final_train_acc_clean": "train_acc_clean",
+    "final_train_acc_corrupted": "train_acc_corrupted",
+    "final_train_acc_corrupted_true": "train_acc_corrupted_true",
+    "sharpness_signed": "sharpness_signed",
+    "sharpness_abs": "sharpness_abs",
+}
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -834,6 +850,83 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
         if r.get(key) is not None:
             return float(r[key])
     return None
+
+
+def _curves(rows_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Every curve measured in at least one row."""
+    return {
+        k: _curve(rows_per_seed, k)
+        for k in _CURVE_KEYS
+        if any(r.get(k) is not None for rows in rows_per_seed for r in rows)
+    }
+
+
+def _meta(config: FashionConfig, seeds: list[int], **extra: Any) -> dict[str, Any]:
+    """``results.json``'s ``meta``: the protocol, and what each reported quantity means."""
+    return {
+        "experiment": "fashion",
+        "profile": config.profile,
+        "seeds": seeds,
+        "dynamics": list(config.dynamics),
+        "device": extra["device"],
+        "data_source": extra["source"],
+        "data_files": dict(extra["data_files"] or {}),
+        "switch_iteration": config.gd_iterations,
+        "gd_lr": config.gd_lr,
+        "lr_after_switch": config.lr,
+        "batch_size": config.batch_size,
+        "refresh_every": {
+            d: int(config.refresh_every.get(d, 1)) for d in config.dynamics if d.startswith("gld_")
+        },
+        "n_train": config.n_train,
+        "n_clean": config.n_clean,
+        "n_test": extra["n_test"],
+        "indicator_dynamics": [d for d in config.indicator_dynamics if d in config.dynamics],
+        "sharpness": {"sigma": config.sharpness_sigma, "draws": config.sharpness_draws},
+        "indicator": {
+            "batch_size": config.batch_size,
+            "exact_tr_HS": config.indicator_samples is None,
+            "samples": config.indicator_samples,
+            "tr_H_hutchpp_matvecs": config.indicator_trace_matvecs,
+        },
+        "std": "sample std over seeds (ddof=1); null with one seed",
+        "definitions": {
+            "final_*": "at the last iteration after the switch",
+            "max_test_acc": "largest test accuracy among the evaluations after the switch "
+            "(t >= 1; the curves start at t = 0 = θ*_GD)",
+            "sharpness_*": "expected sharpness at the last iteration (signed: "
+            "E[L(θ+ν)] − L(θ); abs: E|L(θ+ν) − L(θ)|; ν ~ N(0, σ² I), training loss)",
+            "train_acc_corrupted": "accuracy on the corrupted samples w.r.t. their random "
+            "(training) labels; *_true: w.r.t. their true labels",
+        },
+    }
+
+
+def _dynamics_entry(
+    config: FashionConfig,
+    dyn: str,
+    phases: Mapping[int, Mapping[str, Mapping[str, Any]]],
+    gd_rows: list[list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """One dynamics' entry: final values and curves (mean ± std over seeds)."""
+    seeds = list(phases)
+    rows_ps = [list(phases[s][dyn]["rows"]) for s in seeds]
+    # Curves start at θ*_GD: the last GD-phase measurement is t = 0 of every dynamics.
+    start = [[dict(r, t=0) for r in rows if r["t"] == config.gd_iterations] for rows in gd_rows]
+    entry: dict[str, Any] = {"label": dynamics_label(dyn)}
+    for out_key, key in _FINAL_KEYS.items():
+        entry[out_key] = _stat([_last(rows, key) for rows in rows_ps])
+        if out_key == "final_test_acc":
+            best = [
+                max((r["test_acc"] for r in rows if r.get("test_acc") is not None), default=None)
+                for rows in rows_ps
+            ]
+            entry["max_test_acc"] = _stat(best)
+    wall = [phases[s][dyn].get("wall_s") for s in seeds]
+    entry["wall_s"] = _stat(wall)
+    entry["seconds_per_step"] = _stat([(w or math.nan) / config.iterations for w in wall])
+    entry["curves"] = _curves([st + rows for st, rows in zip(start, rows_ps, strict=True)])
+    return entry
 
 
 def build_results(
@@ -845,117 +938,24 @@ def build_results(
     n_test: int | None = None,
     data_files: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``results.json``: per dynamics name, the mean ± std over seeds and the curves."""
+    """``results.json``: ``meta``, ``gd_phase`` and, per dynamics, the mean ± std over seeds and
+    the curves (see ``meta["definitions"]``)."""
     seeds = list(phases)
     gd_rows = [list(phases[s]["gd_phase"]["rows"]) for s in seeds]
-    results: dict[str, Any] = {
-        "meta": {
-            "experiment": "fashion",
-            "profile": config.profile,
-            "seeds": seeds,
-            "dynamics": list(config.dynamics),
-            "device": device,
-            "data_source": source,
-            "data_files": dict(data_files or {}),
-            "switch_iteration": config.gd_iterations,
-            "gd_lr": config.gd_lr,
-            "lr_after_switch": config.lr,
-            "batch_size": config.batch_size,
-            "refresh_every": {
-                d: int(config.refresh_every.get(d, 1))
-                for d in config.dynamics
-                if d.startswith("gld_")
-            },
-            "n_train": config.n_train,
-            "n_clean": config.n_clean,
-            "n_test": n_test if n_test is not None else (config.n_test or _NUM_TEST),
-            "indicator_dynamics": [d for d in config.indicator_dynamics if d in config.dynamics],
-            "sharpness": {"sigma": config.sharpness_sigma, "draws": config.sharpness_draws},
-            "indicator": {
-                "batch_size": config.batch_size,
-                "exact_tr_HS": config.indicator_samples is None,
-                "samples": config.indicator_samples,
-                "tr_H_hutchpp_matvecs": config.indicator_trace_matvecs,
-            },
-            "std": "sample std over seeds (ddof=1); null with one seed",
-            "definitions": {
-                "final_*": "at the last iteration after the switch",
-                "max_test_acc": "largest test accuracy among the evaluations after the switch "
-                "(t >= 1; the curves start at t = 0 = θ*_GD)",
-                "sharpness_*": "expected sharpness at the last iteration (signed: "
-                "E[L(θ+ν)] − L(θ); abs: E|L(θ+ν) − L(θ)|; ν ~ N(0, σ² I), training loss)",
-                "train_acc_corrupted": "accuracy on the corrupted samples w.r.t. their random "
-                "(training) labels; *_true: w.r.t. their true labels",
-            },
-        }
-    }
-    gd_phase: dict[str, Any] = {
-        key: _stat([_last(rows, key) for rows in gd_rows])
-        for key in (
-            "test_acc",
-            "test_loss",
-            "train_acc_clean",
-            "train_acc_corrupted",
-            "train_acc_corrupted_true",
-            "train_loss",
-            "sharpness_signed",
-            "sharpness_abs",
-            "tr_HS",
-            "tr_HS_iso",
-            "indicator_ratio",
-        )
-    }
+    n = n_test if n_test is not None else (config.n_test or _NUM_TEST)
+    meta = _meta(config, seeds, device=device, source=source, data_files=data_files, n_test=n)
+    gd_phase: dict[str, Any] = {k: _stat([_last(rows, k) for rows in gd_rows]) for k in _GD_KEYS}
     gd_phase["wall_s"] = _stat([phases[s]["gd_phase"].get("wall_s") for s in seeds])
-    gd_phase["curves"] = {
-        k: _curve(gd_rows, k)
-        for k in _CURVE_KEYS
-        if any(r.get(k) is not None for rows in gd_rows for r in rows)
-    }
-    results["gd_phase"] = gd_phase
+    gd_phase["curves"] = _curves(gd_rows)
+    results: dict[str, Any] = {"meta": meta, "gd_phase": gd_phase}
     for dyn in config.dynamics:
-        rows_ps = [list(phases[s][dyn]["rows"]) for s in seeds]
-        # Curves start at θ*_GD: the last GD-phase measurement is t = 0 of every dynamics.
-        start = [[dict(r, t=0) for r in rows if r["t"] == config.gd_iterations] for rows in gd_rows]
-        full = [st + rows for st, rows in zip(start, rows_ps, strict=True)]
-        entry: dict[str, Any] = {
-            "label": LABELS[dyn],
-            "final_test_acc": _stat([_last(rows, "test_acc") for rows in rows_ps]),
-            "max_test_acc": _stat(
-                [
-                    max(
-                        (r["test_acc"] for r in rows if r.get("test_acc") is not None), default=None
-                    )
-                    for rows in rows_ps
-                ]
-            ),
-            "final_test_loss": _stat([_last(rows, "test_loss") for rows in rows_ps]),
-            "final_train_loss": _stat([_last(rows, "train_loss") for rows in rows_ps]),
-            "final_train_acc_clean": _stat([_last(rows, "train_acc_clean") for rows in rows_ps]),
-            "final_train_acc_corrupted": _stat(
-                [_last(rows, "train_acc_corrupted") for rows in rows_ps]
-            ),
-            "final_train_acc_corrupted_true": _stat(
-                [_last(rows, "train_acc_corrupted_true") for rows in rows_ps]
-            ),
-            "sharpness_signed": _stat([_last(rows, "sharpness_signed") for rows in rows_ps]),
-            "sharpness_abs": _stat([_last(rows, "sharpness_abs") for rows in rows_ps]),
-            "wall_s": _stat([phases[s][dyn].get("wall_s") for s in seeds]),
-        }
-        entry["seconds_per_step"] = _stat(
-            [(phases[s][dyn].get("wall_s") or math.nan) / config.iterations for s in seeds]
-        )
-        entry["curves"] = {
-            k: _curve(full, k)
-            for k in _CURVE_KEYS
-            if any(r.get(k) is not None for rows in full for r in rows)
-        }
-        results[dyn] = entry
+        results[dyn] = _dynamics_entry(config, dyn, phases, gd_rows)
     return results
 
 
-def _flat_rows(phases: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+def _flat_rows(phases: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[Mapping[str, Any]]:
     keys = ["seed", "phase", "t", "iteration", *_CURVE_KEYS]
-    out = []
+    out: list[Mapping[str, Any]] = []
     for seed, per in phases.items():
         for name, res in per.items():
             for r in res["rows"]:
@@ -985,8 +985,9 @@ def _ratio_text(gd: Mapping[str, Any]) -> str:
     return f"ratio {_fmt(gd.get('indicator_ratio'), 1)}"
 
 
-def summary_markdown(results: Mapping[str, Any]) -> str:
-    """A short human summary (tables of mean ± std over seeds)."""
+def summary(results: Mapping[str, Any]) -> str:
+    """The short summary printed at the end and saved as ``summary.md`` (Markdown tables of
+    mean ± std over seeds)."""
     meta = results["meta"]
     gd = results["gd_phase"]
     lines = [
@@ -1027,148 +1028,14 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# Figures (from results.json only)
-# --------------------------------------------------------------------------------------------
-
-
-def _band(ax: Any, curve: Mapping[str, Any], label: str, **kw: Any) -> None:
-    x = curve["iteration"]
-    m = [math.nan if v is None else v for v in curve["mean"]]
-    (line,) = ax.plot(x, m, label=label, **kw)
-    if any(s is not None for s in curve["std"]):
-        s = [0.0 if v is None else v for v in curve["std"]]
-        ax.fill_between(x, [a - b for a, b in zip(m, s, strict=True)],
-                        [a + b for a, b in zip(m, s, strict=True)], color=line.get_color(), alpha=0.2)  # fmt: skip
-
-
-def _seed_note(meta: Mapping[str, Any]) -> str:
-    n = len(meta.get("seeds", []))
-    return "single seed, no band" if n <= 1 else f"mean ± std over {n} seeds"
-
-
-def _legend_outside(ax: Any, **kw: Any) -> None:
-    """The legend to the right of the axes, so that it never covers data."""
-    handles, _ = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kw)
+summary_markdown = summary  # ISSUE11-MERGE: the old name, used by _main until the protocol
 
 
 def plot(run_dir: str | Path) -> list[Path]:
-    """Redraw the figures of a finished run from its ``results.json`` (no recomputation).
+    """Redraw the figures of a run directory; see :func:`sgdnoise.figures.fashion.plot`."""
+    from ..figures.fashion import plot as draw  # ISSUE11-MERGE: callers use sgdnoise.figures
 
-    * ``fig2_test_acc`` — test accuracy vs iteration, the switch as a dashed line (poster Fig. 2
-      left); a band of ± one std over seeds when more than one seed ran (the title says which);
-    * ``fig2_sharpness`` — expected sharpness (signed and absolute) vs iteration, as curves over
-      every point the run measured, with Monte-Carlo standard errors (Fig. 2 right);
-    * ``fig4_indicator`` — Tr(HΣ) (solid, filled markers) and Tr(HΣ̄) (dotted, open markers) along
-      the GD phase and along the dynamics where the run measured it (Fig. 4 right). Estimates
-      ≤ 0 cannot be drawn on the log scale; the figure says how many there were.
-
-    Legends list only what was drawn and sit outside the axes.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rd = RunDir(run_dir)
-    res = rd.read_json("results.json")
-    meta = res["meta"]
-    switch = meta["switch_iteration"]
-    gd_curves = res["gd_phase"]["curves"]
-    colors = plt.get_cmap("tab10")
-    out: list[Path] = []
-
-    fig, ax = plt.subplots(figsize=(8.6, 4.5))
-    if "test_acc" in gd_curves:
-        _band(ax, gd_curves["test_acc"], f"GD phase (lr {meta['gd_lr']:g})", color="black")
-    for i, dyn in enumerate(meta["dynamics"]):
-        c = res[dyn]["curves"].get("test_acc")
-        if c:
-            _band(ax, c, res[dyn]["label"], color=colors(i % 10))
-    ax.axvline(switch, ls="--", color="grey", lw=1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(
-        f"FashionMNIST (corrupted labels): test accuracy, switch at {switch} ({_seed_note(meta)})",
-        fontsize=10,
-    )
-    _legend_outside(ax, fontsize=7)
-    out += save_figure(fig, rd.path / "fig2_test_acc")
-
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2))
-    for ax, key, title in (
-        (axes[0], "sharpness_signed", "E[L(θ+ν)] − L(θ) (poster)"),
-        (axes[1], "sharpness_abs", "E|L(θ+ν) − L(θ)| (released code)"),
-    ):
-        series = [("GD phase", gd_curves.get(key), "black")]
-        series += [
-            (res[dyn]["label"], res[dyn]["curves"].get(key), colors(i % 10))
-            for i, dyn in enumerate(meta["dynamics"])
-        ]
-        for label, c, color in series:
-            if not c:
-                continue
-            ax.errorbar(c["iteration"], c["mean"], yerr=c.get("stderr"), color=color, ls="-",
-                        lw=1.2, marker="o", ms=3, capsize=2, label=label)  # fmt: skip
-        ax.axvline(switch, ls="--", color="grey", lw=1)
-        ax.set_xlabel("iteration")
-        ax.set_title(
-            f"{title}, σ = {meta['sharpness']['sigma']}, {meta['sharpness']['draws']} draws "
-            "(bars: ± 1 s.e.)",
-            fontsize=9,
-        )
-    axes[0].set_ylabel("expected sharpness")
-    _legend_outside(axes[1], fontsize=7)
-    out += save_figure(fig, rd.path / "fig2_sharpness")
-
-    fig, ax = plt.subplots(figsize=(8.6, 4.5))
-    measured = meta.get("indicator_dynamics")
-    if measured is None:  # results written before the field existed: curves beyond the switch
-        measured = [
-            d
-            for d in meta["dynamics"]
-            if any(it > switch for it in res[d]["curves"].get("tr_HS", {}).get("iteration", []))
-        ]
-    series = [("GD phase", gd_curves, "black")]
-    for i, dyn in enumerate(meta["dynamics"]):
-        if dyn in measured:
-            series.append((res[dyn]["label"], res[dyn]["curves"], colors(i % 10)))
-    hidden = 0
-    for label, curves, color in series:
-        if "tr_HS" not in curves:
-            continue
-        for key, ls, face, name in (
-            ("tr_HS", "-", color, r"Tr$(H\Sigma)$"),
-            ("tr_HS_iso", ":", "white", r"Tr$(H\bar{\Sigma})$, isotropic"),
-        ):
-            c = curves.get(key)
-            if not c:
-                continue
-            x, m = c["iteration"], c["mean"]
-            hidden += sum(1 for v in m if v is None or not v > 0)
-            if not any(v is not None and v > 0 for v in m):
-                continue  # nothing drawable on the log scale: no line, no legend entry
-            ax.errorbar(x, m, yerr=c.get("stderr"), color=color, ls=ls, lw=1.4, marker="o",
-                        ms=4, mfc=face, mec=color, capsize=2, label=f"{label}: {name}")  # fmt: skip
-    ax.axvline(switch, ls="--", color="grey", lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("escape indicator")
-    ind = meta["indicator"]
-    kind = "exact" if ind["exact_tr_HS"] else f"sampled over {ind['samples']} examples"
-    ax.set_title(
-        rf"Tr$(H\Sigma)$ vs Tr$(H\bar{{\Sigma}})$: $\Sigma$ of a mini-batch of "
-        f"{ind['batch_size']}, {kind}",
-        fontsize=10,
-    )
-    if hidden:
-        ax.text(0.01, 0.01, f"{hidden} estimate(s) ≤ 0 not drawn (log scale)",
-                transform=ax.transAxes, fontsize=7, color="darkred")  # fmt: skip
-    _legend_outside(ax, fontsize=7)
-    out += save_figure(fig, rd.path / "fig4_indicator")
-    return out
+    return draw(run_dir)
 
 
 # --------------------------------------------------------------------------------------------

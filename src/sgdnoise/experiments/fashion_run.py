@@ -239,20 +239,45 @@ def load_final(folder: Path) -> dict[str, Any] | None:
 
 
 def _build_optimizer(problem: Problem, spec: PhaseSpec) -> ProblemOptimizer:
+    """The phase's optimizer (GD ignores the generator, the batch size and the refresh period)."""
     gen = _generator(spec.seed, spec.name, "dynamics")
-    if spec.dynamics == "gd":
-        return make_optimizer("gd", problem, spec.lr)
-    if spec.dynamics == "sgd":
-        return make_optimizer("sgd", problem, spec.lr, generator=gen, batch_size=spec.batch_size)
-    return make_optimizer(
-        spec.dynamics,
-        problem,
-        spec.lr,
-        generator=gen,
-        batch_size=spec.batch_size,
-        refresh_every=spec.refresh_every,
-        **spec.options,
-    )
+    return make_optimizer(spec.dynamics, problem, spec.lr, generator=gen,
+                          batch_size=spec.batch_size, refresh_every=spec.refresh_every,
+                          **spec.options)  # fmt: skip
+
+
+def _start(
+    problem: Problem,
+    data: PhaseData,
+    spec: PhaseSpec,
+    ckpt_path: Path,
+    theta0: torch.Tensor,
+    advance: Callable[..., None] | None,
+) -> tuple[ProblemOptimizer, int, list[dict[str, Any]], float]:
+    """The optimizer, first step, rows so far and wall time: from the checkpoint if there is one,
+    else from ``theta0`` (measuring t = 0)."""
+    ckpt = _load(ckpt_path)
+    if ckpt is not None:
+        t0, rows, wall = int(ckpt["t"]), list(ckpt["rows"]), float(ckpt["wall_s"])
+        problem.set_theta(ckpt["theta"].to(problem.device, problem.dtype))
+        opt = _build_optimizer(problem, spec)
+        state = ckpt["optim"]
+        if ckpt.get("warm") is not None:  # checkpoints written before GLD saved its warm start
+            extra = state.setdefault("sgdnoise", {})
+            extra.setdefault("noise_warm_state", {"eigenvectors": ckpt["warm"]})
+        opt.load_state_dict(state)
+        if advance is not None:
+            advance(t0, None, skipped=True, rows=rows)
+    else:
+        t0, rows, wall = 0, [], 0.0
+        problem.set_theta(theta0.to(problem.device, problem.dtype))
+        opt = _build_optimizer(problem, spec)
+        row = measure(problem, data, spec, 0)
+        if row is not None:
+            rows.append(row)
+            if advance is not None:
+                advance(0, row)
+    return opt, t0, rows, wall
 
 
 def run_phase(
@@ -287,27 +312,7 @@ def run_phase(
         return done
     ckpt_path = folder / "checkpoint.pt"
     start = time.perf_counter()
-    ckpt = _load(ckpt_path)
-    if ckpt is not None:
-        t0, rows, wall = int(ckpt["t"]), list(ckpt["rows"]), float(ckpt["wall_s"])
-        problem.set_theta(ckpt["theta"].to(problem.device, problem.dtype))
-        opt = _build_optimizer(problem, spec)
-        state = ckpt["optim"]
-        if ckpt.get("warm") is not None:  # checkpoints written before GLD saved its warm start
-            extra = state.setdefault("sgdnoise", {})
-            extra.setdefault("noise_warm_state", {"eigenvectors": ckpt["warm"]})
-        opt.load_state_dict(state)
-        if advance is not None:
-            advance(t0, None, skipped=True, rows=rows)
-    else:
-        t0, rows, wall = 0, [], 0.0
-        problem.set_theta(theta0.to(problem.device, problem.dtype))
-        opt = _build_optimizer(problem, spec)
-        row = measure(problem, data, spec, 0)
-        if row is not None:
-            rows.append(row)
-            if advance is not None:
-                advance(0, row)
+    opt, t0, rows, wall = _start(problem, data, spec, ckpt_path, theta0, advance)
     for t in range(t0, spec.num_steps):
         opt.step()
         done_steps = t + 1

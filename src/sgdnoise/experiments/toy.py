@@ -6,22 +6,17 @@ q_f(w − x + (1,1))}`` (sharp minimum near (1, 1) with Hessian eigenvalues 200/
 500 steps of ``w ← w − η∇L(w) + ε`` with η = 0.005 and parameter-level noise ε of trace 0.01 per
 step, 100 runs. Success: the final iterate has w₁ < −0.5 and w₂ < −0.5 (flat basin).
 
-Noise structures (parameter level, covariance recomputed at the pre-step point every step, then
-rescaled to trace T = 0.01, as in the released code): with ``S = Σ_1`` the per-sample gradient
-covariance (divisor N) and ``H`` the mean Hessian of the run's data,
-
-* ``gld_const`` / ``gld_dynamic``: ``(T/2) I`` (identical here, as every trace is fixed);
-* ``gld_diag``: ``T · diag S / Tr S``;
-* ``gld_leading``: ``T · S_k / Tr S_k`` with the top-k eigenpairs of S (k = 2 = D by default: S);
-* ``gld_hessian``: ``T · H⁺ / Tr H⁺`` (negative eigenvalues clipped; H is PSD here anyway);
-* ``gld_hessian_top1``: ``T · u₁u₁ᵀ``;
-* ``gld_full``: ``T · S / Tr S`` sampled as ``L z`` from the N per-sample gradients (``z ∈ R^N``),
-  i.e. the same distribution as ``gld_leading`` with k = 2 but through the ``full`` sampler.
+Noise structures: every registered one (:func:`sgdnoise.noise_structures`), through its batched
+sampler :meth:`~sgdnoise.noise.NoiseModel.batched_factor`: the covariance is recomputed at the
+pre-step point every step from the run's centred per-sample gradients (``Σ_1``, divisor N) and
+mean Hessian, then rescaled to trace T = 0.01, as in the released code. Once the trace is fixed
+some structures coincide (``const`` = ``dynamic``; ``full`` = ``multiplicative``): the default
+list runs one dynamics per distinct sampler, in registry order.
 
 All R runs of a dynamics advance together: the 2×2 statistics are batched ``[R, 2, 2]`` tensors
 (batched ``eigh``), the update is :func:`sgdnoise.gld_step` on ``[R, 2]`` with gradient-level noise
 ``n = ε / η`` (so ``η n`` has the covariance above), and the noise is
-:func:`sgdnoise.optim.factor_noise`. The batched builders are tested against the registered
+:func:`sgdnoise.optim.factor_noise`. The batched samplers are tested against the registered
 structures (:func:`sgdnoise.noise_model`) on single runs.
 """
 
@@ -33,6 +28,7 @@ import itertools
 import math
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +37,8 @@ import torch
 
 from ..data import toy2d_data
 from ..models import toy2d_sample_loss
-from ..optim import factor_noise, gld_step
+from ..noise import BatchedStatistics, NoiseModel, noise_class
+from ..optim import dynamics_label, dynamics_names, factor_noise, gld_step
 from ._common import (
     Progress,
     RunDir,
@@ -50,45 +47,50 @@ from ._common import (
     replace_config,
     resolve_device,
     resolve_dtype,
-    save_figure,
     wilson_interval,
 )
 
 __all__ = [
     "ALL_DYNAMICS",
     "DEFAULT_DYNAMICS",
-    "LABELS",
     "PRESETS",
     "ToyConfig",
     "add_parser",
+    "default_dynamics",
     "noise_factor",
     "plot",
     "run",
     "simulate",
+    "summary",
+    "toy_dynamics",
     "toy_statistics",
 ]
 
+
+def toy_dynamics() -> tuple[str, ...]:
+    """Every dynamics the toy runs: ``gd`` and ``gld_<s>`` for every registered structure ``s``
+    (read from the registry at call time; the toy has no mini-batch SGD)."""
+    return tuple(d for d in dynamics_names() if d != "sgd")
+
+
+def default_dynamics() -> tuple[str, ...]:
+    """``gd`` and one ``gld_*`` per distinct batched sampler (registry order): structures that
+    share their sampler (``dynamic`` = ``const``, ``multiplicative`` = ``full``) run once."""
+    seen: set[Any] = set()
+    out = ["gd"]
+    for name in toy_dynamics()[1:]:
+        sampler = noise_class(name[len("gld_") :]).batched_factor.__func__  # type: ignore[attr-defined]
+        if sampler not in seen:
+            seen.add(sampler)
+            out.append(name)
+    return tuple(out)
+
+
+# ISSUE11-MERGE: the config (H4) should validate against toy_dynamics() at validation time, so that
+# structures registered after this import are accepted; these names keep today's config working.
 #: The dynamics of poster Fig. 1 plus ``gld_full``, in plotting order.
-DEFAULT_DYNAMICS = (
-    "gd",
-    "gld_const",
-    "gld_diag",
-    "gld_leading",
-    "gld_hessian",
-    "gld_hessian_top1",
-    "gld_full",
-)
-ALL_DYNAMICS = (*DEFAULT_DYNAMICS, "gld_dynamic")
-LABELS = {
-    "gd": "GD",
-    "gld_const": "GLD const",
-    "gld_dynamic": "GLD dynamic",
-    "gld_diag": "GLD diag",
-    "gld_leading": "GLD leading",
-    "gld_hessian": "GLD Hessian",
-    "gld_hessian_top1": "GLD 1st eigvec(H)",
-    "gld_full": "GLD full Σ",
-}
+DEFAULT_DYNAMICS = default_dynamics()
+ALL_DYNAMICS = toy_dynamics()
 
 
 @dataclass(frozen=True)
@@ -237,20 +239,12 @@ def toy_statistics(
     return gbar, G - gbar[:, None, :], H
 
 
-def _eigh_scaled(M: torch.Tensor, trace: float, k: int) -> torch.Tensor:
-    """Factor ``[R, 2, k]`` of ``T · M_k⁺ / Tr M_k⁺`` (top-k eigenpairs, negatives clipped)."""
-    vals, vecs = torch.linalg.eigh(M)  # ascending
-    vals, vecs = vals.flip(-1)[..., :k].clamp_min(0), vecs.flip(-1)[..., :k]
-    total = vals.sum(-1, keepdim=True)
-    s = torch.where(total > 0, vals / total.clamp_min(torch.finfo(M.dtype).tiny), 0.0) * trace
-    return vecs * s.sqrt()[..., None, :]
-
-
-def _second_moment(C: torch.Tensor) -> torch.Tensor:
-    """``(1/N) Σ_i c_i c_iᵀ`` ``[R, 2, 2]`` from ``[R, N, 2]`` (three reductions; bmm is slow here)."""
-    c0, c1 = C[..., 0], C[..., 1]
-    s00, s01, s11 = (c0 * c0).mean(1), (c0 * c1).mean(1), (c1 * c1).mean(1)
-    return torch.stack((torch.stack((s00, s01), -1), torch.stack((s01, s11), -1)), -2)
+def _structure(dynamics: str, settings: Any = None) -> tuple[type[NoiseModel], dict[str, Any]]:
+    """The structure class of ``gld_<name>`` and its options read from ``settings``."""
+    if not dynamics.startswith("gld_") or dynamics not in toy_dynamics():
+        raise ValueError(f"unknown toy dynamics {dynamics!r}; valid: {', '.join(toy_dynamics())}")
+    cls = noise_class(dynamics[len("gld_") :])
+    return cls, cls.resolve_options(cls.options_from(settings))
 
 
 def noise_factor(
@@ -263,34 +257,23 @@ def noise_factor(
 ) -> torch.Tensor | None:
     """Parameter-level noise factor ``L`` ``[R, 2, r]`` with ``L Lᵀ`` of trace ``trace`` per run.
 
+    The structure's :meth:`~sgdnoise.noise.NoiseModel.batched_factor` with the options the toy
+    gives it (``leading_k`` for ``leading``).
+
     Args:
-        dynamics: a name from :data:`ALL_DYNAMICS` (``"gd"`` returns ``None``).
+        dynamics: a name from :func:`toy_dynamics` (``"gd"`` returns ``None``).
         centered: centred per-sample gradients ``c_i = g_i − ḡ`` ``[R, N, 2]``.
         hessian: mean Hessian ``[R, 2, 2]`` (needed by the Hessian structures).
         trace: T.
         leading_k: eigenpairs for ``gld_leading``.
+
+    Raises:
+        ValueError: an unknown dynamics, or a Hessian structure without ``hessian``.
     """
-    R, N, D = centered.shape
-    dtype, device = centered.dtype, centered.device
     if dynamics == "gd":
         return None
-    if dynamics in ("gld_const", "gld_dynamic"):
-        eye = torch.eye(D, dtype=dtype, device=device) * math.sqrt(trace / D)
-        return eye.expand(R, D, D)
-    if dynamics in ("gld_hessian", "gld_hessian_top1"):
-        if hessian is None:
-            raise ValueError(f"{dynamics} needs the mean Hessian")
-        return _eigh_scaled(hessian, trace, D if dynamics == "gld_hessian" else 1)
-    S = _second_moment(centered)  # Σ_1, divisor N
-    if dynamics == "gld_diag":
-        d = torch.diagonal(S, dim1=1, dim2=2)
-        return torch.diag_embed((d / d.sum(-1, keepdim=True) * trace).sqrt())
-    if dynamics == "gld_leading":
-        return _eigh_scaled(S, trace, leading_k)
-    if dynamics == "gld_full":
-        tr = torch.diagonal(S, dim1=1, dim2=2).sum(-1)
-        return centered.transpose(1, 2) * (trace / (N * tr)).sqrt()[:, None, None]
-    raise ValueError(f"unknown toy dynamics {dynamics!r}; valid: {', '.join(ALL_DYNAMICS)}")
+    cls, opts = _structure(dynamics, argparse.Namespace(leading_k=leading_k))
+    return cls.batched_factor(BatchedStatistics(centered, hessian), trace, opts)
 
 
 def _noise_seed(seed: int, dynamics: str) -> int:
@@ -308,13 +291,21 @@ def simulate(
 ) -> dict[str, Any]:
     """Run all R runs of one dynamics together from ``config.start``.
 
+    Args:
+        dynamics: a name from :func:`toy_dynamics`.
+        X: the runs' data ``[R, N, 2]``.
+        config: the settings (steps, lr, noise trace, start, threshold, recording periods).
+        generator: the noise source.
+        record: whether to record the trajectory and the curve.
+
     Returns:
         ``{"final": [R, 2], "trajectory": [T', 2] (run config.trajectory_run, every
         trajectory_every iterates and the last), "curve": [(step, fraction in the flat basin,
         mean loss)]}``.
     """
     R = X.shape[0]
-    need_h = dynamics in ("gld_hessian", "gld_hessian_top1")
+    cls, opts = _structure(dynamics, config) if dynamics != "gd" else (None, {})
+    need_h = cls is not None and cls.batched_needs_hessian
     w = torch.tensor(config.start, dtype=X.dtype, device=X.device).expand(R, 2).clone()
     lr, thr = config.lr, config.threshold
     traj = [w[config.trajectory_run].clone()]
@@ -329,8 +320,10 @@ def simulate(
         note(0)
     for t in range(config.steps):
         gbar, C, H = toy_statistics(w, X, need_hessian=need_h)
-        L = noise_factor(dynamics, C, H, config.noise_trace, leading_k=config.leading_k)
-        n = None if L is None else factor_noise(L, generator=generator) / lr
+        n = None
+        if cls is not None:
+            L = cls.batched_factor(BatchedStatistics(C, H), config.noise_trace, opts)
+            n = factor_noise(L, generator=generator) / lr
         w = gld_step(w, gbar, lr, n)
         if record and ((t + 1) % config.trajectory_every == 0 or t + 1 == config.steps):
             traj.append(w[config.trajectory_run].clone())
@@ -345,9 +338,10 @@ def tr_HS_at_start(dynamics: str, X: torch.Tensor, config: ToyConfig) -> torch.T
     w = torch.tensor(config.start, dtype=X.dtype, device=X.device).expand(R, 2)
     _, C, H = toy_statistics(w, X)
     assert H is not None
-    L = noise_factor(dynamics, C, H, config.noise_trace, leading_k=config.leading_k)
-    if L is None:
+    if dynamics == "gd":
         return torch.zeros(R, dtype=X.dtype, device=X.device)
+    cls, opts = _structure(dynamics, config)
+    L = cls.batched_factor(BatchedStatistics(C, H), config.noise_trace, opts)
     return torch.einsum("rij,rjk,rik->r", H, L, L)  # Tr(H L Lᵀ) = Σ_ijk H_ij L_jk L_ik
 
 
@@ -369,24 +363,85 @@ def _surface(X0: torch.Tensor, lim: float = 2.75, num: int = 121) -> dict[str, A
     }
 
 
+def _run_dynamics(
+    name: str, data: list[tuple[int, torch.Tensor]], config: ToyConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[list[float]]]:
+    """One dynamics over every seed's runs: its results entry, csv rows, curve rows, trajectory."""
+    finals, trhs, curves, traj = [], [], [], None
+    for seed, X in data:
+        out = simulate(
+            name, X, config, generator=torch.Generator().manual_seed(_noise_seed(seed, name))
+        )
+        finals.append(out["final"])
+        trhs.append(tr_HS_at_start(name, X, config).double())
+        curves.append(out["curve"])
+        traj = out["trajectory"].double().cpu().tolist() if traj is None else traj
+    final = torch.cat(finals)
+    X_all = torch.cat([X for _, X in data])
+    runs = final.shape[0]
+    ok = (final[:, 0] < config.threshold) & (final[:, 1] < config.threshold)
+    k = int(ok.sum())
+    lo, hi = wilson_interval(k, runs)
+    tr = torch.cat(trhs)
+    final_loss = toy2d_sample_loss(final[:, None, :], X_all).mean(1)
+    entry = {
+        "label": dynamics_label(name),
+        "success_rate": k / runs,
+        "successes": k,
+        "runs": runs,
+        "ci_low": lo,
+        "ci_high": hi,
+        "tr_HS": float(tr.mean()),
+        "tr_HS_std": float(tr.std()) if runs > 1 else 0.0,
+        "noise_trace": 0.0 if name == "gd" else config.noise_trace,
+        "final_loss_mean": float(final_loss.double().mean()),
+    }
+    rows = [
+        {"dynamics": name, "run": r, "w1": float(final[r, 0]), "w2": float(final[r, 1]),
+         "success": int(ok[r]), "final_loss": float(final_loss[r])}
+        for r in range(runs)
+    ]  # fmt: skip
+    metrics = [
+        {"dynamics": name, "step": step, "frac_flat": frac, "mean_loss": loss}
+        for curve in curves
+        for step, frac, loss in curve
+    ]
+    assert traj is not None
+    return entry, rows, metrics, traj
+
+
 def run(
     config: ToyConfig,
-    out_dir: str | Path,
+    out: str | Path,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
+    profile: str | None = None,
     preset: str | None = None,
 ) -> dict[str, Any]:
     """Run the experiment and write the run directory; returns ``results.json``'s content.
 
-    Files: ``config.json``, ``env.json``, ``results.json`` (dynamics → success_rate, successes,
-    runs, ci_low, ci_high (95% Wilson), tr_HS (mean over runs at the start), tr_HS_std, …),
-    ``runs.csv`` (final iterate of every run), ``metrics.jsonl`` (fraction of runs in the flat
-    basin and mean loss every ``curve_every`` steps), ``trajectories.json``, ``surface.json``,
-    ``meta.json`` (timing), ``summary.md`` and the figures ``toy_trajectories`` / ``toy_success``
-    (PNG + SVG).
+    Files: ``config.json``, ``env.json``, ``results.json`` (dynamics → label, success_rate,
+    successes, runs, ci_low, ci_high (95% Wilson), tr_HS (mean over runs at the start),
+    tr_HS_std, noise_trace, final_loss_mean), ``runs.csv`` (final iterate of every run),
+    ``metrics.jsonl`` (fraction of runs in the flat basin and mean loss every ``curve_every``
+    steps), ``trajectories.json``, ``surface.json`` (what the figures draw besides the results),
+    ``meta.json`` (timing) and ``summary.md``. Draws nothing: :func:`sgdnoise.figures.toy.plot`.
+
+    Args:
+        config: a :class:`ToyConfig`. With a ``seeds`` tuple, every seed's runs (its own data and
+            noise) are pooled; ``seeds=(s,)`` equals ``seed=s``.
+        out: the run directory.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        progress: show a progress line on stderr.
+        profile: the preset's name, recorded in ``config.json`` (``preset`` is the old name).
+
+    Raises:
+        ValueError: a bad config. MemoryError: the runs do not fit on the device.
     """
     config = config.validate()
+    profile = profile if profile is not None else preset  # ISSUE11-MERGE: drop `preset`
+    seeds = tuple(getattr(config, "seeds", None) or (config.seed,))
     dev = resolve_device(device)
     dtype = resolve_dtype(config.dtype)
     # The [runs, num_points, 2] data and about a dozen temporaries of that size per step.
@@ -396,55 +451,26 @@ def run(
         what=f"{config.runs} runs × {config.num_points} points",
         fix="lower --runs (the paper uses 100) or num_points",
     )
-    rd = RunDir(out_dir)
+    rd = RunDir(out)
     rd.clear_complete()
     t0 = time.perf_counter()
-    rd.write_config({**dataclasses.asdict(config), "device": str(dev), "preset": preset})
+    rd.write_config({**dataclasses.asdict(config), "device": str(dev), "preset": profile})
     rd.write_env(dev)
-
-    data_gen = torch.Generator().manual_seed(config.seed)
-    X = toy2d_data(config.runs, config.num_points, generator=data_gen, dtype=dtype, device=dev)
-
+    data = [
+        (s, toy2d_data(config.runs, config.num_points, generator=torch.Generator().manual_seed(s),
+                       dtype=dtype, device=dev))
+        for s in seeds
+    ]  # fmt: skip
     bar = Progress(len(config.dynamics), "toy", enabled=progress)
     results: dict[str, Any] = {}
-    rows, metrics, trajectories = [], [], {}
+    rows: list[Mapping[str, Any]] = []
+    metrics: list[dict[str, Any]] = []
+    trajectories: dict[str, Any] = {}
     for name in config.dynamics:
-        gen = torch.Generator().manual_seed(_noise_seed(config.seed, name))
-        out = simulate(name, X, config, generator=gen)
-        final = out["final"]
-        ok = (final[:, 0] < config.threshold) & (final[:, 1] < config.threshold)
-        k = int(ok.sum())
-        lo, hi = wilson_interval(k, config.runs)
-        trhs = tr_HS_at_start(name, X, config).double()
-        final_loss = toy2d_sample_loss(final[:, None, :], X).mean(1)
-        results[name] = {
-            "label": LABELS[name],
-            "success_rate": k / config.runs,
-            "successes": k,
-            "runs": config.runs,
-            "ci_low": lo,
-            "ci_high": hi,
-            "tr_HS": float(trhs.mean()),
-            "tr_HS_std": float(trhs.std()) if config.runs > 1 else 0.0,
-            "noise_trace": 0.0 if name == "gd" else config.noise_trace,
-            "final_loss_mean": float(final_loss.double().mean()),
-        }
-        for r in range(config.runs):
-            rows.append(
-                {
-                    "dynamics": name,
-                    "run": r,
-                    "w1": float(final[r, 0]),
-                    "w2": float(final[r, 1]),
-                    "success": int(ok[r]),
-                    "final_loss": float(final_loss[r]),
-                }
-            )
-        for step, frac, loss in out["curve"]:
-            metrics.append({"dynamics": name, "step": step, "frac_flat": frac, "mean_loss": loss})
-        trajectories[name] = out["trajectory"].double().cpu().tolist()
-        bar.update(1, postfix=f"{name}: {k}/{config.runs}")
-
+        results[name], r, m, trajectories[name] = _run_dynamics(name, data, config)
+        rows += r
+        metrics += m
+        bar.update(1, postfix=f"{name}: {results[name]['successes']}/{results[name]['runs']}")
     elapsed = time.perf_counter() - t0
     rd.write_json("results.json", results)
     rd.write_csv("runs.csv", rows)
@@ -453,32 +479,45 @@ def run(
         "trajectories.json",
         {"run": config.trajectory_run, "every": config.trajectory_every, "paths": trajectories},
     )
-    rd.write_json("surface.json", _surface(X[config.trajectory_run]))
+    rd.write_json("surface.json", _surface(data[0][1][config.trajectory_run]))
     rd.write_json("meta.json", {"simulation_seconds": elapsed, "device": str(dev)})
-    rd.write_text("summary.md", _summary(config, results, elapsed))
-    plot(rd.path)
+    rd.write_text("summary.md", _summary_markdown(config, results, elapsed))
+    from ..figures.toy import plot as draw  # ISSUE11-MERGE: the protocol draws after run()
+
+    draw(rd.path)
     rd.mark_complete("toy", config)
     return results
 
 
+def summary(results: dict[str, Any]) -> str:
+    """The short table printed at the end: success counts, 95% Wilson intervals and Tr(HΣ)."""
+    width = max(len(r["label"]) for r in results.values())
+    return "\n".join(
+        f"{r['label']:<{width}}  {r['successes']:>4}/{r['runs']:<4} "
+        f"[{100 * r['ci_low']:5.1f}%, {100 * r['ci_high']:5.1f}%]  Tr(HΣ) = {r['tr_HS']:.3f}"
+        for r in results.values()
+    )
+
+
 def _ordering_note(results: dict[str, Any]) -> str:
     """Rank by Tr(HΣ) (values within 1% joined by ≈) and by success rate."""
+    label = {n: r["label"] for n, r in results.items()}
     names = sorted(results, key=lambda n: -results[n]["tr_HS"])
-    parts = [LABELS[names[0]]]
+    parts = [label[names[0]]]
     for prev, cur in itertools.pairwise(names):
         a, b = results[prev]["tr_HS"], results[cur]["tr_HS"]
         sep = " ≈ " if abs(a - b) <= 0.01 * max(abs(a), abs(b), 1e-12) else " > "
-        parts.append(sep + LABELS[cur])
+        parts.append(sep + label[cur])
     by_rate = sorted(results, key=lambda n: -results[n]["success_rate"])
     return (
         "Predicted order (Tr(HΣ) at the start): "
         + "".join(parts)
         + "\n\nObserved order (success rate): "
-        + ", ".join(f"{LABELS[n]} {100 * results[n]['success_rate']:.0f}%" for n in by_rate)
+        + ", ".join(f"{label[n]} {100 * results[n]['success_rate']:.0f}%" for n in by_rate)
     )
 
 
-def _summary(config: ToyConfig, results: dict[str, Any], elapsed: float) -> str:
+def _summary_markdown(config: ToyConfig, results: dict[str, Any], elapsed: float) -> str:
     lines = [
         "# 2-D escape experiment (poster Fig. 1)",
         "",
@@ -511,66 +550,10 @@ def _summary(config: ToyConfig, results: dict[str, Any], elapsed: float) -> str:
 
 
 def plot(run_dir: str | Path) -> list[Path]:
-    """Redraw the two figures from the saved files of a run directory (no recomputation)."""
-    import matplotlib
+    """Redraw the figures of a run directory; see :func:`sgdnoise.figures.toy.plot`."""
+    from ..figures.toy import plot as draw  # ISSUE11-MERGE: callers use sgdnoise.figures.toy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rd = RunDir(run_dir)
-    for name in ("results.json", "trajectories.json", "surface.json"):
-        if not rd.exists(name):
-            raise FileNotFoundError(
-                f"{rd / name} is missing; run `sgdnoise toy --out {rd.path}` first"
-            )
-    results = rd.read_json("results.json")
-    paths = rd.read_json("trajectories.json")
-    surf = rd.read_json("surface.json")
-    names = list(results)
-    colors = {n: plt.get_cmap("tab10")(i) for i, n in enumerate(names)}
-    out: list[Path] = []
-
-    fig, ax = plt.subplots(figsize=(6.2, 5.4))
-    Z = torch.tensor(surf["loss"])
-    levels = torch.quantile(Z.flatten(), torch.linspace(0.0, 0.9, 25, dtype=Z.dtype)).tolist()
-    ax.contour(
-        surf["x"], surf["y"], Z.numpy(), levels=sorted(set(levels)), cmap="Greys", linewidths=0.6
-    )
-    for n in names:
-        p = torch.tensor(paths["paths"][n])
-        ax.plot(
-            p[:, 0], p[:, 1], "-", lw=1.0, color=colors[n], label=results[n]["label"], alpha=0.9
-        )
-        ax.plot(p[-1, 0], p[-1, 1], "o", ms=4, color=colors[n])
-    ax.plot([1], [1], "k*", ms=10, label="start (sharp minimum)")
-    ax.set_xlabel("$w_1$")
-    ax.set_ylabel("$w_2$")
-    ax.set_title(
-        f"one trajectory per dynamics (run {paths['run']}, every {paths['every']}th iterate)"
-    )
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_aspect("equal")
-    out += save_figure(fig, rd / "toy_trajectories")
-
-    fig, ax = plt.subplots(figsize=(7.0, 3.8))
-    rates = [100 * results[n]["success_rate"] for n in names]
-    err = [
-        [max(0.0, 100 * (results[n]["success_rate"] - results[n]["ci_low"])) for n in names],
-        [max(0.0, 100 * (results[n]["ci_high"] - results[n]["success_rate"])) for n in names],
-    ]
-    ax.bar(range(len(names)), rates, yerr=err, capsize=3, color=[colors[n] for n in names])
-    for i, n in enumerate(names):
-        ax.annotate(f"Tr(HΣ)={results[n]['tr_HS']:.2f}", (i, 100 * results[n]["ci_high"]), textcoords="offset points",
-                    xytext=(0, 4), ha="center", fontsize=6.5)  # fmt: skip
-    ax.set_xticks(
-        range(len(names)), [results[n]["label"] for n in names], rotation=25, ha="right", fontsize=8
-    )
-    ax.set_ylabel("success rate (%) ± 95% Wilson CI")
-    runs = results[names[0]]["runs"]
-    ax.set_title(f"reaching the flat minimum in {runs} runs")
-    ax.set_ylim(0, max(100 * max(results[n]["ci_high"] for n in names) + 12, 10))
-    out += save_figure(fig, rd / "toy_success")
-    return out
+    return draw(run_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,14 @@ names. Registered (in this order): ``const``, ``dynamic``, ``diag``, ``leading``
 ``hessian_top1``, ``full``, ``multiplicative``. See :mod:`sgdnoise.noise._base` for the interface.
 """
 
-from ._base import NoiseModel, noise_class, noise_model, noise_structures, register_noise
+from ._base import (
+    BatchedStatistics,
+    NoiseModel,
+    noise_class,
+    noise_model,
+    noise_structures,
+    register_noise,
+)
 from ._gradients import per_sample_gradients_and_losses, weighted_gradients
 from .const import ConstNoise
 from .diag import DiagNoise
@@ -16,6 +23,7 @@ from .leading import LeadingNoise, safe_eigh
 from .multiplicative import MultiplicativeNoise
 
 __all__ = [
+    "BatchedStatistics",
     "ConstNoise",
     "DiagNoise",
     "DynamicNoise",

@@ -18,12 +18,21 @@ Every structure is one small class registered under a name; :func:`noise_model` 
 * for Gaussian structures, ``unit_dim`` r and ``transform(z)``: ``sample`` draws ``z ~ N(0, I_r)``
   rows from the generator and returns ``transform(z)`` = rows ``L z`` with ``L Lᵀ = Cov(n)``;
 * ``config`` — a dict that rebuilds the same structure via ``noise_model(**config)``.
+
+A class also declares what the dynamics and the experiments need, so that registering it is the
+only step: ``label`` (legend and report name), ``family`` (``"aligned"``: shaped like SGD's noise
+or the curvature, the poster's claim; ``"isotropic"``: not), ``default_refresh`` (covariance
+refresh period in steps), ``experiment_options`` (which experiment settings feed which option),
+:meth:`NoiseModel.noisy_gradient` (how a step's ``∇L + n`` is formed) and
+:meth:`NoiseModel.batched_factor` (the ``[R, D, r]`` factors of R small problems at once, for the
+2-D experiment).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -33,9 +42,55 @@ from ..linalg.covariance import GradientNoiseCovariance, batch_scale
 from ..linalg.operators import LinearOperator
 from ..problem import Problem
 
-__all__ = ["NoiseModel", "noise_model", "noise_structures", "register_noise"]
+__all__ = [
+    "BatchedStatistics",
+    "NoiseModel",
+    "noise_class",
+    "noise_model",
+    "noise_structures",
+    "register_noise",
+]
 
 _REGISTRY: dict[str, type[NoiseModel]] = {}
+
+
+@dataclass(frozen=True)
+class BatchedStatistics:
+    """Gradient statistics of R independent small problems at one point each (batched).
+
+    Attributes:
+        centered: centred per-sample gradients ``c_i = g_i − ḡ`` ``[R, N, D]`` of each problem.
+        hessian: the mean Hessian ``[R, D, D]`` of each problem (``None`` when not computed; only
+            structures with ``batched_needs_hessian`` read it).
+    """
+
+    centered: torch.Tensor
+    hessian: torch.Tensor | None = None
+
+    def second_moment(self) -> torch.Tensor:
+        """``Σ_1 = (1/N) Σ_i c_i c_iᵀ`` ``[R, D, D]`` (divisor N).
+
+        For D = 2 three reductions (bmm is slow for 2×2 blocks), otherwise ``Cᵀ C / N``.
+        """
+        C = self.centered
+        if C.shape[-1] != 2:
+            return C.transpose(1, 2) @ C / C.shape[1]
+        c0, c1 = C[..., 0], C[..., 1]
+        s00, s01, s11 = (c0 * c0).mean(1), (c0 * c1).mean(1), (c1 * c1).mean(1)
+        return torch.stack((torch.stack((s00, s01), -1), torch.stack((s01, s11), -1)), -2)
+
+
+def scaled_top_eigen_factor(M: torch.Tensor, trace: float, k: int) -> torch.Tensor:
+    """Factor ``[R, D, k]`` of ``T · M_k⁺ / Tr M_k⁺`` for symmetric ``M`` ``[R, D, D]``.
+
+    ``M_k⁺`` keeps the k algebraically largest eigenpairs with negative eigenvalues clipped to 0;
+    a run whose clipped eigenvalues are all 0 gets a zero factor.
+    """
+    vals, vecs = torch.linalg.eigh(M)  # ascending
+    vals, vecs = vals.flip(-1)[..., :k].clamp_min(0), vecs.flip(-1)[..., :k]
+    total = vals.sum(-1, keepdim=True)
+    s = torch.where(total > 0, vals / total.clamp_min(torch.finfo(M.dtype).tiny), 0.0) * trace
+    return vecs * s.sqrt()[..., None, :]
 
 
 def _describe_options(cls: type[NoiseModel]) -> str:
@@ -47,10 +102,10 @@ def _describe_options(cls: type[NoiseModel]) -> str:
 class NoiseModel(ABC):
     """Base class of the registered noise structures (see the module docstring).
 
-    Subclasses set ``name``, ``option_defaults`` (option name → default; the only accepted
-    options), optionally ``_check_option(name, value)`` for value checks, and implement
-    ``_refresh(per_sample)`` (which must set ``self.covariance``), ``unit_dim`` and
-    ``transform(z)``.
+    Subclasses set ``name``, ``label``, ``family``, ``default_refresh``, ``option_defaults``
+    (option name → default; the only accepted options), optionally ``experiment_options`` and
+    ``_check_option(name, value)`` for value checks, and implement ``_refresh(per_sample)`` (which
+    must set ``self.covariance``), ``unit_dim``, ``transform(z)`` and ``batched_factor``.
 
     Attributes:
         problem: the :class:`~sgdnoise.Problem` of the last refresh.
@@ -63,11 +118,25 @@ class NoiseModel(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: legend / report label of the dynamics ``gld_<name>`` (e.g. ``"GLD Hessian"``).
+    label: ClassVar[str] = ""
+    #: ``"aligned"`` (shaped like SGD's noise or the curvature: the poster's claim is that these
+    #: escape sharp minima) or ``"isotropic"`` (the comparison side).
+    family: ClassVar[str] = "aligned"
+    #: covariance refresh period (steps) of the released code; experiments start from it.
+    default_refresh: ClassVar[int] = 1
     option_defaults: ClassVar[dict[str, Any]] = {}
+    #: option → experiment setting(s) it is read from (the first present attribute wins), e.g.
+    #: ``{"sigma": ("const_sigma",)}``; see :meth:`options_from`.
+    experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: whether :meth:`batched_factor` reads ``BatchedStatistics.hessian``.
+    batched_needs_hessian: ClassVar[bool] = False
     #: whether a refresh uses the per-sample gradients (so an optimizer can pass them in).
     needs_per_sample: ClassVar[bool] = True
     #: whether the noise is Gaussian, ``n = L z`` with ``z ~ N(0, I_r)`` (``transform`` exists).
     gaussian: ClassVar[bool] = True
+    #: whether :meth:`noisy_gradient` forms ``∇L + n`` itself (GLD then takes no separate pass).
+    forms_gradient: ClassVar[bool] = False
 
     covariance: LinearOperator
 
@@ -88,7 +157,7 @@ class NoiseModel(ABC):
         self.scale = batch_scale(problem.num_samples, batch_size, replacement)
         self.batch_size = batch_size
         self.replacement = bool(replacement)
-        self.options = self._resolve_options(options)
+        self.options = self.resolve_options(options)
         self.problem = problem
         self.num_refreshes = 0
         self.sigma_trace: torch.Tensor | None = None
@@ -99,7 +168,13 @@ class NoiseModel(ABC):
 
     # ------------------------------------------------------------------ options
     @classmethod
-    def _resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaults updated with ``options``, each value checked.
+
+        Raises:
+            TypeError: an option the structure does not have (the message lists the valid ones).
+            ValueError: a bad value (from ``_check_option``).
+        """
         unknown = sorted(set(options) - set(cls.option_defaults))
         if unknown:
             raise TypeError(
@@ -116,6 +191,26 @@ class NoiseModel(ABC):
     def _check_option(cls, key: str, value: Any) -> None:
         """Raise ``ValueError`` for a bad option value (subclasses may override; default: any)."""
         return None
+
+    @classmethod
+    def options_from(cls, settings: Any) -> dict[str, Any]:
+        """The options an experiment's settings give this structure.
+
+        Args:
+            settings: any object (an experiment config); for each option in
+                ``experiment_options`` the first of its attribute names that ``settings`` has is
+                read.
+
+        Returns:
+            ``{option: value}`` for the options found (defaults fill in the rest when built).
+        """
+        out: dict[str, Any] = {}
+        for option, fields in cls.experiment_options.items():
+            for field in fields:
+                if hasattr(settings, field):
+                    out[option] = getattr(settings, field)
+                    break
+        return out
 
     @staticmethod
     def _positive_int(cls_name: str, key: str, value: Any) -> None:
@@ -252,6 +347,40 @@ class NoiseModel(ABC):
             raise ValueError(f"num must be a non-negative int (number of draws), got {num!r}")
         return num
 
+    @classmethod
+    @abstractmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """Factors ``L`` ``[R, D, r]`` of R problems at once, ``L Lᵀ`` of trace ``trace`` per run.
+
+        ``L Lᵀ`` is the structure's covariance built from each run's statistics (with b = 1),
+        rescaled to trace ``trace`` (the 2-D experiment fixes the parameter-level noise trace).
+
+        Args:
+            stats: the R runs' centred per-sample gradients (and mean Hessians).
+            trace: T, the trace of every ``L Lᵀ``.
+            options: the resolved options (:meth:`resolve_options`).
+
+        Returns:
+            ``[R, D, r]`` (r = the structure's rank, e.g. D or k).
+        """
+
+    def noisy_gradient(
+        self, theta: torch.Tensor, *, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and ``∇L(θ) + n`` for one step, ``n`` a fresh draw (``(0-dim, [D])``).
+
+        The default is one full-batch pass plus :meth:`sample`. :class:`~sgdnoise.GLD` calls it
+        only for structures with ``forms_gradient`` (whose noise enters through the loss itself);
+        for the others it adds :meth:`sample` to the gradient it already computed.
+
+        Args:
+            theta: θ ``[D]``. generator: the noise source.
+        """
+        loss, grad = self.problem.loss_and_gradient(theta)
+        return loss, grad + self.sample(1, generator=generator)[0]
+
     def sample(self, num: int, *, generator: torch.Generator | int) -> torch.Tensor:
         """``num`` independent noise vectors ``[num, D]`` (dtype and device of the problem).
 
@@ -270,9 +399,20 @@ class NoiseModel(ABC):
 
 
 def register_noise(cls: type[NoiseModel]) -> type[NoiseModel]:
-    """Class decorator: register a :class:`NoiseModel` subclass under ``cls.name``."""
+    """Class decorator: register a :class:`NoiseModel` subclass under ``cls.name``.
+
+    Raises:
+        ValueError: the name is empty or taken, the label is empty, the family is not
+            ``"aligned"``/``"isotropic"``, or ``default_refresh`` is not a positive int.
+    """
     if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"noise structure name {cls.name!r} is empty or already registered")
+    if not cls.label or cls.family not in ("aligned", "isotropic"):
+        raise ValueError(
+            f"noise structure {cls.name!r} must declare a label and a family 'aligned' or "
+            f"'isotropic', got label={cls.label!r}, family={cls.family!r}"
+        )
+    NoiseModel._positive_int(cls.name, "default_refresh", cls.default_refresh)
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -57,7 +57,7 @@ def weighted_gradients(
     Returns:
         ``(grads [m, D], losses [N])`` (``grads`` is ``[D]`` when ``weights`` was ``[N]``).
     """
-    problem._check_decoupled("weighted_gradients")
+    problem._check_decoupled("weighted_gradients")  # ISSUE11-MERGE: check_decoupled
     N = problem.num_samples
     squeeze = weights.ndim == 1
     W = weights[None, :] if squeeze else weights
@@ -72,7 +72,7 @@ def weighted_gradients(
         def f(th: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             return problem.sample_losses(th, x, y)
 
-        l, pullback = vjp(f, theta)
+        l, pullback = vjp(f, theta)[:2]
         Wc = W[:, pos]
         if Wc.shape[0] == 1:
             g = pullback(Wc[0])[0][None, :]

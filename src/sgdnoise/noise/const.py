@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from ..linalg.operators import ScaledIdentityOperator
-from ._base import NoiseModel, register_noise
+from ._base import BatchedStatistics, NoiseModel, register_noise
 
 
 @register_noise
@@ -24,7 +25,10 @@ class ConstNoise(NoiseModel):
     """
 
     name = "const"
+    label = "GLD const"
+    family = "isotropic"
     option_defaults: ClassVar[dict[str, Any]] = {"sigma": 1e-3}
+    experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {"sigma": ("const_sigma",)}
     needs_per_sample = False
 
     @classmethod
@@ -51,3 +55,13 @@ class ConstNoise(NoiseModel):
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
         return z * float(self.options["sigma"])
+
+    @classmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """``√(T/D) I`` ``[R, D, D]`` per run (σ is irrelevant once the trace is fixed)."""
+        R, _, D = stats.centered.shape
+        C = stats.centered
+        eye = torch.eye(D, dtype=C.dtype, device=C.device) * math.sqrt(trace / D)
+        return eye.expand(R, D, D)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ..linalg.operators import DiagonalOperator
-from ._base import NoiseModel, register_noise
+from ._base import BatchedStatistics, NoiseModel, register_noise
 
 
 @register_noise
@@ -16,6 +19,8 @@ class DiagNoise(NoiseModel):
     """
 
     name = "diag"
+    label = "GLD diag"
+    family = "isotropic"
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         d = self._sigma(per_sample).diagonal().clamp_min(0)
@@ -28,3 +33,11 @@ class DiagNoise(NoiseModel):
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
         return z * self._std
+
+    @classmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """``diag(√(T · diag Σ_1 / Tr Σ_1))`` ``[R, D, D]``."""
+        d = torch.diagonal(stats.second_moment(), dim1=1, dim2=2)
+        return torch.diag_embed((d / d.sum(-1, keepdim=True) * trace).sqrt())

@@ -6,6 +6,7 @@ import torch
 
 from ..linalg.operators import ScaledIdentityOperator
 from ._base import NoiseModel, register_noise
+from .const import ConstNoise
 
 
 @register_noise
@@ -17,6 +18,8 @@ class DynamicNoise(NoiseModel):
     """
 
     name = "dynamic"
+    label = "GLD dynamic"
+    family = "isotropic"
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         p = self.problem
@@ -32,3 +35,6 @@ class DynamicNoise(NoiseModel):
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
         return z * self._variance.sqrt()
+
+    #: ``√(T/D) I`` per run: the same as ``const`` once the trace is fixed.
+    batched_factor = ConstNoise.batched_factor

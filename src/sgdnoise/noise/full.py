@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ..linalg.covariance import GradientNoiseCovariance
-from ._base import NoiseModel, register_noise
+from ._base import BatchedStatistics, NoiseModel, register_noise
 
 
 @register_noise
@@ -22,6 +25,7 @@ class FullNoise(NoiseModel):
     """
 
     name = "full"
+    label = "GLD full Σ"
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         cov = self._sigma(per_sample)
@@ -35,3 +39,12 @@ class FullNoise(NoiseModel):
         cov = self.covariance
         assert isinstance(cov, GradientNoiseCovariance)
         return cov.sample_factor_product(z)
+
+    @classmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The per-sample factor ``L = Cᵀ √(T / (N Tr Σ_1))`` ``[R, D, N]`` (draws ``z ∈ R^N``)."""
+        C = stats.centered
+        tr = torch.diagonal(stats.second_moment(), dim1=1, dim2=2).sum(-1)
+        return C.transpose(1, 2) * (trace / (C.shape[1] * tr)).sqrt()[:, None, None]

@@ -2,47 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from ..linalg.hessian import HessianOperator
-from ..linalg.lanczos import EigenPairs, top_eigenpairs
-from ..linalg.operators import LowRankOperator
-from ._base import NoiseModel, register_noise
-from .leading import _check_eigen_option
+from ..linalg.lanczos import EigenPairs
+from ._base import BatchedStatistics, register_noise, scaled_top_eigen_factor
+from ._eigen import EIGEN_OPTIONS, EigenNoise
 
 __all__ = ["HessianNoise", "HessianTop1Noise"]
 
 
-class _HessianEigenNoise(NoiseModel):
+class _HessianEigenNoise(EigenNoise):
     """Shared part: top eigenpairs of ``H = ∇²L`` by Lanczos on Hessian-vector products."""
 
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "k": 20,
-        "tol": None,
-        "max_matvecs": None,
-        "on_nonconvergence": "warn",
-        "warm_start": True,
+    option_defaults: ClassVar[dict[str, Any]] = dict(EIGEN_OPTIONS)
+    experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "k": ("k",),
+        "tol": ("eigen_tol",),
+        "max_matvecs": ("eigen_max_matvecs",),
     }
+    batched_needs_hessian = True
 
     @classmethod
-    def _check_option(cls, key: str, value: Any) -> None:
-        _check_eigen_option(cls.name, key, value)
+    def options_from(cls, settings: Any) -> dict[str, Any]:
+        """As :meth:`NoiseModel.options_from`; a Lanczos budget (``max_matvecs``) is deliberate,
+        so running out of it is not reported (``on_nonconvergence="ignore"``)."""
+        opts = super().options_from(settings)
+        if opts.get("max_matvecs") is not None:
+            opts["on_nonconvergence"] = "ignore"
+        return opts
 
     def _hessian_pairs(self, k: int) -> EigenPairs:
-        o = self.options
-        prev = getattr(self, "eigenvectors", None)
-        v0 = prev if (o["warm_start"] and prev is not None) else None
-        pairs = top_eigenpairs(
-            HessianOperator(self.problem),
-            min(k, self.problem.dim),
-            v0=v0,
-            tol=o["tol"],
-            max_matvecs=o["max_matvecs"],
-            on_nonconvergence=o["on_nonconvergence"],
-        )
-        self.num_matvecs = pairs.num_matvecs
+        pairs = self._top_pairs(HessianOperator(self.problem), min(k, self.problem.dim))
         # top_eigenpairs works in float32 for 16-bit problems: the structure keeps the model's
         # dtype, so that its covariance and its draws are in the dtype of the parameters.
         dtype = self.problem.dtype
@@ -50,12 +44,15 @@ class _HessianEigenNoise(NoiseModel):
         self.eigenvectors = pairs.eigenvectors.to(dtype)
         return pairs
 
-    @property
-    def unit_dim(self) -> int:
-        return self.eigenvectors.shape[1]
-
-    def transform(self, z: torch.Tensor) -> torch.Tensor:
-        return (z * self._std) @ self.eigenvectors.T
+    @classmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """Factor of ``T · H_k⁺ / Tr H_k⁺`` from the runs' mean Hessians (k capped at D)."""
+        if stats.hessian is None:
+            raise ValueError(f"noise structure {cls.name!r} needs the mean Hessian")
+        D = stats.hessian.shape[-1]
+        return scaled_top_eigen_factor(stats.hessian, trace, min(options["k"], D))
 
 
 @register_noise
@@ -80,6 +77,8 @@ class HessianNoise(_HessianEigenNoise):
     """
 
     name = "hessian"
+    label = "GLD Hessian"
+    default_refresh = 10
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         trace = self._sigma(per_sample).trace()
@@ -88,8 +87,7 @@ class HessianNoise(_HessianEigenNoise):
         total = lam.sum()
         self.degenerate = not bool(total > 0)
         s = torch.zeros_like(lam) if self.degenerate else lam * (trace / total)
-        self._std = s.sqrt()
-        self.covariance = LowRankOperator(self.eigenvectors, s)
+        self._set_low_rank(self.eigenvectors, s)
 
 
 @register_noise
@@ -105,13 +103,22 @@ class HessianTop1Noise(_HessianEigenNoise):
     """
 
     name = "hessian_top1"
-    option_defaults: ClassVar[dict[str, Any]] = {
-        k: v for k, v in _HessianEigenNoise.option_defaults.items() if k != "k"
+    label = "GLD 1st eigvec(H)"
+    option_defaults: ClassVar[dict[str, Any]] = {k: v for k, v in EIGEN_OPTIONS.items() if k != "k"}
+    experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "tol": ("eigen_tol",),
+        "max_matvecs": ("top1_max_matvecs",),
     }
 
     def _refresh(self, per_sample: torch.Tensor | None) -> None:
         trace = self._sigma(per_sample).trace()
         self._hessian_pairs(1)
         s = trace.reshape(1).clamp_min(0).to(self.problem.dtype)
-        self._std = s.sqrt()
-        self.covariance = LowRankOperator(self.eigenvectors, s)
+        self._set_low_rank(self.eigenvectors, s)
+
+    @classmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """Factor ``√T u₁`` ``[R, D, 1]`` from the runs' mean Hessians."""
+        return super().batched_factor(stats, trace, {**options, "k": 1})

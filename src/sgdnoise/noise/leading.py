@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from ..linalg import covariance as _cov
-from ..linalg.lanczos import top_eigenpairs
-from ..linalg.operators import LowRankOperator
-from ._base import NoiseModel, register_noise
+from ._base import BatchedStatistics, register_noise, scaled_top_eigen_factor
+from ._eigen import EIGEN_OPTIONS, EigenNoise, check_eigen_option
+
+__all__ = ["LeadingNoise", "safe_eigh"]
 
 _SOLVERS = ("auto", "gram", "lanczos")
-_ON_NONCONVERGENCE = ("raise", "warn", "ignore")
 
 
 def safe_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -42,7 +43,7 @@ def safe_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 @register_noise
-class LeadingNoise(NoiseModel):
+class LeadingNoise(EigenNoise):
     """``Cov(n) = Σ_k = Σ_{j≤k} γ_j v_j v_jᵀ``, the k largest eigenpairs of ``Σ_b``.
 
     ``n = V (√γ ⊙ z)``, ``z ~ N(0, I_k)``. As in the released code the trace is *not* rescaled
@@ -73,19 +74,22 @@ class LeadingNoise(NoiseModel):
     """
 
     name = "leading"
+    label = "GLD leading"
+    default_refresh = 10
     option_defaults: ClassVar[dict[str, Any]] = {
         "k": 20,
         "match_trace": False,
         "solver": "auto",
-        "tol": None,
-        "max_matvecs": None,
-        "on_nonconvergence": "warn",
-        "warm_start": True,
+        **{k: v for k, v in EIGEN_OPTIONS.items() if k != "k"},
+    }
+    experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "k": ("leading_k", "k"),
+        "match_trace": ("leading_match_trace",),
     }
 
     @classmethod
     def _check_option(cls, key: str, value: Any) -> None:
-        _check_eigen_option(cls.name, key, value)
+        check_eigen_option(cls.name, key, value)
         if key == "solver" and value not in _SOLVERS:
             raise ValueError(
                 f"noise structure 'leading': option solver must be one of {_SOLVERS}, got {value!r}"
@@ -107,7 +111,6 @@ class LeadingNoise(NoiseModel):
         if solver == "auto":
             solver = "gram" if cov.centered is not None else "lanczos"
         k = min(o["k"], p.dim)
-        prev = getattr(self, "eigenvectors", None)
         self.num_matvecs = 0
         if solver == "gram":
             L = cov.factor().double()
@@ -121,63 +124,26 @@ class LeadingNoise(NoiseModel):
             V = (L @ (W[:, :r] / gamma.sqrt())).to(p.dtype)
             gamma = gamma.to(p.dtype)
         else:
-            v0 = prev if (o["warm_start"] and prev is not None and prev.shape[1]) else None
-            pairs = top_eigenpairs(
-                cov,
-                k,
-                v0=v0,
-                tol=o["tol"],
-                max_matvecs=o["max_matvecs"],
-                on_nonconvergence=o["on_nonconvergence"],
-            )
+            pairs = self._top_pairs(cov, k)
             # top_eigenpairs works in float32 for 16-bit problems: back to the model's dtype.
             gamma = pairs.eigenvalues.clamp_min(0).to(p.dtype)
             V = pairs.eigenvectors.to(p.dtype)
-            self.num_matvecs = pairs.num_matvecs
             self.eigh_path = "lanczos"
-        self.eigenvalues, self.eigenvectors = gamma, V
+        self.eigenvalues = gamma
         s = gamma
         if o["match_trace"] and float(gamma.sum()) > 0:
             s = gamma * (cov.trace() / gamma.sum())
-        self._std = s.sqrt()
-        self.covariance = LowRankOperator(V, s)
+        self._set_low_rank(V, s)
 
     @property
     def rank(self) -> int:
+        """r, the number of eigenpairs kept (at most k)."""
         return self.eigenvectors.shape[1]
 
-    @property
-    def unit_dim(self) -> int:
-        return self.rank
-
-    def transform(self, z: torch.Tensor) -> torch.Tensor:
-        return (z * self._std) @ self.eigenvectors.T
-
-
-def _check_eigen_option(name: str, key: str, value: Any) -> None:
-    """Value checks shared by the eigen-based structures."""
-    if key == "k":
-        NoiseModel._positive_int(name, key, value)
-    elif key in ("match_trace", "warm_start") and not isinstance(value, bool):
-        raise ValueError(
-            f"noise structure {name!r}: option {key} must be True or False, got {value!r}"
-        )
-    elif (
-        key == "tol"
-        and value is not None
-        and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1)
-    ):
-        raise ValueError(
-            f"noise structure {name!r}: option tol must be None or a number in (0, 1) (relative "
-            f"Ritz residual), got {value!r}"
-        )
-    elif key == "max_matvecs" and value is not None:
-        NoiseModel._positive_int(name, key, value)
-    elif key == "on_nonconvergence" and value not in _ON_NONCONVERGENCE:
-        raise ValueError(
-            f"noise structure {name!r}: option on_nonconvergence must be one of "
-            f"{_ON_NONCONVERGENCE}, got {value!r}"
-        )
-
-
-__all__ = ["LeadingNoise", "safe_eigh"]
+    @classmethod
+    def batched_factor(
+        cls, stats: BatchedStatistics, trace: float, options: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """Factor of ``T · Σ_k / Tr Σ_k`` from the runs' ``Σ_1`` (top-k eigenpairs, k ≤ D)."""
+        k = min(options.get("k", 20), stats.centered.shape[-1])
+        return scaled_top_eigen_factor(stats.second_moment(), trace, k)

@@ -12,6 +12,7 @@ from ..linalg.covariance import GradientNoiseCovariance
 from ..linalg.operators import LinearOperator
 from ._base import NoiseModel, register_noise
 from ._gradients import weighted_gradients
+from .full import FullNoise
 
 __all__ = ["MultiplicativeNoise"]
 
@@ -42,9 +43,9 @@ class MultiplicativeNoise(NoiseModel):
       ``(1/N) Σ w_i g_i`` is then *exactly* the mini-batch gradient, so the dynamics is SGD computed
       through a weighted full-batch pass (a consistency check; not Gaussian, no ``transform``).
 
-    In :class:`~sgdnoise.GLD` the step uses :meth:`sample_weights` and the gradient of the weighted
-    loss at the *current* θ (one forward + one backward pass, no per-sample gradients), so the
-    noise always follows θ and ``refresh_every`` does not matter. ``covariance`` (``Σ_b`` at the θ
+    In :class:`~sgdnoise.GLD` the step is :meth:`noisy_gradient`: :meth:`sample_weights` and the
+    gradient of the weighted loss at the *current* θ (one forward + one backward pass, no
+    per-sample gradients), so the noise always follows θ and ``refresh_every`` does not matter. ``covariance`` (``Σ_b`` at the θ
     of the last refresh) and :meth:`sample` exist for inspection and tests; the covariance is built
     lazily on first access.
 
@@ -53,8 +54,10 @@ class MultiplicativeNoise(NoiseModel):
     """
 
     name = "multiplicative"
+    label = "multiplicative"
     option_defaults: ClassVar[dict[str, Any]] = {"distribution": "gaussian"}
     needs_per_sample = False
+    forms_gradient = True
 
     @classmethod
     def _check_option(cls, key: str, value: Any) -> None:
@@ -130,6 +133,21 @@ class MultiplicativeNoise(NoiseModel):
         # Both weight laws have Σ_i ε_i = 0, so (1/N) Σ ε_i g_i = (1/N) Σ ε_i c_i (better rounding).
         return eps @ C / self.problem.num_samples
 
+    def noisy_gradient(
+        self, theta: torch.Tensor, *, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and ``∇L + n`` at θ in one weighted-gradient pass (fresh weights, current θ).
+
+        Args:
+            theta: θ ``[D]``. generator: the source of the weights.
+
+        Returns:
+            ``(L(θ) (0-dim), (1/N) Σ_i w_i ∇ℓ_i(θ) [D])``.
+        """
+        w = self.sample_weights(1, generator=generator)[0]
+        g_noisy, losses = weighted_gradients(self.problem, w, theta)
+        return losses.mean(), g_noisy
+
     # ------------------------------------------------------------------ sampling
     @property
     def unit_dim(self) -> int:
@@ -146,3 +164,6 @@ class MultiplicativeNoise(NoiseModel):
 
     def sample(self, num: int, *, generator: torch.Generator | int) -> torch.Tensor:
         return self.noise_from_weights(self.sample_weights(num, generator=generator))
+
+    #: Gaussian weights (the default law) draw ``n = L z`` with ``full``'s per-sample factor.
+    batched_factor = FullNoise.batched_factor
