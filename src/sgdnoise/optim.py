@@ -641,3 +641,28 @@ def run_dynamics(
         if extra and extra.get("stop"):
             break
     return records
+
+
+# ISSUE11-MERGE: H2 provides dynamics_label / dynamics_family / default_refresh from the noise
+# registry's ClassVars; these minimal versions reproduce today's lists until the merge.
+_LABELS = {"gd": "GD", "sgd": "SGD", "gld_hessian_top1": "GLD 1st eigvec(H)", "gld_full": "GLD full Σ",
+           "gld_hessian": "GLD Hessian", "gld_multiplicative": "multiplicative"}  # fmt: skip
+_ISOTROPIC = ("gld_const", "gld_dynamic", "gld_diag")
+_REFRESH = {"gld_leading": 10, "gld_hessian": 10}
+
+
+def dynamics_label(name: str) -> str:
+    """The legend/report label of a dynamics name (``"gld_hessian"`` → ``"GLD Hessian"``)."""
+    return _LABELS.get(name, "GLD " + name.removeprefix("gld_"))
+
+
+def dynamics_family(name: str) -> str:
+    """``"none"`` (gd), ``"aligned"`` (sgd, structures aligned with H) or ``"isotropic"``."""
+    if name == "gd":
+        return "none"
+    return "isotropic" if name in _ISOTROPIC else "aligned"
+
+
+def default_refresh(name: str) -> int:
+    """The covariance refresh period (steps) of the released code; 0 for gd/sgd."""
+    return 0 if name in ("gd", "sgd") else _REFRESH.get(name, 1)
