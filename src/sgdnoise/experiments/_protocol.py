@@ -39,6 +39,7 @@ __all__ = [
     "ExperimentConfig",
     "OneOf",
     "PlotDependencyError",
+    "configure",
     "experiment_config",
     "load_toml_config",
     "replace_config",
@@ -167,6 +168,8 @@ def error_line(exc: ValidationError, what: str, cls: Any = None) -> str:
     loc = [p for p in err["loc"] if p != "__root__"]
     field = str(loc[0]) if loc else ""
     where = field + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    if "[key]" in loc:  # a mapping's key: "refresh_every key 'sgd'"
+        where = f"{field} key {loc[1]!r}"
     kind, msg = err["type"], err["msg"]
     if kind == "unexpected_keyword_argument" and cls is not None:
         valid = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
@@ -181,8 +184,9 @@ def error_line(exc: ValidationError, what: str, cls: Any = None) -> str:
     line = f"{what} config: " + (f"{where} {text}" if where else text)
     if field:
         line += f" (flag --{field.replace('_', '-')}, TOML key {field})"
-    if len(errors) > 1:
-        line += f"; and {len(errors) - 1} more problem(s)"
+    others = {e["loc"][:1] for e in errors[1:]} - {err["loc"][:1]}
+    if others:
+        line += f"; {len(others)} other setting(s) are invalid too"
     return line
 
 
@@ -237,6 +241,28 @@ def replace_config(base: C, values: Mapping[str, Any], *, what: str | None = Non
             value = {**old, **value}
         changes[key] = value
     return dataclasses.replace(base, **changes)  # type: ignore[type-var]
+
+
+def configure(
+    presets: Mapping[str, C],
+    profile: str,
+    toml: Mapping[str, Any] | None,
+    flags: Mapping[str, Any],
+    *,
+    what: str,
+) -> C:
+    """The ``profile`` preset < a TOML table < explicit flags (``None`` values: not given).
+
+    Raises:
+        ConfigError: an unknown profile or key, or an invalid value (one line).
+    """
+    if profile not in presets:
+        raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(presets)}")
+    config = presets[profile]
+    for layer in (dict(toml or {}), {k: v for k, v in flags.items() if v is not None}):
+        if layer:
+            config = replace_config(config, layer, what=what)
+    return config.validate()  # type: ignore[attr-defined,no-any-return]
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,15 +331,7 @@ class Experiment:
         Raises:
             ConfigError: an unknown profile or key, or an invalid value (one line).
         """
-        if profile not in self.presets:
-            raise ConfigError(
-                f"unknown profile {profile!r}; valid profiles: {', '.join(self.presets)}"
-            )
-        config = self.presets[profile]
-        for layer in (dict(toml or {}), {k: v for k, v in flags.items() if v is not None}):
-            if layer:
-                config = replace_config(config, layer, what=self.name)
-        return config.validate()
+        return configure(self.presets, profile, toml, flags, what=self.name)
 
     def execute(
         self,
