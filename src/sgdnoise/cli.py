@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
 from ._utils import OutputError
 from .experiments._protocol import OneOf
 
@@ -147,34 +145,29 @@ def field_flags(config_cls: Any) -> dict[str, str]:
 
 def add_field_arguments(p: argparse.ArgumentParser, config_cls: Any, presets: Mapping) -> None:
     """One flag per field of ``config_cls`` (default ``None``: the profile/TOML value stays)."""
-    hints = typing.get_type_hints(config_cls, include_extras=True)
-    group = p.add_argument_group("settings (TOML keys in --config have the same names, with _)")
-    for f in dataclasses.fields(config_cls):
-        if f.name == "profile":
+    group = p.add_argument_group("settings (the TOML keys of --config have the same names, with _)")
+    for name, info in config_cls.__pydantic_fields__.items():
+        if name == "profile":
             continue
-        tp, meta, optional = _strip(hints[f.name])
-        info = getattr(f.default, "description", None) or next(
-            (m.description for m in meta if isinstance(m, pydantic.fields.FieldInfo)), None
-        )
-        desc = info or f.name.replace("_", " ")
-        kw: dict[str, Any] = {"default": None, "dest": f.name}
+        tp, meta, optional = _strip(info.annotation)
+        meta = [*info.metadata, *meta]
+        kw: dict[str, Any] = {"default": None, "dest": name}
         origin = typing.get_origin(tp)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             item, item_meta, _ = _strip(typing.get_args(tp)[0])
-            kw.update(nargs="*", type=_scalar(item, False), metavar=item.__name__.upper())
-            kw["choices"] = _choices(item, item_meta)
+            kw.update(nargs="*", type=_scalar(item, False), choices=_choices(item, item_meta))
         elif origin in (dict, Mapping, collections.abc.Mapping):
             kw.update(nargs="+", type=_pairs(tp), metavar="NAME=VALUE")
         else:
             kw.update(type=_scalar(tp, optional), choices=_choices(tp, meta))
-            kw["metavar"] = "{" + ",".join(map(str, kw["choices"])) + "}" if kw["choices"] else None
-        if kw.get("choices") and kw.get("metavar") is None:
-            kw["metavar"] = "NAME"
+        if not kw.get("choices") and "action" not in kw and "metavar" not in kw:
+            item_tp = typing.get_args(tp)[0] if origin is tuple else tp
+            kw["metavar"] = getattr(_strip(item_tp)[0], "__name__", "VALUE").upper()
         extra = " ('none' to unset)" if optional else ""
-        help_ = f"{desc}{extra} {_presets_text(f.name, presets)}".replace("%", "%%")
-        group.add_argument("--" + f.name.replace("_", "-"), help=help_, **kw)
+        text = f"{info.description or name.replace('_', ' ')}{extra} {_presets_text(name, presets)}"
+        group.add_argument("--" + name.replace("_", "-"), help=text.replace("%", "%%"), **kw)
 
 
 def flags_of(args: argparse.Namespace, config_cls: Any) -> dict[str, Any]:
