@@ -124,9 +124,8 @@ def test_slopes_approach_the_bound_and_2d_minus_1():
     ],
 )
 def test_config_errors(changes, match):
-    cfg = p1.Prop1Config.from_mapping(p1.Prop1Config(), changes)
     with pytest.raises(ValueError, match=match):
-        cfg.validate()
+        p1.Prop1Config.from_mapping(p1.Prop1Config(), changes).validate()
 
 
 def test_unknown_key_lists_valid_ones():

@@ -90,16 +90,16 @@ def test_results_of_another_config_are_rerun_not_skipped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "R"
-    assert cli.main(["toy", "--profile", "smoke", "--seed", "5", "--out", str(out / "toy"),
+    assert cli.main(["toy", "--profile", "smoke", "--seeds", "5", "--out", str(out / "toy"),
                      "--no-progress"]) == 0  # fmt: skip
     capsys.readouterr()
     reproduce("smoke", out, only=("toy",), progress=False)
     err = capsys.readouterr().err
     assert "already finished" not in err
     assert "seed: 5 → 0" in err and "moved it to" in err
-    assert json.loads((out / "toy" / COMPLETE).read_text())["config"]["seed"] == 0
+    assert json.loads((out / "toy" / COMPLETE).read_text())["config"]["seeds"] == [0]
     # The other run is kept, not deleted.
-    assert json.loads((out / "toy.stale-1" / COMPLETE).read_text())["config"]["seed"] == 5
+    assert json.loads((out / "toy.stale-1" / COMPLETE).read_text())["config"]["seeds"] == [5]
     # Now the same config: skipped.
     reproduce("smoke", out, only=("toy",), progress=False)
     assert "already finished" in capsys.readouterr().err

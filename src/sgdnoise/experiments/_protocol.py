@@ -182,8 +182,10 @@ def error_line(exc: ValidationError, what: str, cls: Any = None) -> str:
         )
         text += f", got {err['input']!r}"
     line = f"{what} config: " + (f"{where} {text}" if where else text)
-    if field:
-        line += f" (flag --{field.replace('_', '-')}, TOML key {field})"
+    info = getattr(cls, "__pydantic_fields__", {}).get(field)
+    if info is not None:
+        about = f" ({info.description})" if info.description else ""
+        line += f"{about}; set --{field.replace('_', '-')} or the TOML key {field}"
     others = {e["loc"][:1] for e in errors[1:]} - {err["loc"][:1]}
     if others:
         line += f"; {len(others)} other setting(s) are invalid too"

@@ -108,7 +108,7 @@ class Prop1Config(ExperimentConfig):
         0.99,
         gt=0.0,
         lt=1.0,
-        description="largest tail eigenvalue as a fraction of λ₁D^(−d), in (0, 1)",
+        description="largest tail eigenvalue as a fraction of λ₁D^(−d), in (0, 1) (strictly below it)",
     )
     top_min: float = Field(
         0.5, gt=0.0, le=1.0, description="smallest of the k large eigenvalues (λ₁ = 1), in (0, 1]"
