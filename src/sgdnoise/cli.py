@@ -73,7 +73,8 @@ def _strip(tp: Any) -> tuple[Any, list[Any], bool]:
 
 
 def _scalar(tp: Any, optional: bool) -> Callable[[str], Any]:
-    base = {int: int, float: float, bool: _bool}.get(tp, str)
+    table: dict[Any, Callable[[str], Any]] = {int: int, float: float, bool: _bool}
+    base = table.get(tp, str)
 
     def convert(text: str) -> Any:
         if optional and text.lower() == "none":

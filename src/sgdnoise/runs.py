@@ -27,7 +27,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "save_figure",
     "wilson_interval",
 ]
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"``/``None`` (CUDA when available)."""
@@ -317,7 +318,7 @@ class RunDir:
                     break
         return rows
 
-    def write_csv(self, name: str, rows: list[Mapping[str, Any]]) -> Path:
+    def write_csv(self, name: str, rows: Sequence[Mapping[str, Any]]) -> Path:
         """Write rows (dicts with the same keys) as CSV, atomically."""
         if not rows:
             return self.write_text(name, "")

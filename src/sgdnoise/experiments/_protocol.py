@@ -140,7 +140,7 @@ def experiment_config(name: str) -> Callable[[type[C]], type[C]]:
                 raise ConfigError(error_line(exc, name, pcls)) from None
 
         pcls.__init__ = __init__  # type: ignore[method-assign]
-        return pcls
+        return typing.cast("type[C]", pcls)
 
     return wrap
 
@@ -264,7 +264,7 @@ def configure(
     for layer in (dict(toml or {}), {k: v for k, v in flags.items() if v is not None}):
         if layer:
             config = replace_config(config, layer, what=what)
-    return config.validate()  # type: ignore[attr-defined,no-any-return]
+    return config.validate()  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------

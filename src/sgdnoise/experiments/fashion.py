@@ -131,101 +131,121 @@ class FashionConfig(ExperimentConfig):
     improving along the trajectory (a continued subspace iteration).
     """
 
-    profile: str = Field("quick", description="name of the preset this config came from (a label)")
+    profile: str = Field(
+        default="quick", description="name of the preset this config came from (a label)"
+    )
     dynamics: _Names = Field(
-        ALL_DYNAMICS, min_length=1, description="dynamics run after the switch, in order"
+        default=ALL_DYNAMICS, min_length=1, description="dynamics run after the switch, in order"
     )
     seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Distinct()] = Field(
-        (0,),
+        default=(0,),
         min_length=1,
         description="model-initialisation/noise seeds (tables: mean ± std over them)",
     )
     data_seed: int = Field(
-        0, ge=0, description="seed of the random labels (one corrupted set for every seed)"
+        default=0, ge=0, description="seed of the random labels (one corrupted set for every seed)"
     )
     n_train: int = Field(
-        1200, ge=2, le=60000, description="training images (the first n_train; the paper: 1200)"
+        default=1200,
+        ge=2,
+        le=60000,
+        description="training images (the first n_train; the paper: 1200)",
     )
     n_clean: int = Field(
-        1000,
+        default=1000,
         ge=0,
         description="training images that keep their labels (<= n_train; the paper: 1000)",
     )
     n_test: int | None = Field(
-        None,
+        default=None,
         ge=1,
         le=_NUM_TEST,
         description="test images used (the first n_test; none: all 10,000)",
     )
-    dtype: Literal["float32", "float64"] = Field("float32", description="floating-point precision")
-    gd_lr: float = Field(0.1, gt=0, description="step size of the GD phase (full batch)")
-    gd_iterations: int = Field(
-        3000, ge=1, description="iterations of the GD phase before the switch"
+    dtype: Literal["float32", "float64"] = Field(
+        default="float32", description="floating-point precision"
     )
-    lr: float = Field(0.07, gt=0, description="step size of every dynamics after the switch")
-    iterations: int = Field(1000, ge=1, description="iterations after the switch")
+    gd_lr: float = Field(default=0.1, gt=0, description="step size of the GD phase (full batch)")
+    gd_iterations: int = Field(
+        default=3000, ge=1, description="iterations of the GD phase before the switch"
+    )
+    lr: float = Field(
+        default=0.07, gt=0, description="step size of every dynamics after the switch"
+    )
+    iterations: int = Field(default=1000, ge=1, description="iterations after the switch")
     batch_size: int = Field(
-        20, ge=1, description="SGD's mini-batch b, and the b of Σ_b the GLD structures imitate"
+        default=20,
+        ge=1,
+        description="SGD's mini-batch b, and the b of Σ_b the GLD structures imitate",
     )
     const_sigma: float = Field(
-        1e-3, ge=0, description="gradient-level std of GLD const (parameter std = lr · σ)"
+        default=1e-3, ge=0, description="gradient-level std of GLD const (parameter std = lr · σ)"
     )
-    k: int = Field(20, ge=1, description="eigenpairs of GLD leading and GLD Hessian")
+    k: int = Field(default=20, ge=1, description="eigenpairs of GLD leading and GLD Hessian")
     leading_match_trace: bool = Field(
-        False, description="rescale GLD leading to Tr Σ_b (the released code does not)"
+        default=False, description="rescale GLD leading to Tr Σ_b (the released code does not)"
     )
     refresh_every: Mapping[Annotated[str, OneOf(_refreshed)], Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: dict(DEFAULT_REFRESH),
         description="covariance refresh period (steps) per GLD dynamics",
     )
     eigen_max_matvecs: _Budget = Field(
-        None, description="Lanczos budget per refresh of GLD Hessian (none: converge)"
+        default=None, description="Lanczos budget per refresh of GLD Hessian (none: converge)"
     )
     top1_max_matvecs: _Budget = Field(
-        None, description="Lanczos budget per refresh of GLD 1st eigvec(H) (none: converge)"
+        default=None, description="Lanczos budget per refresh of GLD 1st eigvec(H) (none: converge)"
     )
     eigen_tol: float | None = Field(
-        None, gt=0, lt=1, description="Lanczos relative residual tolerance (none: 1e-3 in float32)"
+        default=None,
+        gt=0,
+        lt=1,
+        description="Lanczos relative residual tolerance (none: 1e-3 in float32)",
     )
     gd_eval_every: _Every = Field(
-        100, description="steps between test/train evaluations in the GD phase"
+        default=100, description="steps between test/train evaluations in the GD phase"
     )
     eval_every: _Every = Field(
-        50, description="steps between test/train evaluations after the switch"
+        default=50, description="steps between test/train evaluations after the switch"
     )
     gd_sharpness_every: _Every = Field(
-        1000, description="steps between expected-sharpness measurements, GD phase (0: at the end)"
+        default=1000,
+        description="steps between expected-sharpness measurements, GD phase (0: at the end)",
     )
     sharpness_every: _Every = Field(
-        1000,
+        default=1000,
         description="steps between expected-sharpness measurements after the switch (0: at the end)",
     )
     sharpness_sigma: float = Field(
-        0.01, gt=0, description="perturbation std of the expected sharpness"
+        default=0.01, gt=0, description="perturbation std of the expected sharpness"
     )
     sharpness_draws: int = Field(
-        1000,
+        default=1000,
         ge=2,
         description="perturbations per expected-sharpness measurement (the poster: 1000)",
     )
     gd_indicator_every: _Every = Field(
-        1000, description="steps between escape-indicator measurements, GD phase (0: at the end)"
+        default=1000,
+        description="steps between escape-indicator measurements, GD phase (0: at the end)",
     )
     indicator_every: _Every = Field(
-        500, description="steps between indicator measurements after the switch (0: at the end)"
+        default=500,
+        description="steps between indicator measurements after the switch (0: at the end)",
     )
     indicator_dynamics: _Names = Field(
-        ("sgd",), description="dynamics along which the indicator is measured after the switch"
+        default=("sgd",),
+        description="dynamics along which the indicator is measured after the switch",
     )
     indicator_samples: int | None = Field(
-        None,
+        default=None,
         ge=2,
         description="examples sampled for Tr(HΣ) (an unbiased estimate with a standard error); none: exact",
     )
     indicator_trace_matvecs: int = Field(
-        99, ge=4, description="Hutch++ products for Tr(H) (D > 2048 here, so it is estimated)"
+        default=99,
+        ge=4,
+        description="Hutch++ products for Tr(H) (D > 2048 here, so it is estimated)",
     )
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (a multiple of every refresh period)")  # fmt: skip
+    checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints (a multiple of every refresh period)")  # fmt: skip
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> FashionConfig:

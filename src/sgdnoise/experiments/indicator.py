@@ -112,68 +112,78 @@ class IndicatorConfig(ExperimentConfig):
     """
 
     widths: Annotated[tuple[_Width, ...], Distinct()] = Field(
-        (32, 128, 512),
+        default=(32, 128, 512),
         min_length=1,
         description="hidden widths h, even (half the units get output weight +1, half −1); D = 3h",
     )
     seeds: _Seeds = Field(
-        (0, 1, 2), min_length=1, description="initialisation seeds (one run per width and seed)"
+        default=(0, 1, 2),
+        min_length=1,
+        description="initialisation seeds (one run per width and seed)",
     )
     data_seed: Annotated[int, Field(ge=0)] | None = Field(
-        123,
+        default=123,
         description="seed of the data set shared by all runs (the released code's 123); none: a new data set per run",
     )
-    num_points: int = Field(1000, ge=2, description="N, training points")
-    delta: _Delta = Field(1e-3, description="clipping margin δ of φ, in (0, 0.5) so that δ < 1 − δ")
+    num_points: int = Field(default=1000, ge=2, description="N, training points")
+    delta: _Delta = Field(
+        default=1e-3, description="clipping margin δ of φ, in (0, 0.5) so that δ < 1 − δ"
+    )
     optimizer: Literal["adam", "sgd"] = Field(
-        "adam", description="adam (the released code) or sgd (plain SGD / full-batch GD)"
+        default="adam", description="adam (the released code) or sgd (plain SGD / full-batch GD)"
     )
-    lr: float = Field(1e-3, gt=0, description="base learning rate")
+    lr: float = Field(default=1e-3, gt=0, description="base learning rate")
     epochs: int = Field(
-        31, ge=1, description="E, epochs (a measurement after each, plus one at initialisation)"
+        default=31,
+        ge=1,
+        description="E, epochs (a measurement after each, plus one at initialisation)",
     )
-    steps_per_epoch: int = Field(10, ge=1, description="optimizer steps per epoch")
+    steps_per_epoch: int = Field(default=10, ge=1, description="optimizer steps per epoch")
     decay_epochs: int = Field(
-        10, ge=0, description="K: the lr decays linearly over the last K epochs (0: constant)"
+        default=10,
+        ge=0,
+        description="K: the lr decays linearly over the last K epochs (0: constant)",
     )
     train_batch_size: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="mini-batch of the optimizer (without replacement); none: full batch (the released code)",
     )
     noise_batch_size: int = Field(
-        10, ge=1, description="b of the measured SGD noise Σ_b (the released code's 10)"
+        default=10, ge=1, description="b of the measured SGD noise Σ_b (the released code's 10)"
     )
     replacement: bool = Field(
-        False,
+        default=False,
         description="measured SGD mini-batches drawn with replacement (the ratio and a do not depend on it)",
     )
     dtype: _DTYPE = Field(
-        "float32", description="training dtype (the released TF code trains in float32)"
+        default="float32", description="training dtype (the released TF code trains in float32)"
     )
     measure_dtype: _DTYPE = Field(
-        "float64", description="dtype of every measurement (a cast copy of model and data)"
+        default="float64", description="dtype of every measurement (a cast copy of model and data)"
     )
     delta_sweep: Annotated[tuple[_Delta, ...], Distinct()] = Field(
-        (1e-3, 1e-2, 0.05, 0.1, 0.2),
+        default=(1e-3, 1e-2, 0.05, 0.1, 0.2),
         description="δ values for Proposition 2's δ-dependence of a(θ) (empty: no sweep)",
     )
-    delta_sweep_width: _Width = Field(32, description="width of the δ-sweep networks")
+    delta_sweep_width: _Width = Field(default=32, description="width of the δ-sweep networks")
     delta_sweep_seeds: _Seeds | None = Field(
-        None, min_length=1, description="seeds of the δ sweep (none: seeds)"
+        default=None, min_length=1, description="seeds of the δ sweep (none: seeds)"
     )
     hessian_check_vectors: int = Field(
-        4,
+        default=4,
         ge=0,
         description="random vectors of the closed-form-vs-autograd Hessian check per run (0: off)",
     )
     lanczos_tol: float | None = Field(
-        None, gt=0, description="relative residual tolerance of Lanczos (none: library default)"
+        default=None,
+        gt=0,
+        description="relative residual tolerance of Lanczos (none: library default)",
     )
     threads: int | None = Field(
-        1, ge=1, description="torch intra-op threads while running (none: leave as is)"
+        default=1, ge=1, description="torch intra-op threads while running (none: leave as is)"
     )
-    redraw_dead_init: bool = Field(True, description="redraw an initialisation with no unclipped sample (see above)")  # fmt: skip
+    redraw_dead_init: bool = Field(default=True, description="redraw an initialisation with no unclipped sample (see above)")  # fmt: skip
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> IndicatorConfig:

@@ -87,31 +87,36 @@ class Prop1Config(ExperimentConfig):
     traces of the spectra.
     """
 
-    dims: Annotated[tuple[int, ...], Distinct()] = Field(
-        (100, 215, 464, 1000, 2154, 4642, 10000),
-        min_length=2,
-        description="dimensions D, at least two (to fit a slope), each >= k + 2",
-    )
+    dims: Annotated[
+        tuple[int, ...],
+        Distinct(),
+        Field(
+            min_length=2, description="dimensions D, at least two (to fit a slope), each >= k + 2"
+        ),
+    ] = (100, 215, 464, 1000, 2154, 4642, 10000)
     exponents: Annotated[tuple[Annotated[float, Field(gt=0.5, le=1.0)], ...], Distinct()] = Field(
-        (0.6, 0.7, 0.8, 0.9, 1.0),
+        default=(0.6, 0.7, 0.8, 0.9, 1.0),
         min_length=1,
         description="exponents d in (1/2, 1] of condition 1 (beyond 1 the bound's slope stays 1)",
     )
-    k: int = Field(4, ge=1, description="number of large eigenvalues (k ≪ D)")
+    k: int = Field(default=4, ge=1, description="number of large eigenvalues (k ≪ D)")
     a: float = Field(
-        0.5,
+        default=0.5,
         gt=0.0,
         le=1.0,
         description="alignment coefficient in (0, 1]; condition 2 holds with equality",
     )
     tail_scale: float = Field(
-        0.99,
+        default=0.99,
         gt=0.0,
         lt=1.0,
         description="largest tail eigenvalue as a fraction of λ₁D^(−d), in (0, 1) (strictly below it)",
     )
     top_min: float = Field(
-        0.5, gt=0.0, le=1.0, description="smallest of the k large eigenvalues (λ₁ = 1), in (0, 1]"
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="smallest of the k large eigenvalues (λ₁ = 1), in (0, 1]",
     )
     noise_rests: Annotated[tuple[Annotated[str, OneOf(lambda: NOISE_RESTS)], ...], Distinct()] = (
         Field(
@@ -120,17 +125,24 @@ class Prop1Config(ExperimentConfig):
             description="how Σ spreads the weight not on u₁ (the first is drawn in the figure's left panel)",
         )
     )
-    rotations: int = Field(3, ge=1, description="Householder reflections in the random eigenbasis")
+    rotations: int = Field(
+        default=3, ge=1, description="Householder reflections in the random eigenbasis"
+    )
     seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field(
-        (0,), min_length=1, max_length=1, description="seed of the random eigenbases (one value)"
+        default=(0,),
+        min_length=1,
+        max_length=1,
+        description="seed of the random eigenbases (one value)",
     )
     verify_max_dim: int = Field(
-        2200, ge=0, description="largest D whose traces are recomputed densely (see above)"
+        default=2200, ge=0, description="largest D whose traces are recomputed densely (see above)"
     )
     lanczos_tol: float | None = Field(
-        None, gt=0, description="relative residual tolerance of Lanczos (none: library default)"
+        default=None,
+        gt=0,
+        description="relative residual tolerance of Lanczos (none: library default)",
     )
-    threads: int | None = Field(1, ge=1, description="torch intra-op threads while running (none: leave as is)")  # fmt: skip
+    threads: int | None = Field(default=1, ge=1, description="torch intra-op threads while running (none: leave as is)")  # fmt: skip
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Prop1Config:

@@ -101,33 +101,44 @@ class ToyConfig(ExperimentConfig):
     is a flag of ``sgdnoise toy`` and a key of its ``--config`` TOML file."""
 
     runs: int = Field(
-        100, ge=1, description="independent runs per dynamics (each with its own data set)"
+        default=100, ge=1, description="independent runs per dynamics (each with its own data set)"
     )
-    steps: int = Field(500, ge=1, description="iterations per run")
-    lr: float = Field(0.005, gt=0, description="step size η")
+    steps: int = Field(default=500, ge=1, description="iterations per run")
+    lr: float = Field(default=0.005, gt=0, description="step size η")
     noise_trace: float = Field(
-        0.01, gt=0, description="trace of the parameter-level noise covariance per step"
+        default=0.01, gt=0, description="trace of the parameter-level noise covariance per step"
     )
-    num_points: int = Field(100, ge=2, description="data points per run (N)")
-    start: tuple[float, float] = Field((1.0, 1.0), description="initial w (the sharp minimum)")
-    threshold: float = Field(-0.5, description="success if both final coordinates are below it")
+    num_points: int = Field(default=100, ge=2, description="data points per run (N)")
+    start: tuple[float, float] = Field(
+        default=(1.0, 1.0), description="initial w (the sharp minimum)"
+    )
+    threshold: float = Field(
+        default=-0.5, description="success if both final coordinates are below it"
+    )
     dynamics: Annotated[tuple[Annotated[str, OneOf(_toy_dynamics)], ...], Distinct()] = Field(
-        DEFAULT_DYNAMICS, min_length=1, description="dynamics to run, in plotting order"
+        default=DEFAULT_DYNAMICS, min_length=1, description="dynamics to run, in plotting order"
     )
     leading_k: int = Field(
-        2, ge=1, le=2, description="eigenpairs kept by gld_leading (D = 2; the released code: 2)"
+        default=2,
+        ge=1,
+        le=2,
+        description="eigenpairs kept by gld_leading (D = 2; the released code: 2)",
     )
     seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Distinct()] = Field(
-        (0,), min_length=1, description="master seeds (the data and noise streams derive from each)"
+        default=(0,),
+        min_length=1,
+        description="master seeds (the data and noise streams derive from each)",
     )
-    dtype: Literal["float32", "float64"] = Field("float64", description="floating-point precision")
+    dtype: Literal["float32", "float64"] = Field(
+        default="float64", description="floating-point precision"
+    )
     trajectory_run: int = Field(
-        0, ge=0, description="which run's trajectories are saved for the plot (< runs)"
+        default=0, ge=0, description="which run's trajectories are saved for the plot (< runs)"
     )
     trajectory_every: int = Field(
-        5, ge=1, description="save every k-th iterate of that run (the released plot: 5)"
+        default=5, ge=1, description="save every k-th iterate of that run (the released plot: 5)"
     )
-    curve_every: int = Field(10, ge=1, description="record the fraction of runs in the flat basin every k steps")  # fmt: skip
+    curve_every: int = Field(default=10, ge=1, description="record the fraction of runs in the flat basin every k steps")  # fmt: skip
 
     @pydantic.model_validator(mode="after")
     def _trajectory_in_range(self) -> ToyConfig:
