@@ -77,6 +77,13 @@ F64 = torch.float64
 # --------------------------------------------------------------------------------------------
 
 
+_DIMS: tuple[int, ...] = (100, 215, 464, 1000, 2154, 4642, 10000)
+
+
+def _noise_rests() -> tuple[str, ...]:
+    return NOISE_RESTS
+
+
 @experiment_config("prop1")
 class Prop1Config(ExperimentConfig):
     """Configuration of the Proposition 1 check; every field is a flag of ``sgdnoise prop1`` and a
@@ -93,7 +100,7 @@ class Prop1Config(ExperimentConfig):
         Field(
             min_length=2, description="dimensions D, at least two (to fit a slope), each >= k + 2"
         ),
-    ] = (100, 215, 464, 1000, 2154, 4642, 10000)
+    ] = _DIMS
     exponents: Annotated[tuple[Annotated[float, Field(gt=0.5, le=1.0)], ...], Distinct()] = Field(
         default=(0.6, 0.7, 0.8, 0.9, 1.0),
         min_length=1,
@@ -118,12 +125,10 @@ class Prop1Config(ExperimentConfig):
         le=1.0,
         description="smallest of the k large eigenvalues (λ₁ = 1), in (0, 1]",
     )
-    noise_rests: Annotated[tuple[Annotated[str, OneOf(lambda: NOISE_RESTS)], ...], Distinct()] = (
-        Field(
-            NOISE_RESTS,
-            min_length=1,
-            description="how Σ spreads the weight not on u₁ (the first is drawn in the figure's left panel)",
-        )
+    noise_rests: Annotated[tuple[Annotated[str, OneOf(_noise_rests)], ...], Distinct()] = Field(
+        default=NOISE_RESTS,
+        min_length=1,
+        description="how Σ spreads the weight not on u₁ (the first is drawn in the figure's left panel)",
     )
     rotations: int = Field(
         default=3, ge=1, description="Householder reflections in the random eigenbasis"
