@@ -194,7 +194,11 @@ def test_cli_profile_config_and_flags(tmp_path, capsys):
                "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
     assert rc == 0
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert (saved["runs"], saved["steps"], saved["seeds"]) == (4, 30, [3])  # flags > config > profile
+    assert (saved["runs"], saved["steps"], saved["seeds"]) == (
+        4,
+        30,
+        [3],
+    )  # flags > config > profile
     assert list(json.loads((tmp_path / "o" / "results.json").read_text())) == [
         "gd",
         "gld_hessian_top1",

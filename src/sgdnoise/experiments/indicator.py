@@ -114,7 +114,7 @@ class IndicatorConfig(ExperimentConfig):
     widths: Annotated[tuple[_Width, ...], Distinct()] = Field(
         default=(32, 128, 512),
         min_length=1,
-        description="hidden widths h, even (half the units get output weight +1, half −1); D = 3h",
+        description="hidden widths h, each an even integer >= 2 (half the units get output weight +1, half −1); D = 3h",
     )
     seeds: _Seeds = Field(
         default=(0, 1, 2),
@@ -164,7 +164,7 @@ class IndicatorConfig(ExperimentConfig):
     )
     delta_sweep: Annotated[tuple[_Delta, ...], Distinct()] = Field(
         default=(1e-3, 1e-2, 0.05, 0.1, 0.2),
-        description="δ values for Proposition 2's δ-dependence of a(θ) (empty: no sweep)",
+        description="δ values in (0, 0.5) for Proposition 2's δ-dependence of a(θ) (empty: no sweep)",
     )
     delta_sweep_width: _Width = Field(default=32, description="width of the δ-sweep networks")
     delta_sweep_seeds: _Seeds | None = Field(
