@@ -43,6 +43,7 @@ __all__ = [
     "config_diff",
     "config_identity",
     "env_info",
+    "load_toml_config",
     "notice",
     "quarantine",
     "resolve_device",
@@ -387,6 +388,36 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     low = 0.0 if successes == 0 else min(p, max(0.0, centre - half))
     high = 1.0 if successes == n else max(p, min(1.0, centre + half))
     return low, high
+
+
+def load_toml_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Read a TOML configuration file (``{}`` for ``None``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not valid TOML or cannot be read; the message names the file and
+            (for syntax errors) the line and column.
+    """
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"config file {str(p)!r} does not exist; pass an existing .toml file"
+        )
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with open(p, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise ValueError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from exc
 
 
 class Progress:

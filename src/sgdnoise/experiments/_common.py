@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # ISSUE11-MERGE: re-exports kept so H2/H3 code importing from _common keeps working; the
 # integrator may switch those imports to sgdnoise.runs / ._protocol and drop this module.
-from ..runs import (
+from ..runs import (  # noqa: F401
     COMPLETE,
     Progress,
     RunDir,
@@ -16,6 +16,7 @@ from ..runs import (
     config_diff,
     config_identity,
     env_info,
+    load_toml_config,
     notice,
     quarantine,
     resolve_device,
@@ -23,22 +24,4 @@ from ..runs import (
     save_figure,
     wilson_interval,
 )
-from ._protocol import load_toml_config, replace_config
-
-__all__ = [
-    "COMPLETE",
-    "Progress",
-    "RunDir",
-    "check_memory",
-    "config_diff",
-    "config_identity",
-    "env_info",
-    "load_toml_config",
-    "notice",
-    "quarantine",
-    "replace_config",
-    "resolve_device",
-    "resolve_dtype",
-    "save_figure",
-    "wilson_interval",
-]
+from ._protocol import replace_config  # noqa: F401

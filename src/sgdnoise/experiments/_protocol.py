@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import os
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +30,8 @@ import pydantic
 from pydantic import ConfigDict, ValidationError
 from pydantic_core import core_schema
 from typing_extensions import dataclass_transform
+
+from ..runs import load_toml_config
 
 __all__ = [
     "ConfigError",
@@ -190,36 +191,6 @@ def error_line(exc: ValidationError, what: str, cls: Any = None) -> str:
     if others:
         line += f"; {len(others)} other setting(s) are invalid too"
     return line
-
-
-def load_toml_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Read a TOML configuration file (``{}`` for ``None``).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not valid TOML or cannot be read; the message names the file and
-            (for syntax errors) the line and column.
-    """
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"config file {str(p)!r} does not exist; pass an existing .toml file"
-        )
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    try:
-        with open(p, "rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from exc
-    except OSError as exc:
-        raise ValueError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from exc
 
 
 def replace_config(base: C, values: Mapping[str, Any], *, what: str | None = None) -> C:
