@@ -181,7 +181,7 @@ def test_learning_rate_schedule_is_the_released_one():
 
 
 def test_dead_initialisation_is_redrawn_and_counted():
-    cfg = ind.IndicatorConfig(num_points=50, epochs=1, steps_per_epoch=1, delta=0.3,
+    cfg = ind.IndicatorConfig(num_points=50, epochs=1, steps_per_epoch=1, delta=0.3, decay_epochs=1,
                               hessian_check_vectors=0)  # fmt: skip
     x, _ = one_hidden_layer_data(50, generator=torch.Generator().manual_seed(123))
     dead = [
@@ -202,7 +202,7 @@ def test_dead_initialisation_is_redrawn_and_counted():
 
 
 def test_sgd_option_and_determinism():
-    cfg = ind.IndicatorConfig(num_points=60, epochs=2, steps_per_epoch=3, optimizer="sgd", lr=0.5,
+    cfg = ind.IndicatorConfig(num_points=60, epochs=2, steps_per_epoch=3, optimizer="sgd", lr=0.5, decay_epochs=2,
                               train_batch_size=10, hessian_check_vectors=0)  # fmt: skip
     a = ind.train_and_measure(6, 0, 1e-3, cfg)
     b = ind.train_and_measure(6, 0, 1e-3, cfg)
