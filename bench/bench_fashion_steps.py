@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 import sgdnoise
 from sgdnoise.data import DataNotFoundError, corrupted_fashion_mnist
-from sgdnoise.experiments._common import env_info, resolve_device
 from sgdnoise.experiments.fashion import ALL_DYNAMICS, PRESETS
 from sgdnoise.models import FashionCNN
+from sgdnoise.runs import env_info, resolve_device
 
 QUICK = PRESETS["quick"]
 

@@ -12,6 +12,10 @@ import pytest
 import torch
 from matplotlib.collections import PolyCollection
 
+import sgdnoise.figures.fashion
+import sgdnoise.figures.indicator
+import sgdnoise.figures.prop1
+import sgdnoise.figures.toy
 from fake_fashion import write_fashion
 from sgdnoise.experiments import fashion
 
@@ -62,7 +66,7 @@ def _figures(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         return real(fig, stem)
 
     monkeypatch.setattr(fashion, "save_figure", keep)
-    fashion.plot(path)
+    sgdnoise.figures.fashion.plot(path)
     return figs
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sgdnoise.experiments import fashion
-from sgdnoise.experiments._common import Progress
+from sgdnoise.runs import Progress
 
 
 class FakeClock:

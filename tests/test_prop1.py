@@ -8,6 +8,10 @@ import math
 import pytest
 import torch
 
+import sgdnoise.figures.fashion
+import sgdnoise.figures.indicator
+import sgdnoise.figures.prop1
+import sgdnoise.figures.toy
 from sgdnoise.cli import main
 from sgdnoise.experiments import prop1 as p1
 
@@ -124,9 +128,8 @@ def test_slopes_approach_the_bound_and_2d_minus_1():
     ],
 )
 def test_config_errors(changes, match):
-    cfg = p1.Prop1Config.from_mapping(p1.Prop1Config(), changes)
     with pytest.raises(ValueError, match=match):
-        cfg.validate()
+        p1.Prop1Config.from_mapping(p1.Prop1Config(), changes).validate()
 
 
 def test_unknown_key_lists_valid_ones():
@@ -147,7 +150,7 @@ def test_cli_smoke_profile_end_to_end(tmp_path, capsys):
     assert res["exponents"]["1"]["bound_slope"] == pytest.approx(1.0)
     assert all(math.isfinite(e["rests"]["isotropic"]["slope"]) for e in res["exponents"].values())
     (out / "prop1.png").unlink()
-    p1.plot(out)
+    sgdnoise.figures.prop1.plot(out)
     assert (out / "prop1.png").is_file()
     assert "bound holds everywhere: True" in capsys.readouterr().out
     assert main(["prop1", "--exponents", "0.4", "--out", str(tmp_path / "bad")]) == 2

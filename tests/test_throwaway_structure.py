@@ -140,14 +140,16 @@ def test_toy_fashion_and_report_without_edits(tmp_path):
         import dataclasses, json, sys
         sys.path.insert(0, {str(tmp_path / "mod")!r})
         import throwaway_noise  # the one import a new structure needs
-        from sgdnoise.experiments import fashion, toy
+        from sgdnoise.cli import main
+
+        assert main(["toy", "--profile", "smoke", "--runs", "4", "--steps", "10", "--dynamics",
+                     "gd", "gld_throwaway", "--device", "cpu", "--no-progress",
+                     "--out", {str(out / "toy")!r}]) == 0
+        assert main(["fashion", "--profile", "smoke", "--dynamics", "gd", "gld_throwaway",
+                     "--device", "cpu", "--data-dir", {str(data)!r}, "--no-progress",
+                     "--out", {str(out / "fashion")!r}]) == 0
         from sgdnoise.report import write_report
 
-        cfg = dataclasses.replace(toy.PRESETS["smoke"], runs=4, steps=10)
-        toy.run(cfg, {str(out / "toy")!r}, device="cpu", progress=False, profile="smoke")
-        cfg = dataclasses.replace(fashion.PRESETS["smoke"], dynamics=("gd", "gld_throwaway"))
-        fashion.run(cfg, {str(out / "fashion")!r}, device="cpu", data_dir={str(data)!r},
-                    progress=False)
         write_report({str(out)!r})
         """
     )

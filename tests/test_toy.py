@@ -8,6 +8,10 @@ import pytest
 import torch
 
 import sgdnoise
+import sgdnoise.figures.fashion
+import sgdnoise.figures.indicator
+import sgdnoise.figures.prop1
+import sgdnoise.figures.toy
 from sgdnoise.cli import main
 from sgdnoise.data import toy2d_data
 from sgdnoise.experiments import toy
@@ -118,7 +122,9 @@ SMOKE = toy.PRESETS["smoke"]
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple:
     out = tmp_path_factory.mktemp("toy")
-    results = toy.run(SMOKE, out, progress=False, preset="smoke")
+    results = toy.run(SMOKE, out, progress=False, profile="smoke")
+    assert not list(out.glob("*.png")), "run() draws nothing"
+    sgdnoise.figures.toy.plot(out)
     return out, results
 
 
@@ -145,20 +151,20 @@ def test_plot_redraws_from_files_only(smoke_run, monkeypatch):
     out, _ = smoke_run
     monkeypatch.setattr(toy, "simulate", lambda *a, **k: pytest.fail("plot must not recompute"))
     (out / "toy_success.png").unlink()
-    toy.plot(out)
+    sgdnoise.figures.toy.plot(out)
     assert (out / "toy_success.png").exists()
 
 
 def test_plot_without_results_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `sgdnoise toy --out"):
-        toy.plot(tmp_path)
+        sgdnoise.figures.toy.plot(tmp_path)
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path, smoke_run):
     _, first = smoke_run
     again = toy.run(SMOKE, tmp_path / "a", progress=False)
     assert again == first
-    other = toy.run(toy.ToyConfig(runs=8, steps=60, seed=1, dynamics=("gld_full",)), tmp_path / "b",
+    other = toy.run(toy.ToyConfig(runs=8, steps=60, seeds=(1,), dynamics=("gld_full",)), tmp_path / "b",
                     progress=False)  # fmt: skip
     assert other["gld_full"]["tr_HS"] != first["gld_full"]["tr_HS"]
 
@@ -174,10 +180,10 @@ def test_a_dynamics_stream_does_not_depend_on_the_others(tmp_path, smoke_run):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"runs": 0}, "runs must be a positive integer"),
-        ({"lr": -1.0}, "lr must be a finite number > 0"),
-        ({"dynamics": ("gd", "sgd")}, "dynamics must be a non-empty list of distinct names"),
-        ({"leading_k": 3}, "leading_k must be 1 or 2"),
+        ({"runs": 0}, "runs must be >= 1, got 0"),
+        ({"lr": -1.0}, "lr must be > 0"),
+        ({"dynamics": ("gd", "sgd")}, r"dynamics\[1\] must be one of gd, gld_const"),
+        ({"leading_k": 3}, "leading_k must be <= 2"),
         ({"dtype": "float16"}, "dtype must be 'float32' or 'float64'"),
         ({"runs": 8, "trajectory_run": 8}, r"trajectory_run must be an integer in \[0, runs\)"),
     ],
@@ -190,11 +196,15 @@ def test_config_validation(changes, message):
 def test_cli_profile_config_and_flags(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('steps = 30\ndynamics = ["gd", "gld_hessian_top1"]\nruns = 50\n')
-    rc = main(["toy", "--profile", "smoke", "--config", str(cfg), "--runs", "4", "--seed", "3",
+    rc = main(["toy", "--profile", "smoke", "--config", str(cfg), "--runs", "4", "--seeds", "3",
                "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
     assert rc == 0
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert (saved["runs"], saved["steps"], saved["seed"]) == (4, 30, 3)  # flags > config > profile
+    assert (saved["runs"], saved["steps"], saved["seeds"]) == (
+        4,
+        30,
+        [3],
+    )  # flags > config > profile
     assert list(json.loads((tmp_path / "o" / "results.json").read_text())) == [
         "gd",
         "gld_hessian_top1",
@@ -208,7 +218,7 @@ def test_cli_errors_are_reported_before_any_work(tmp_path, capsys):
     assert main(["toy", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "unknown key(s) stepz; valid keys:" in capsys.readouterr().err
     assert main(["toy", "--runs", "0", "--out", str(tmp_path / "o")]) == 2
-    assert "runs must be a positive integer" in capsys.readouterr().err
+    assert "runs must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

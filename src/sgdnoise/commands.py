@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -17,28 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from .experiments import EXPERIMENTS
-from .experiments._common import COMPLETE, RunDir, config_diff, config_identity, resolve_device
+from .experiments._protocol import require_matplotlib
+from .runs import COMPLETE, RunDir, config_diff, config_identity, resolve_device
 
 __all__ = ["add_parsers", "load_problem", "reproduce"]
 
 PROFILES = ("smoke", "quick", "paper")
 
-#: Wall time of each experiment's presets measured on a shared 2-core CPU, for ``sgdnoise list``.
-COST = {
-    "toy": {"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
-    "indicator": {"smoke": "10 s", "quick": "1 min", "paper": "2 min"},
-    "prop1": {"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
-    "fashion": {"smoke": "40 s", "quick": "50 min (CPU)", "paper": "GPU; many hours on CPU"},
-}
-
-
-def _module(name: str) -> Any:
-    return importlib.import_module(f"sgdnoise.experiments.{name}")
-
 
 def _data_identity(name: str, data_dir: str | None) -> dict[str, Any] | None:
     """The identity of an experiment's input files (``None`` for the synthetic experiments)."""
-    if name != "fashion":
+    if not EXPERIMENTS[name].data:
         return None
     from .data import fashion_mnist_identity
 
@@ -95,7 +83,7 @@ def reproduce(
     profile: str = "quick",
     out: str | Path = "results",
     *,
-    device: str = "cpu",
+    device: str = "auto",
     only: tuple[str, ...] | None = None,
     data_dir: str | None = None,
     progress: bool = True,
@@ -109,65 +97,59 @@ def reproduce(
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    names = tuple(only) if only else EXPERIMENTS
+    names = tuple(only) if only else tuple(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; valid: {', '.join(EXPERIMENTS)}")
     dev = resolve_device(device)
     out = Path(out)
     # Resolve and validate every configuration (and find the data) before any work starts.
-    plan = []
-    for name in names:
-        mod = _module(name)
-        config = mod.PRESETS[profile]
-        if hasattr(config, "validate"):
-            config.validate()
-        else:
-            mod.validate(config)
-        plan.append((name, mod, config, _data_identity(name, data_dir)))
+    plan = [
+        (name, EXPERIMENTS[name].configure(profile), _data_identity(name, data_dir))
+        for name in names
+    ]
     # A clear error now if the folder cannot be made or written.
     timings: dict[str, Any] = RunDir(out).read_json_or_quarantine("timings.json") or {}
-    for i, (name, mod, config, data) in enumerate(plan, 1):
-        run_dir = out / name
+    for i, (name, config, data) in enumerate(plan, 1):
         head = f"[{i}/{len(plan)}] {name} ({profile})"
-        state, why = _state(run_dir, name, config, data)
-        if state == "done":
-            print(f"{head}: already finished in {run_dir}, skipped", file=sys.stderr, flush=True)
+        seconds = _reproduce_part(out / name, head, name, config, data, profile=profile,
+                                  device=dev, data_dir=data_dir, progress=progress)  # fmt: skip
+        if seconds is None:
             continue
-        if state == "stale":
-            moved = _move_aside(run_dir)
-            print(
-                f"{head}: {run_dir} holds a run with other settings ({why}); moved it to "
-                f"{moved} and rerunning",
-                file=sys.stderr,
-                flush=True,
-            )
-        verb = "resuming" if state == "resume" else "running"
-        print(f"{head}: {verb} into {run_dir} ...", file=sys.stderr, flush=True)
-        params = inspect.signature(mod.run).parameters
-        kwargs: dict[str, Any] = {"device": dev, "progress": progress}
-        if "preset" in params:
-            kwargs["preset"] = profile
-        if "data_dir" in params:
-            kwargs["data_dir"] = data_dir
-        t0 = time.perf_counter()
-        mod.run(config, run_dir, **kwargs)
-        if state == "resume" and name in timings:
-            timings[name]["seconds"] = timings[name].get("seconds", 0.0) + (
-                time.perf_counter() - t0
-            )
+        if name in timings and seconds[1] == "resume":
+            timings[name]["seconds"] = timings[name].get("seconds", 0.0) + seconds[0]
         else:
-            timings[name] = {
-                "profile": profile,
-                "seconds": time.perf_counter() - t0,
-                "device": str(dev),
-            }
+            timings[name] = {"profile": profile, "seconds": seconds[0], "device": str(dev)}
         RunDir(out).write_json("timings.json", timings)
     from .report import write_report
 
     write_report(out, profile=profile)
     print(f"report: {out / 'report.md'} and {out / 'report.html'}", file=sys.stderr)
     return timings
+
+
+def _reproduce_part(
+    run_dir: Path,
+    head: str,
+    name: str,
+    config: Any,
+    data: dict[str, Any] | None,
+    **kwargs: Any,
+) -> tuple[float, str] | None:
+    """Run (or resume, or skip) one part; ``(seconds, state)`` or ``None`` when skipped."""
+    state, why = _state(run_dir, name, config, data)
+    if state == "done":
+        print(f"{head}: already finished in {run_dir}, skipped", file=sys.stderr, flush=True)
+        return None
+    if state == "stale":
+        moved = _move_aside(run_dir)
+        print(f"{head}: {run_dir} holds a run with other settings ({why}); moved it to {moved} "
+              "and rerunning", file=sys.stderr, flush=True)  # fmt: skip
+    verb = "resuming" if state == "resume" else "running"
+    print(f"{head}: {verb} into {run_dir} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    EXPERIMENTS[name].execute(config, run_dir, **kwargs)
+    return time.perf_counter() - t0, state
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -195,8 +177,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                 f"{str(run_dir)!r} holds no results.json; pass a run directory written by an "
                 "sgdnoise experiment (or a `sgdnoise reproduce` output folder)"
             )
+    require_matplotlib()
     for path, name in targets:
-        files = _module(name).plot(path)
+        files = EXPERIMENTS[name].plot(path)
         for f in files or []:
             print(f)
     if len(targets) > 1 or (run_dir / "timings.json").exists():
@@ -204,14 +187,6 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
         write_report(run_dir)
     return 0
-
-
-#: Files only one experiment writes, to recognise run directories written before the marker.
-_SIGNATURES = {
-    "toy": ("trajectories.json", "surface.json"),
-    "indicator": ("analysis.json",),
-    "fashion": ("seed_*",),
-}
 
 
 def _experiment_of(run_dir: Path) -> str:
@@ -230,8 +205,8 @@ def _experiment_of(run_dir: Path) -> str:
             return name
         if source == "results.json" and "exponents" in data and "all_bounds_hold" in data:
             return "prop1"
-    for name, files in _SIGNATURES.items():
-        if all(any(run_dir.glob(f)) for f in files):
+    for name, exp in EXPERIMENTS.items():
+        if exp.signature and all(any(run_dir.glob(f)) for f in exp.signature):
             return name
     if run_dir.name in EXPERIMENTS:
         return run_dir.name
@@ -243,13 +218,11 @@ def _experiment_of(run_dir: Path) -> str:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     print("experiments (sgdnoise <name> --help for options):")
-    for name in EXPERIMENTS:
-        mod = _module(name)
-        doc = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
-        print(f"  {name:<10} {doc}")
+    for name, exp in EXPERIMENTS.items():
+        print(f"  {name:<10} {exp.help}")
         for profile in PROFILES:
-            if profile in getattr(mod, "PRESETS", {}):
-                print(f"      --profile {profile:<6} ~{COST.get(name, {}).get(profile, '?')}")
+            if profile in exp.presets:
+                print(f"      --profile {profile:<6} ~{exp.cost.get(profile, '?')}")
     print("\n`sgdnoise reproduce --profile P` runs all of them and writes report.md/report.html.")
     return 0
 
@@ -328,8 +301,8 @@ def load_problem(spec: str, *, device: str | None = None, dtype: str | None = No
     """
     import torch
 
-    from .experiments._common import resolve_dtype
     from .problem import Problem
+    from .runs import resolve_dtype
 
     func = _import_target(spec)
     try:
@@ -385,6 +358,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_plot_monitor(args: argparse.Namespace) -> int:
     from .monitor import plot_monitor
 
+    require_matplotlib()
     print(plot_monitor(args.file, args.out))
     return 0
 
@@ -403,9 +377,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--profile", choices=PROFILES, default="quick", help="cost tier of every experiment"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA if available)")
     p.add_argument("--out", default="results", help="output folder (one sub-folder per experiment)")
-    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, help="run only these experiments")
+    p.add_argument(
+        "--only", nargs="+", choices=list(EXPERIMENTS), help="run only these experiments"
+    )
     p.add_argument("--data-dir", default=None, help="folder with the four FashionMNIST IDX files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_reproduce)

@@ -262,8 +262,8 @@ def run_measure(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Load, measure, write ``measure.json`` and ``measure.html`` into ``out``; returns the JSON."""
-    from .experiments._common import Progress, env_info, resolve_device, resolve_dtype
     from .monitor import QUANTITIES, Monitor, check_quantities
+    from .runs import Progress, env_info, resolve_device, resolve_dtype
 
     names = check_quantities(quantities)
     dev = resolve_device(device)

@@ -29,16 +29,15 @@ See :data:`PRESETS` for what each measures and how often.
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..data import FASHION_MNIST_FILES as FASHION_FILES
 from ..data import corrupted_fashion_mnist, fashion_mnist_identity
@@ -46,14 +45,13 @@ from ..models import FashionCNN
 from ..noise import noise_class
 from ..optim import default_refresh, dynamics_label, dynamics_names
 from ..problem import Problem
-from ._common import (
+from ..runs import (
     Progress,
     RunDir,
-    load_toml_config,
-    replace_config,
     resolve_device,
     resolve_dtype,
 )
+from ._protocol import Distinct, ExperimentConfig, OneOf, configure, experiment_config
 from .fashion_run import PhaseData, PhaseSpec, run_phase
 
 __all__ = [
@@ -61,10 +59,8 @@ __all__ = [
     "DEFAULT_REFRESH",
     "PRESETS",
     "FashionConfig",
-    "add_parser",
     "config_from",
     "phase_cost",
-    "plot",
     "run",
     "summary",
     "validate",
@@ -84,81 +80,157 @@ DEFAULT_REFRESH: dict[str, int] = {
 _NUM_TEST = 10000
 
 
-@dataclass(frozen=True)
-class FashionConfig:
-    """Every setting of the FashionMNIST experiment (units in the field comments).
+def _refreshed() -> tuple[str, ...]:
+    """The dynamics with a covariance to refresh (the keys of ``refresh_every``)."""
+    return tuple(n for n in dynamics_names() if default_refresh(n) > 0)
 
-    Attributes:
-        profile: name of the preset this config came from (a label only).
-        dynamics: which dynamics to run after the switch (subset of :data:`ALL_DYNAMICS`).
-        seeds: model-initialisation / noise seeds; tables show mean ± std over them.
-        data_seed: seed of the random labels (the same corrupted set for every seed).
-        n_train, n_clean: training images (the first n_train) and how many keep their labels.
-        n_test: test images used (the first n_test; ``None`` = all 10,000).
-        dtype: ``"float32"`` or ``"float64"``.
-        gd_lr, gd_iterations: the GD phase (full batch).
-        lr, iterations: every dynamics after the switch (iterations counted from the switch).
-        batch_size: SGD's mini-batch, and the b of Σ_b imitated by the GLD structures.
-        const_sigma: gradient-level std of GLD const (parameter std = lr · σ).
-        k: eigenpairs of GLD leading and GLD Hessian.
-        leading_match_trace: rescale GLD leading to Tr Σ_b (the released code does not).
-        refresh_every: covariance refresh period (steps) per GLD dynamics.
-        eigen_max_matvecs, top1_max_matvecs: Lanczos budget (Hessian-vector products) per refresh
-            of GLD Hessian / GLD 1st eigvec(H) (``None``: the solver's default, run to
-            convergence). With a budget, the best Ritz pairs found are used without a warning;
-            since every refresh warm-starts from the previous one, the estimate keeps improving
-            along the trajectory (a continued subspace iteration).
-        eigen_tol: Lanczos relative residual tolerance (``None``: 1e-3 in float32).
-        gd_eval_every, eval_every: steps between test/train evaluations (GD phase / after).
-        gd_sharpness_every, sharpness_every: steps between expected-sharpness measurements
-            (0 = only at the end of the phase).
-        sharpness_sigma, sharpness_draws: perturbation std and number of draws.
-        gd_indicator_every, indicator_every: steps between escape-indicator measurements along
-            the GD phase / along ``indicator_dynamics`` after the switch (0 = only at the end).
-        indicator_dynamics: dynamics along which the indicator is measured after the switch.
-        indicator_samples: ``None`` = exact Tr(HΣ) (N Hessian products), else the number of
-            sampled examples (an unbiased estimate with a standard error).
-        indicator_trace_matvecs: Hutch++ products for Tr(H) (D > 2048 here, so it is estimated).
-        checkpoint_every: steps between checkpoints (a multiple of every refresh period).
+
+_Names = Annotated[tuple[Annotated[str, OneOf(dynamics_names)], ...], Distinct()]
+_Every = Annotated[int, Field(ge=0, description="0 = only at the end of the phase")]
+_Budget = Annotated[int, Field(ge=1)] | None
+
+
+@experiment_config("fashion")
+class FashionConfig(ExperimentConfig):
+    """Every setting of the FashionMNIST experiment; every field is a flag of ``sgdnoise
+    fashion`` and a key of its ``--config`` TOML file (``profile`` is the ``--profile`` option).
+
+    The Lanczos budgets ``eigen_max_matvecs``/``top1_max_matvecs`` (Hessian-vector products per
+    refresh of GLD Hessian / GLD 1st eigvec(H); none: run to convergence) use the best Ritz pairs
+    found without a warning; every refresh warm-starts from the previous one, so the estimate keeps
+    improving along the trajectory (a continued subspace iteration).
     """
 
-    profile: str = "quick"
-    dynamics: tuple[str, ...] = ALL_DYNAMICS
-    seeds: tuple[int, ...] = (0,)
-    data_seed: int = 0
-    n_train: int = 1200
-    n_clean: int = 1000
-    n_test: int | None = None
-    dtype: str = "float32"
-    gd_lr: float = 0.1
-    gd_iterations: int = 3000
-    lr: float = 0.07
-    iterations: int = 1000
-    batch_size: int = 20
-    const_sigma: float = 1e-3
-    k: int = 20
-    leading_match_trace: bool = False
-    refresh_every: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_REFRESH))
-    eigen_max_matvecs: int | None = None
-    top1_max_matvecs: int | None = None
-    eigen_tol: float | None = None
-    gd_eval_every: int = 100
-    eval_every: int = 50
-    gd_sharpness_every: int = 1000
-    sharpness_every: int = 1000
-    sharpness_sigma: float = 0.01
-    sharpness_draws: int = 1000
-    gd_indicator_every: int = 1000
-    indicator_every: int = 500
-    indicator_dynamics: tuple[str, ...] = ("sgd",)
-    indicator_samples: int | None = None
-    indicator_trace_matvecs: int = 99
-    checkpoint_every: int = 100
+    profile: str = Field(
+        default="quick", description="name of the preset this config came from (a label)"
+    )
+    dynamics: _Names = Field(
+        default=ALL_DYNAMICS, min_length=1, description="dynamics run after the switch, in order"
+    )
+    seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Distinct()] = Field(
+        default=(0,),
+        min_length=1,
+        description="model-initialisation/noise seeds (tables: mean ± std over them)",
+    )
+    data_seed: int = Field(
+        default=0, ge=0, description="seed of the random labels (one corrupted set for every seed)"
+    )
+    n_train: int = Field(
+        default=1200,
+        ge=2,
+        le=60000,
+        description="training images (the first n_train; the paper: 1200)",
+    )
+    n_clean: int = Field(
+        default=1000,
+        ge=0,
+        description="training images that keep their labels (<= n_train; the paper: 1000)",
+    )
+    n_test: int | None = Field(
+        default=None,
+        ge=1,
+        le=_NUM_TEST,
+        description="test images used (the first n_test; none: all 10,000)",
+    )
+    dtype: Literal["float32", "float64"] = Field(
+        default="float32", description="floating-point precision"
+    )
+    gd_lr: float = Field(default=0.1, gt=0, description="step size of the GD phase (full batch)")
+    gd_iterations: int = Field(
+        default=3000, ge=1, description="iterations of the GD phase before the switch"
+    )
+    lr: float = Field(
+        default=0.07, gt=0, description="step size of every dynamics after the switch"
+    )
+    iterations: int = Field(default=1000, ge=1, description="iterations after the switch")
+    batch_size: int = Field(
+        default=20,
+        ge=1,
+        description="SGD's mini-batch b, and the b of Σ_b the GLD structures imitate",
+    )
+    const_sigma: float = Field(
+        default=1e-3, ge=0, description="gradient-level std of GLD const (parameter std = lr · σ)"
+    )
+    k: int = Field(default=20, ge=1, description="eigenpairs of GLD leading and GLD Hessian")
+    leading_match_trace: bool = Field(
+        default=False, description="rescale GLD leading to Tr Σ_b (the released code does not)"
+    )
+    refresh_every: Mapping[Annotated[str, OneOf(_refreshed)], Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: dict(DEFAULT_REFRESH),
+        description="covariance refresh period (steps) per GLD dynamics",
+    )
+    eigen_max_matvecs: _Budget = Field(
+        default=None, description="Lanczos budget per refresh of GLD Hessian (none: converge)"
+    )
+    top1_max_matvecs: _Budget = Field(
+        default=None, description="Lanczos budget per refresh of GLD 1st eigvec(H) (none: converge)"
+    )
+    eigen_tol: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Lanczos relative residual tolerance (none: 1e-3 in float32)",
+    )
+    gd_eval_every: _Every = Field(
+        default=100, description="steps between test/train evaluations in the GD phase"
+    )
+    eval_every: _Every = Field(
+        default=50, description="steps between test/train evaluations after the switch"
+    )
+    gd_sharpness_every: _Every = Field(
+        default=1000,
+        description="steps between expected-sharpness measurements, GD phase (0: at the end)",
+    )
+    sharpness_every: _Every = Field(
+        default=1000,
+        description="steps between expected-sharpness measurements after the switch (0: at the end)",
+    )
+    sharpness_sigma: float = Field(
+        default=0.01, gt=0, description="perturbation std of the expected sharpness"
+    )
+    sharpness_draws: int = Field(
+        default=1000,
+        ge=2,
+        description="perturbations per expected-sharpness measurement (the poster: 1000)",
+    )
+    gd_indicator_every: _Every = Field(
+        default=1000,
+        description="steps between escape-indicator measurements, GD phase (0: at the end)",
+    )
+    indicator_every: _Every = Field(
+        default=500,
+        description="steps between indicator measurements after the switch (0: at the end)",
+    )
+    indicator_dynamics: _Names = Field(
+        default=("sgd",),
+        description="dynamics along which the indicator is measured after the switch",
+    )
+    indicator_samples: int | None = Field(
+        default=None,
+        ge=2,
+        description="examples sampled for Tr(HΣ) (an unbiased estimate with a standard error); none: exact",
+    )
+    indicator_trace_matvecs: int = Field(
+        default=99,
+        ge=4,
+        description="Hutch++ products for Tr(H) (D > 2048 here, so it is estimated)",
+    )
+    checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints (a multiple of every refresh period)")  # fmt: skip
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["refresh_every"] = dict(self.refresh_every)
-        return d
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> FashionConfig:
+        for name in ("n_clean", "batch_size", "indicator_samples"):
+            v = getattr(self, name)
+            if v is not None and v > self.n_train:
+                raise ValueError(f"{name} must be <= n_train = {self.n_train}, got {v}")
+        for name, every in self.refresh_every.items():
+            if name in self.dynamics and self.checkpoint_every % every:
+                raise ValueError(
+                    f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+                    f"refresh_every[{name!r}]={every} (a resumed run must restart on a refresh "
+                    "step to reproduce the uninterrupted one); change either value"
+                )
+        return self
 
 
 #: Named presets.
@@ -244,161 +316,20 @@ PRESETS: dict[str, FashionConfig] = {
 _SELECTION_FIELDS = ("profile", "dynamics", "seeds")
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate(config: FashionConfig) -> None:
-    """Check every value before any work starts; ``ValueError`` says what is wrong and how to fix."""
-    c = config
-    errors: list[str] = []
+    """Check every value before any work starts (:meth:`ExperimentConfig.validate`).
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            errors.append(msg)
-
-    need(
-        isinstance(c.dynamics, tuple) and len(c.dynamics) > 0,
-        "dynamics must be a non-empty list of names",
-    )
-    bad = [d for d in c.dynamics if d not in ALL_DYNAMICS]
-    need(not bad, f"unknown dynamics {bad}; valid names: {', '.join(ALL_DYNAMICS)}")
-    need(len(set(c.dynamics)) == len(c.dynamics), f"dynamics has duplicates: {list(c.dynamics)}")
-    need(
-        isinstance(c.seeds, tuple)
-        and len(c.seeds) > 0
-        and all(_is_int(s) and s >= 0 for s in c.seeds)
-        and len(set(c.seeds)) == len(c.seeds),
-        f"seeds must be distinct non-negative integers, got {c.seeds!r}",
-    )
-    need(
-        _is_int(c.data_seed) and c.data_seed >= 0,
-        f"data_seed must be an int >= 0, got {c.data_seed!r}",
-    )
-    need(
-        _is_int(c.n_train) and 2 <= c.n_train <= 60000,
-        f"n_train must be an integer in [2, 60000] (the paper uses 1200), got {c.n_train!r}",
-    )
-    need(
-        _is_int(c.n_clean) and _is_int(c.n_train) and 0 <= c.n_clean <= c.n_train,
-        f"n_clean must be an integer in [0, n_train] (the paper uses 1000), got {c.n_clean!r}",
-    )
-    need(
-        c.n_test is None or (_is_int(c.n_test) and 1 <= c.n_test <= _NUM_TEST),
-        f"n_test must be None (all 10,000) or an integer in [1, 10000], got {c.n_test!r}",
-    )
-    need(
-        c.dtype in ("float32", "float64"), f"dtype must be 'float32' or 'float64', got {c.dtype!r}"
-    )
-    for name in ("gd_lr", "lr", "sharpness_sigma"):
-        v = getattr(c, name)
-        need(_is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
-    need(
-        _is_num(c.const_sigma) and c.const_sigma >= 0,
-        f"const_sigma must be a finite number >= 0, got {c.const_sigma!r}",
-    )
-    for name in ("gd_iterations", "iterations", "k", "checkpoint_every"):
-        v = getattr(c, name)
-        need(_is_int(v) and v >= 1, f"{name} must be a positive integer, got {v!r}")
-    for name in ("batch_size",):
-        v = getattr(c, name)
-        need(
-            _is_int(v) and _is_int(c.n_train) and 1 <= v <= c.n_train,
-            f"batch_size must be an integer in [1, n_train], got {v!r}",
-        )
-    for name in (
-        "gd_eval_every",
-        "eval_every",
-        "gd_sharpness_every",
-        "sharpness_every",
-        "gd_indicator_every",
-        "indicator_every",
-    ):
-        v = getattr(c, name)
-        need(
-            _is_int(v) and v >= 0,
-            f"{name} must be an integer >= 0 (0 = only at the end), got {v!r}",
-        )
-    need(
-        _is_int(c.sharpness_draws) and c.sharpness_draws >= 2,
-        f"sharpness_draws must be an integer >= 2 (the poster uses 1000), got {c.sharpness_draws!r}",
-    )
-    need(
-        c.indicator_samples is None
-        or (
-            _is_int(c.indicator_samples)
-            and _is_int(c.n_train)
-            and 2 <= c.indicator_samples <= c.n_train
-        ),
-        "indicator_samples must be None (exact) or an integer in [2, n_train], got "
-        f"{c.indicator_samples!r}",
-    )
-    need(
-        _is_int(c.indicator_trace_matvecs) and c.indicator_trace_matvecs >= 4,
-        f"indicator_trace_matvecs must be an integer >= 4 (Hutch++), got {c.indicator_trace_matvecs!r}",
-    )
-    bad_ind = [d for d in c.indicator_dynamics if d not in ALL_DYNAMICS]
-    need(
-        not bad_ind,
-        f"indicator_dynamics has unknown names {bad_ind}; valid: {', '.join(ALL_DYNAMICS)}",
-    )
-    for name in ("eigen_max_matvecs", "top1_max_matvecs"):
-        v = getattr(c, name)
-        need(
-            v is None or (_is_int(v) and v >= 1),
-            f"{name} must be None or a positive integer (Hessian products per refresh), got {v!r}",
-        )
-    need(
-        c.eigen_tol is None or (_is_num(c.eigen_tol) and 0 < c.eigen_tol < 1),
-        f"eigen_tol must be None or a number in (0, 1), got {c.eigen_tol!r}",
-    )
-    need(isinstance(c.leading_match_trace, bool), "leading_match_trace must be true or false")
-    if not isinstance(c.refresh_every, Mapping):
-        errors.append(f"refresh_every must be a table name -> steps, got {c.refresh_every!r}")
-    else:
-        unknown = sorted(set(c.refresh_every) - set(DEFAULT_REFRESH))
-        need(
-            not unknown,
-            f"refresh_every has unknown names {unknown}; valid: {', '.join(DEFAULT_REFRESH)}",
-        )
-        for name, every in c.refresh_every.items():
-            if not (_is_int(every) and every >= 1):
-                errors.append(f"refresh_every[{name!r}] must be a positive integer, got {every!r}")
-            elif _is_int(c.checkpoint_every) and c.checkpoint_every % every and name in c.dynamics:
-                errors.append(
-                    f"checkpoint_every={c.checkpoint_every} must be a multiple of "
-                    f"refresh_every[{name!r}]={every} (a resumed run must restart on a refresh "
-                    "step to reproduce the uninterrupted one); change either value"
-                )
-    if errors:
-        raise ValueError("invalid fashion configuration:\n  - " + "\n  - ".join(errors))
+    Raises:
+        ConfigError: one line saying which value is wrong and how to fix it.
+    """
+    config.validate()
 
 
 def config_from(
-    profile: str = "quick",
-    toml: Mapping[str, Any] | None = None,
-    **overrides: Any,
+    profile: str = "quick", toml: Mapping[str, Any] | None = None, **overrides: Any
 ) -> FashionConfig:
     """A preset, then a TOML table, then explicit keyword overrides (``None`` = not given)."""
-    if profile not in PRESETS:
-        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PRESETS)}")
-    config = PRESETS[profile]
-    for source in (dict(toml or {}), {k: v for k, v in overrides.items() if v is not None}):
-        refresh = source.get("refresh_every")
-        if isinstance(refresh, Mapping):  # a partial table updates the preset's periods
-            source["refresh_every"] = {**config.refresh_every, **refresh}
-        config = replace_config(config, source, what="fashion")
-    validate(config)
-    return config
+    return configure(PRESETS, profile, toml, overrides, what="fashion")
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,9 +686,6 @@ def run(
     rd.write_json("results.json", results)
     rd.write_csv("metrics.csv", _flat_rows(phases))
     rd.write_text("summary.md", summary(results))
-    from ..figures.fashion import plot as draw  # ISSUE11-MERGE: the protocol draws after run()
-
-    draw(rd.path)
     rd.mark_complete("fashion", config, data=_data_key(ident))
     return results
 
@@ -1026,79 +954,3 @@ def summary(results: Mapping[str, Any]) -> str:
         )
     lines.append("")
     return "\n".join(lines)
-
-
-summary_markdown = summary  # ISSUE11-MERGE: the old name, used by _main until the protocol
-
-
-def plot(run_dir: str | Path) -> list[Path]:
-    """Redraw the figures of a run directory; see :func:`sgdnoise.figures.fashion.plot`."""
-    from ..figures.fashion import plot as draw  # ISSUE11-MERGE: callers use sgdnoise.figures
-
-    return draw(run_dir)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``sgdnoise fashion`` to the CLI."""
-    p = subparsers.add_parser(
-        "fashion",
-        help="FashionMNIST with corrupted labels: every dynamics from the GD minimum (Fig. 2, Fig. 4 right)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--profile", choices=list(PRESETS), default="quick",
-                   help="preset: smoke (seconds, for tests), quick (1 seed, 1,000 iterations after the switch, CPU), paper (3 seeds, 15,000 iterations, GPU)")  # fmt: skip
-    p.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="TOML file overriding preset values (keys = FashionConfig fields)")  # fmt: skip
-    p.add_argument("--dynamics", nargs="+", choices=list(ALL_DYNAMICS), default=None,
-                   help="dynamics to run after the switch (default: the preset's, i.e. all)")  # fmt: skip
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="initialisation/noise seeds (default: the preset's)")  # fmt: skip
-    p.add_argument("--iterations", type=int, default=None,
-                   help="iterations after the switch (default: the preset's)")  # fmt: skip
-    p.add_argument("--gd-iterations", type=int, default=None,
-                   help="iterations of the GD phase before the switch (default: the preset's)")  # fmt: skip
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--data-dir", default=None,
-                   help="folder holding the four FashionMNIST IDX files (default: Debian's "
-                   "/usr/share/datasets/fashion-mnist, then the torchvision cache)")  # fmt: skip
-    p.add_argument("--out", default=None,
-                   help="run directory (default: results/fashion_<profile>); rerunning the same command resumes")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--plot-only", action="store_true",
-                   help="only redraw the figures of an existing run directory")  # fmt: skip
-    p.set_defaults(func=_main)
-    return p
-
-
-def _main(args: argparse.Namespace) -> int:
-    out = Path(args.out or f"results/fashion_{args.profile}")
-    if args.plot_only:
-        if not (out / "results.json").exists():
-            raise FileNotFoundError(
-                f"{out / 'results.json'} does not exist; run the experiment first"
-            )
-        for path in plot(out):
-            print(path)
-        return 0
-    config = config_from(
-        args.profile,
-        load_toml_config(args.config),
-        dynamics=tuple(args.dynamics) if args.dynamics else None,
-        seeds=tuple(args.seeds) if args.seeds else None,
-        iterations=args.iterations,
-        gd_iterations=args.gd_iterations,
-    )
-    resolve_device(args.device)
-    t0 = time.perf_counter()
-    results = run(
-        config, out, device=args.device, data_dir=args.data_dir, progress=not args.no_progress
-    )
-    print(summary_markdown(results))
-    print(f"wall time {time.perf_counter() - t0:.0f} s; results in {out}/results.json")
-    return 0

@@ -39,7 +39,7 @@ from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
 from ..measures import escape_indicator, expected_sharpness
 from ..optim import ProblemOptimizer, make_optimizer
 from ..problem import Problem
-from ._common import quarantine
+from ..runs import quarantine
 
 __all__ = ["PhaseSpec", "derive_seed", "evaluate_accuracy", "load_final", "run_phase"]
 

@@ -34,41 +34,38 @@ double-backward products on random vectors at the first and last measurement
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import torch
+from pydantic import Field
 
 from ..data import one_hidden_layer_data
-from ..figures.indicator import plot, pm, summary_markdown
+from ..figures.indicator import pm, summary_markdown
 from ..linalg import LinearOperator, gauss_newton
 from ..measures import MeasurementContext, alignment, escape_indicator
 from ..models import OneHiddenLayerNet, one_hidden_layer_loss
 from ..problem import Problem
-from ._common import (
+from ..runs import (
     Progress,
     RunDir,
-    load_toml_config,
-    replace_config,
+    num_threads,
     resolve_device,
     resolve_dtype,
 )
+from ._protocol import Distinct, ExperimentConfig, experiment_config
 
 __all__ = [
     "PRESETS",
     "IndicatorConfig",
-    "add_parser",
     "learning_rate",
     "measure",
-    "plot",
     "run",
     "summary",
     "train_and_measure",
@@ -86,191 +83,117 @@ HESSIAN_CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class IndicatorConfig:
-    """Configuration of the one-hidden-layer experiment (defaults: the released code's settings).
+_Seeds = Annotated[tuple[Annotated[int, Field(ge=0)], ...], Distinct()]
+_Width = Annotated[int, Field(ge=2, multiple_of=2)]
+_Delta = Annotated[float, Field(gt=0.0, lt=0.5)]
+_DTYPE = Literal["float32", "float64"]
 
-    Attributes:
-        widths: hidden widths h (even, ≥ 2); ``D = 3h``. The poster plots 32, 128 and 512.
-        seeds: initialisation seeds (one training run per width and seed).
-        data_seed: seed of the data set shared by all runs (the released code's 123); ``None``
-            draws a new data set per run from that run's seed.
-        num_points: N, training points.
-        delta: clipping margin δ of ``φ`` (the released argparse default 1e-3).
-        optimizer: ``"adam"`` (the released code) or ``"sgd"`` (plain SGD / full-batch GD).
-        lr: base learning rate.
-        epochs: E, epochs (one measurement after each, plus one at initialisation).
-        steps_per_epoch: optimizer steps per epoch.
-        decay_epochs: K, the lr decays linearly over the last K epochs (``lr·(E − e)/K`` in epoch
-            e ≥ E − K); 0 keeps it constant.
-        train_batch_size: mini-batch size of the optimizer (drawn without replacement each step);
-            ``None`` = full batch (the released code).
-        noise_batch_size: b of the measured SGD noise ``Σ_b`` (the released code's 10).
-        replacement: whether the measured SGD mini-batches are drawn with replacement (the
-            released code draws each batch without; the ratio and a do not depend on it).
-        dtype: training dtype (the released TF code trains in float32).
-        measure_dtype: dtype of every measurement (a cast copy of the model and data).
-        delta_sweep: δ values for Proposition 2's δ-dependence of a(θ) (empty: no sweep).
-        delta_sweep_width: width of the δ-sweep networks.
-        delta_sweep_seeds: seeds of the δ sweep (``None``: ``seeds``).
-        hessian_check_vectors: random vectors for the closed-form-vs-autograd Hessian check at the
-            first and last measurement of every run (0 disables it).
-        lanczos_tol: relative residual tolerance of the Lanczos solves (``None``: library default).
-        threads: torch intra-op threads while running (``None``: leave as is). These networks are
-            tiny; 1 thread avoids OpenMP stalls on a busy CPU and is restored afterwards.
-        redraw_dead_init: if no training sample is unclipped at initialisation (every output is
-            clipped to δ, so every gradient is 0 and training can never move), draw the
-            initialisation again from the same generator (up to ``MAX_INIT_REDRAWS`` times) and
-            record the number of redraws (``init_redraws``). This happens for a sizeable fraction
-            of seeds (f ≤ δ on the whole square); ``False`` keeps such runs, whose curvature
-            quantities are then NaN and left out of the means.
+
+@experiment_config("indicator")
+class IndicatorConfig(ExperimentConfig):
+    """Configuration of the one-hidden-layer experiment (defaults: the released code's settings);
+    every field is a flag of ``sgdnoise indicator`` and a key of its ``--config`` TOML file.
+
+    ``redraw_dead_init``: if no training sample is unclipped at initialisation (every output is
+    clipped to δ, so every gradient is 0 and training can never move), the initialisation is drawn
+    again from the same generator (up to ``MAX_INIT_REDRAWS`` times) and the number of redraws is
+    recorded (``init_redraws``). ``False`` keeps such runs; their curvature quantities are NaN and
+    left out of the means.
     """
 
-    widths: tuple[int, ...] = (32, 128, 512)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    data_seed: int | None = 123
-    num_points: int = 1000
-    delta: float = 1e-3
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    epochs: int = 31
-    steps_per_epoch: int = 10
-    decay_epochs: int = 10
-    train_batch_size: int | None = None
-    noise_batch_size: int = 10
-    replacement: bool = False
-    dtype: str = "float32"
-    measure_dtype: str = "float64"
-    delta_sweep: tuple[float, ...] = (1e-3, 1e-2, 0.05, 0.1, 0.2)
-    delta_sweep_width: int = 32
-    delta_sweep_seeds: tuple[int, ...] | None = None
-    hessian_check_vectors: int = 4
-    lanczos_tol: float | None = None
-    threads: int | None = 1
-    redraw_dead_init: bool = True
+    widths: Annotated[tuple[_Width, ...], Distinct()] = Field(
+        default=(32, 128, 512),
+        min_length=1,
+        description="hidden widths h, each an even integer >= 2 (half the units get output weight +1, half −1); D = 3h",
+    )
+    seeds: _Seeds = Field(
+        default=(0, 1, 2),
+        min_length=1,
+        description="initialisation seeds (one run per width and seed)",
+    )
+    data_seed: Annotated[int, Field(ge=0)] | None = Field(
+        default=123,
+        description="seed of the data set shared by all runs (the released code's 123); none: a new data set per run",
+    )
+    num_points: int = Field(default=1000, ge=2, description="N, training points")
+    delta: _Delta = Field(
+        default=1e-3, description="clipping margin δ of φ, in (0, 0.5) so that δ < 1 − δ"
+    )
+    optimizer: Literal["adam", "sgd"] = Field(
+        default="adam", description="adam (the released code) or sgd (plain SGD / full-batch GD)"
+    )
+    lr: float = Field(default=1e-3, gt=0, description="base learning rate")
+    epochs: int = Field(
+        default=31,
+        ge=1,
+        description="E, epochs (a measurement after each, plus one at initialisation)",
+    )
+    steps_per_epoch: int = Field(default=10, ge=1, description="optimizer steps per epoch")
+    decay_epochs: int = Field(
+        default=10,
+        ge=0,
+        description="K: the lr decays linearly over the last K epochs (0: constant)",
+    )
+    train_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="mini-batch of the optimizer (without replacement); none: full batch (the released code)",
+    )
+    noise_batch_size: int = Field(
+        default=10, ge=1, description="b of the measured SGD noise Σ_b (the released code's 10)"
+    )
+    replacement: bool = Field(
+        default=False,
+        description="measured SGD mini-batches drawn with replacement (the ratio and a do not depend on it)",
+    )
+    dtype: _DTYPE = Field(
+        default="float32", description="training dtype (the released TF code trains in float32)"
+    )
+    measure_dtype: _DTYPE = Field(
+        default="float64", description="dtype of every measurement (a cast copy of model and data)"
+    )
+    delta_sweep: Annotated[tuple[_Delta, ...], Distinct()] = Field(
+        default=(1e-3, 1e-2, 0.05, 0.1, 0.2),
+        description="δ values in (0, 0.5) for Proposition 2's δ-dependence of a(θ) (empty: no sweep)",
+    )
+    delta_sweep_width: _Width = Field(default=32, description="width of the δ-sweep networks")
+    delta_sweep_seeds: _Seeds | None = Field(
+        default=None, min_length=1, description="seeds of the δ sweep (none: seeds)"
+    )
+    hessian_check_vectors: int = Field(
+        default=4,
+        ge=0,
+        description="random vectors of the closed-form-vs-autograd Hessian check per run (0: off)",
+    )
+    lanczos_tol: float | None = Field(
+        default=None,
+        gt=0,
+        description="relative residual tolerance of Lanczos (none: library default)",
+    )
+    threads: int | None = Field(
+        default=1, ge=1, description="torch intra-op threads while running (none: leave as is)"
+    )
+    redraw_dead_init: bool = Field(default=True, description="redraw an initialisation with no unclipped sample (see above)")  # fmt: skip
 
-    def validate(self) -> IndicatorConfig:
-        """Check every value; raise ``ValueError`` saying how to fix it. Returns ``self``."""
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-        def int_tuple(name: str, values: object, *, even: bool) -> None:
-            if not isinstance(values, tuple | list) or not values:
-                raise ValueError(
-                    f"indicator config: {name} must be a non-empty list of integers, got {values!r}"
-                )
-            for v in values:
-                if even and (not is_int(v) or v < 2 or v % 2):
-                    raise ValueError(
-                        f"indicator config: every width must be an even integer >= 2 (half the "
-                        f"hidden units get output weight +1, half −1), got {v!r} in {name}="
-                        f"{list(values)}; use e.g. 32 128 512"
-                    )
-                if not even and (not is_int(v) or v < 0):
-                    raise ValueError(
-                        f"indicator config: {name} must hold non-negative integers, got {v!r}"
-                    )
-            if len(set(values)) != len(values):
-                raise ValueError(
-                    f"indicator config: {name} must not repeat values, got {list(values)}"
-                )
-
-        int_tuple("widths", self.widths, even=True)
-        int_tuple("seeds", self.seeds, even=False)
-        if self.delta_sweep_seeds is not None:
-            int_tuple("delta_sweep_seeds", self.delta_sweep_seeds, even=False)
-        if self.data_seed is not None and (not is_int(self.data_seed) or self.data_seed < 0):
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> IndicatorConfig:
+        if self.decay_epochs > self.epochs:
             raise ValueError(
-                f"indicator config: data_seed must be a non-negative integer or None, "
-                f"got {self.data_seed!r}"
+                f"decay_epochs must be an integer in [0, epochs] = [0, {self.epochs}], "
+                f"got {self.decay_epochs}"
             )
-        for name in ("num_points", "epochs", "steps_per_epoch", "noise_batch_size"):
-            v = getattr(self, name)
-            if not is_int(v) or v < 1:
-                raise ValueError(f"indicator config: {name} must be a positive integer, got {v!r}")
-        if self.num_points < 2:
-            raise ValueError(f"indicator config: num_points must be >= 2, got {self.num_points}")
-        if not is_int(self.decay_epochs) or not 0 <= self.decay_epochs <= self.epochs:
+        if self.train_batch_size is not None and self.train_batch_size > self.num_points:
             raise ValueError(
-                f"indicator config: decay_epochs must be an integer in [0, epochs] = "
-                f"[0, {self.epochs}], got {self.decay_epochs!r}"
-            )
-        if not isinstance(self.delta_sweep, tuple | list) or len(set(self.delta_sweep)) != len(
-            self.delta_sweep
-        ):
-            raise ValueError(
-                f"indicator config: delta_sweep must be a list of distinct values in (0, 0.5), "
-                f"got {self.delta_sweep!r}"
-            )
-        deltas = (("delta", self.delta), *(("delta_sweep", d) for d in self.delta_sweep))
-        for name, d in deltas:
-            if not is_num(d) or not 0.0 < d < 0.5:
-                raise ValueError(
-                    f"indicator config: {name} values must lie in (0, 0.5) so that δ < 1 − δ, "
-                    f"got {d!r}; the released code uses 1e-3"
-                )
-        if self.delta_sweep:
-            int_tuple("delta_sweep_width", (self.delta_sweep_width,), even=True)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"indicator config: optimizer must be one of {', '.join(OPTIMIZERS)}, "
-                f"got {self.optimizer!r}"
-            )
-        if not is_num(self.lr) or self.lr <= 0:
-            raise ValueError(f"indicator config: lr must be a finite number > 0, got {self.lr!r}")
-        if self.train_batch_size is not None and (
-            not is_int(self.train_batch_size) or not 1 <= self.train_batch_size <= self.num_points
-        ):
-            raise ValueError(
-                f"indicator config: train_batch_size must be None (full batch) or an integer in "
-                f"[1, num_points] = [1, {self.num_points}], got {self.train_batch_size!r}"
+                f"train_batch_size must be none (full batch) or an integer in [1, num_points] = "
+                f"[1, {self.num_points}], got {self.train_batch_size}"
             )
         top = self.num_points if self.replacement else self.num_points - 1
         if self.noise_batch_size > top:
             raise ValueError(
-                f"indicator config: noise_batch_size must be in [1, {top}] (without replacement a "
-                f"batch of all N samples has no noise), got {self.noise_batch_size}"
-            )
-        if not isinstance(self.redraw_dead_init, bool):
-            raise ValueError(
-                f"indicator config: redraw_dead_init must be true or false, "
-                f"got {self.redraw_dead_init!r}"
-            )
-        if not isinstance(self.replacement, bool):
-            raise ValueError(
-                f"indicator config: replacement must be true or false, got {self.replacement!r}"
-            )
-        for name in ("dtype", "measure_dtype"):
-            if getattr(self, name) not in ("float32", "float64"):
-                raise ValueError(
-                    f"indicator config: {name} must be 'float32' or 'float64', "
-                    f"got {getattr(self, name)!r}"
-                )
-        if not is_int(self.hessian_check_vectors) or self.hessian_check_vectors < 0:
-            raise ValueError(
-                f"indicator config: hessian_check_vectors must be an integer >= 0, "
-                f"got {self.hessian_check_vectors!r}"
-            )
-        if self.lanczos_tol is not None and (not is_num(self.lanczos_tol) or self.lanczos_tol <= 0):
-            raise ValueError(
-                f"indicator config: lanczos_tol must be None or a number > 0, "
-                f"got {self.lanczos_tol!r}"
-            )
-        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
-            raise ValueError(
-                f"indicator config: threads must be None or a positive integer, "
-                f"got {self.threads!r}"
+                f"noise_batch_size must be in [1, {top}] (without replacement a batch of all N "
+                f"samples has no noise), got {self.noise_batch_size}"
             )
         return self
-
-    @classmethod
-    def from_mapping(cls, base: IndicatorConfig, values: dict[str, Any]) -> IndicatorConfig:
-        """``base`` with ``values`` replaced (unknown keys raise, listing the valid ones)."""
-        return replace_config(base, values, what="indicator")
 
     @property
     def sweep_seeds(self) -> tuple[int, ...]:
@@ -307,20 +230,6 @@ def learning_rate(config: IndicatorConfig, epoch: int) -> float:
     if K == 0 or epoch < E - K:
         return config.lr
     return config.lr * (E - epoch) / K
-
-
-@contextlib.contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
-    """torch intra-op threads set to ``n`` inside the block (``None``: unchanged)."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _hessian_check(problem: Problem, H: LinearOperator, num: int, seed: int) -> float:
@@ -662,7 +571,7 @@ def _train_all(
     # the ETA weights each run by its width, and kept runs shorten the work without time.
     bar = Progress(len(units), "indicator", enabled=progress,
                    work_total=sum(w for _, w, _, _ in units))  # fmt: skip
-    with _num_threads(config.threads):
+    with num_threads(config.threads):
         for group, width, delta, seed in units:
             if (width, delta, seed) in done:
                 bar.skip(1, work=width, postfix=f"h={width} δ={delta:g} seed={seed} (kept)")
@@ -686,7 +595,6 @@ def run(
     device: str | torch.device = "auto",
     progress: bool = True,
     profile: str | None = None,
-    preset: str | None = None,
 ) -> dict[str, Any]:
     """Run the experiment and write the run directory (no figures); returns ``results.json``.
 
@@ -695,7 +603,6 @@ def run(
         out: run directory; a run there with the same config keeps its finished training runs.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         progress: show a progress line. profile: the preset's name, recorded in ``config.json``.
-        preset: the former name of ``profile``; the figures are drawn too when it is given.
 
     Returns:
         ``results.json``'s content: each width (a string) maps to ``ratio_final`` (mean over the
@@ -715,8 +622,7 @@ def run(
     rd = RunDir(out)
     rd.clear_complete()
     t0 = time.perf_counter()
-    cfg = {**dataclasses.asdict(config), "device": str(dev),
-           "preset": profile if preset is None else preset}  # fmt: skip
+    cfg = {**dataclasses.asdict(config), "device": str(dev), "preset": profile}
     rows = _kept_rows(rd, cfg)
     rd.write_config(cfg)
     rd.write_env(dev)
@@ -724,13 +630,11 @@ def run(
     results, analysis = _collect(config, rows)
     rd.write_json("results.json", results)
     rd.write_json("analysis.json", analysis)
-    rd.write_csv("metrics.csv", [r for r in rows])  # ISSUE11-MERGE: write_csv(Sequence)
+    rd.write_csv("metrics.csv", rows)
     meta = {"seconds": time.perf_counter() - t0, "runs_computed": len(timings),
             "runs_total": len(_units(config)), "unit_seconds": timings, "device": str(dev)}  # fmt: skip
     rd.write_json("meta.json", meta)
     rd.write_text("summary.md", summary_markdown(_json_roundtrip(cfg), results, analysis, meta))
-    if preset is not None:  # ISSUE11-MERGE: the old _main's call; the protocol draws the figures
-        plot(rd.path)
     rd.mark_complete("indicator", config)
     return results
 
@@ -794,72 +698,3 @@ def summary(results: dict[str, Any]) -> str:
         f"train acc {r['train_accuracy_final']:.3f}"
         for w, r in results.items()
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``sgdnoise indicator``."""
-    p = subparsers.add_parser(
-        "indicator",
-        help="Tr(HΣ) vs Tr(HΣ̄) on one-hidden-layer networks (poster Fig. 4 left; Prop. 2)",
-        description=(
-            "Train one-hidden-layer ReLU networks (fixed ±1 output weights, clipped output, MSE) "
-            "as the released code does and record, after every epoch, the exact escape indicator "
-            "Tr(HΣ) of SGD's noise (mini-batch 10) against its isotropic equivalent Tr(HΣ̄), their "
-            "ratio and Proposition 1's alignment coefficient a; plus a δ sweep for Proposition 2. "
-            "Precedence: --profile < --config < explicit flags."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--profile", choices=sorted(PRESETS), default="paper",
-                   help="preset: smoke (tiny, seconds), quick (3 seeds, short δ sweep), paper (3 seeds, full δ sweep)")  # fmt: skip
-    p.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="TOML file with IndicatorConfig fields overriding the profile")  # fmt: skip
-    p.add_argument("--widths", type=int, nargs="+", default=None,
-                   help="hidden widths h, even (profile: 32 128 512); D = 3h parameters")  # fmt: skip
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="initialisation seeds (profile: 0 1 2)")  # fmt: skip
-    p.add_argument("--delta", type=float, default=None,
-                   help="clipping margin δ in (0, 0.5) (profile: 0.001)")  # fmt: skip
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                   help="adam (released code) or sgd (plain SGD; full batch unless "
-                        "train_batch_size is set in --config) (profile: adam)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (profile: 0.001)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of training (profile: 31)")
-    p.add_argument("--delta-sweep", type=float, nargs="*", default=None,
-                   help="δ values of the Proposition 2 sweep; give none to skip it "
-                        "(profile: 0.001 0.01 0.05 0.1 0.2)")  # fmt: skip
-    p.add_argument("--out", default="runs/indicator", help="run directory to write")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--no-progress", action="store_true", help="silence the progress line")
-    p.set_defaults(func=_main)
-    return p
-
-
-def _main(args: argparse.Namespace) -> int:
-    config = PRESETS[args.profile]
-    config = IndicatorConfig.from_mapping(config, load_toml_config(args.config))
-    names = {"widths": "widths", "seeds": "seeds", "delta": "delta", "optimizer": "optimizer",
-             "lr": "lr", "epochs": "epochs", "delta_sweep": "delta_sweep"}  # fmt: skip
-    flags = {}
-    for attr, field in names.items():
-        v = getattr(args, attr)
-        if v is not None:
-            flags[field] = tuple(v) if isinstance(v, list) else v
-    config = IndicatorConfig.from_mapping(config, flags).validate()
-    t0 = time.perf_counter()
-    results = run(config, args.out, device=args.device, progress=not args.no_progress,
-                  preset=args.profile)  # fmt: skip
-    for w, r in results.items():
-        print(
-            f"h = {w:>4} (D = {r['dim']:>5}): Tr(HΣ)/Tr(HΣ̄) = "
-            f"{pm(r['ratio_final'], r['ratio_final_std'])}, a = "
-            f"{pm(r['alignment_final'], r['alignment_final_std'])}, "
-            f"train acc {r['train_accuracy_final']:.3f}"
-        )
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
-    return 0

@@ -34,7 +34,6 @@ against D is compared with the bound's slope over the same D range and with the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -42,14 +41,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import torch
+from pydantic import Field
 
-from ..figures.prop1 import plot, summary_markdown
+from ..figures.prop1 import summary_markdown
 from ..linalg import LinearOperator, top_eigenpairs
-from ._common import Progress, RunDir, load_toml_config, replace_config
-from .indicator import _num_threads  # ISSUE11-MERGE: one helper in experiments/_common.py
+from ..runs import Progress, RunDir, num_threads
+from ._protocol import Distinct, ExperimentConfig, OneOf, experiment_config
 
 __all__ = [
     "NOISE_RESTS",
@@ -58,13 +59,11 @@ __all__ = [
     "Prop1Config",
     "Prop1Instance",
     "RotatedDiagonalOperator",
-    "add_parser",
     "closed_form",
     "hessian_spectrum",
     "make_instance",
     "measure_instance",
     "noise_spectrum",
-    "plot",
     "run",
     "summary",
 ]
@@ -78,131 +77,94 @@ F64 = torch.float64
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Prop1Config:
-    """Configuration of the Proposition 1 check.
+_DIMS: tuple[int, ...] = (100, 215, 464, 1000, 2154, 4642, 10000)
 
-    Attributes:
-        dims: dimensions D (distinct, > k + 1; the default spans two decades, 10² … 10⁴).
-        exponents: exponents d ∈ (1/2, 1] of condition 1.
-        k: number of large eigenvalues (``k ≪ D``).
-        a: alignment coefficient in (0, 1]; condition 2 holds with equality.
-        tail_scale: largest tail eigenvalue as a fraction of ``λ₁ D^{−d}``, in (0, 1).
-        top_min: smallest of the k large eigenvalues (λ₁ = 1), in (0, 1].
-        noise_rests: how Σ spreads the weight not on u₁ (see the module docstring); the first one
-            is drawn in the left panel of the figure.
-        rotations: Householder reflections in the random eigenbasis (≥ 1).
-        seed: seed of the random eigenbases.
-        verify_max_dim: up to this D, recompute every trace from the dense operators (D products
-            each, O(D²) memory); above it only λ₁, u₁ (Lanczos) and a are re-measured, with the
-            traces of the spectra.
-        lanczos_tol: relative residual tolerance of the Lanczos solve for λ₁, u₁ (``None``:
-            library default).
-        threads: torch intra-op threads while running (``None``: leave as is; 1 avoids OpenMP
-            stalls on a busy CPU, where these small products gain nothing from threads).
+
+def _noise_rests() -> tuple[str, ...]:
+    return NOISE_RESTS
+
+
+@experiment_config("prop1")
+class Prop1Config(ExperimentConfig):
+    """Configuration of the Proposition 1 check; every field is a flag of ``sgdnoise prop1`` and a
+    key of its ``--config`` TOML file.
+
+    ``verify_max_dim``: up to this D every trace is recomputed from the dense operators (D
+    products each, O(D²) memory); above it only λ₁, u₁ (Lanczos) and a are re-measured, with the
+    traces of the spectra.
     """
 
-    dims: tuple[int, ...] = (100, 215, 464, 1000, 2154, 4642, 10000)
-    exponents: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0)
-    k: int = 4
-    a: float = 0.5
-    tail_scale: float = 0.99
-    top_min: float = 0.5
-    noise_rests: tuple[str, ...] = NOISE_RESTS
-    rotations: int = 3
-    seed: int = 0
-    verify_max_dim: int = 2200
-    lanczos_tol: float | None = None
-    threads: int | None = 1
+    dims: Annotated[
+        tuple[int, ...],
+        Distinct(),
+        Field(
+            min_length=2, description="dimensions D, at least two (to fit a slope), each >= k + 2"
+        ),
+    ] = _DIMS
+    exponents: Annotated[tuple[Annotated[float, Field(gt=0.5, le=1.0)], ...], Distinct()] = Field(
+        default=(0.6, 0.7, 0.8, 0.9, 1.0),
+        min_length=1,
+        description="exponents d in (1/2, 1] of condition 1 (beyond 1 the bound's slope stays 1)",
+    )
+    k: int = Field(default=4, ge=1, description="number of large eigenvalues (k ≪ D)")
+    a: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="alignment coefficient in (0, 1]; condition 2 holds with equality",
+    )
+    tail_scale: float = Field(
+        default=0.99,
+        gt=0.0,
+        lt=1.0,
+        description="largest tail eigenvalue as a fraction of λ₁D^(−d), in (0, 1) (strictly below it)",
+    )
+    top_min: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="smallest of the k large eigenvalues (λ₁ = 1), in (0, 1]",
+    )
+    noise_rests: Annotated[tuple[Annotated[str, OneOf(_noise_rests)], ...], Distinct()] = Field(
+        default=NOISE_RESTS,
+        min_length=1,
+        description="how Σ spreads the weight not on u₁ (the first is drawn in the figure's left panel)",
+    )
+    rotations: int = Field(
+        default=3, ge=1, description="Householder reflections in the random eigenbasis"
+    )
+    seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        default=(0,),
+        min_length=1,
+        max_length=1,
+        description="seed of the random eigenbases (one value)",
+    )
+    verify_max_dim: int = Field(
+        default=2200, ge=0, description="largest D whose traces are recomputed densely (see above)"
+    )
+    lanczos_tol: float | None = Field(
+        default=None,
+        gt=0,
+        description="relative residual tolerance of Lanczos (none: library default)",
+    )
+    threads: int | None = Field(default=1, ge=1, description="torch intra-op threads while running (none: leave as is)")  # fmt: skip
 
-    def validate(self) -> Prop1Config:
-        """Check every value; raise ``ValueError`` saying how to fix it. Returns ``self``."""
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not is_int(self.k) or self.k < 1:
-            raise ValueError(f"prop1 config: k must be a positive integer, got {self.k!r}")
-        if not isinstance(self.dims, tuple | list) or len(self.dims) < 2:
-            raise ValueError(
-                f"prop1 config: dims must list at least two dimensions (to fit a slope), "
-                f"got {self.dims!r}"
-            )
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> Prop1Config:
         for D in self.dims:
-            if not is_int(D) or D < self.k + 2:
+            if D < self.k + 2:
                 raise ValueError(
-                    f"prop1 config: every D must be an integer >= k + 2 = {self.k + 2} (k large "
-                    f"eigenvalues plus a tail), got {D!r}"
+                    f"every D must be an integer >= k + 2 = {self.k + 2} (k large eigenvalues "
+                    f"plus a tail), got {D}"
                 )
-        if len(set(self.dims)) != len(self.dims):
-            raise ValueError(f"prop1 config: dims must be distinct, got {list(self.dims)}")
-        if not isinstance(self.exponents, tuple | list) or not self.exponents:
-            raise ValueError(
-                f"prop1 config: exponents must be a non-empty list, got {self.exponents!r}"
-            )
-        for d in self.exponents:
-            if not is_num(d) or not 0.5 < d <= 1.0:
-                raise ValueError(
-                    f"prop1 config: every exponent d must lie in (1/2, 1] (Proposition 1 needs "
-                    f"d > 1/2; beyond 1 the bound's slope stays 1), got {d!r}"
-                )
-        if len(set(self.exponents)) != len(self.exponents):
-            raise ValueError(f"prop1 config: exponents must be distinct, got {self.exponents}")
-        if not is_num(self.a) or not 0.0 < self.a <= 1.0:
-            raise ValueError(
-                f"prop1 config: a must lie in (0, 1] (a > 1 is infeasible for some spectra), "
-                f"got {self.a!r}"
-            )
-        if not is_num(self.tail_scale) or not 0.0 < self.tail_scale < 1.0:
-            raise ValueError(
-                f"prop1 config: tail_scale must lie in (0, 1) (the tail must stay strictly below "
-                f"λ₁D^(−d)), got {self.tail_scale!r}"
-            )
-        if not is_num(self.top_min) or not 0.0 < self.top_min <= 1.0:
-            raise ValueError(f"prop1 config: top_min must lie in (0, 1], got {self.top_min!r}")
-        for D in self.dims:
             for d in self.exponents:
                 if self.top_min <= self.tail_scale * D ** (-d):
                     raise ValueError(
-                        f"prop1 config: top_min = {self.top_min} must exceed the largest tail "
-                        f"eigenvalue tail_scale·D^(−d) = {self.tail_scale * D ** (-d):.3g} "
-                        f"(D = {D}, d = {d}); raise top_min or use larger D"
+                        f"top_min = {self.top_min} must exceed the largest tail eigenvalue "
+                        f"tail_scale·D^(−d) = {self.tail_scale * D ** (-d):.3g} (D = {D}, d = {d}); "
+                        "raise top_min or use larger D"
                     )
-        bad = [r for r in self.noise_rests if r not in NOISE_RESTS]
-        if bad or not self.noise_rests or len(set(self.noise_rests)) != len(self.noise_rests):
-            raise ValueError(
-                f"prop1 config: noise_rests must be distinct names from "
-                f"{', '.join(NOISE_RESTS)}, got {list(self.noise_rests)}"
-            )
-        if not is_int(self.rotations) or self.rotations < 1:
-            raise ValueError(
-                f"prop1 config: rotations must be a positive integer, got {self.rotations!r}"
-            )
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(
-                f"prop1 config: seed must be a non-negative integer, got {self.seed!r}"
-            )
-        if not is_int(self.verify_max_dim) or self.verify_max_dim < 0:
-            raise ValueError(
-                f"prop1 config: verify_max_dim must be an integer >= 0, got {self.verify_max_dim!r}"
-            )
-        if self.lanczos_tol is not None and (not is_num(self.lanczos_tol) or self.lanczos_tol <= 0):
-            raise ValueError(
-                f"prop1 config: lanczos_tol must be None or a number > 0, got {self.lanczos_tol!r}"
-            )
-        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
-            raise ValueError(
-                f"prop1 config: threads must be None or a positive integer, got {self.threads!r}"
-            )
         return self
-
-    @classmethod
-    def from_mapping(cls, base: Prop1Config, values: dict[str, Any]) -> Prop1Config:
-        """``base`` with ``values`` replaced (unknown keys raise, listing the valid ones)."""
-        return replace_config(base, values, what="prop1")
 
 
 PRESETS: dict[str, Prop1Config] = {
@@ -449,7 +411,6 @@ def run(
     device: str | torch.device = "auto",
     progress: bool = True,
     profile: str | None = None,
-    preset: str | None = None,
 ) -> dict[str, Any]:
     """Run the check and write the run directory (no figures); returns ``results.json``.
 
@@ -461,7 +422,6 @@ def run(
         out: run directory to write.
         device: ignored (see above). progress: show a progress line.
         profile: the preset's name, recorded in ``config.json``.
-        preset: the former name of ``profile``; the figure is drawn too when it is given.
 
     Returns:
         ``results.json``'s content: ``dims``, ``k``, ``a``, ``all_bounds_hold``,
@@ -479,32 +439,29 @@ def run(
     rd = RunDir(out)
     rd.clear_complete()
     t0 = time.perf_counter()
-    name = profile if preset is None else preset
-    rd.write_config({**dataclasses.asdict(config), "device": "cpu", "preset": name})
+    rd.write_config({**dataclasses.asdict(config), "device": "cpu", "preset": profile})
     rd.write_env("cpu")
     rows: list[dict[str, Any]] = []
     bar = Progress(len(config.dims) * len(config.exponents), "prop1", enabled=progress)
-    with _num_threads(config.threads):
+    with num_threads(config.threads):
         _compute(config, rows, bar)
     results = _collect(config, rows)
     elapsed = time.perf_counter() - t0
     rd.write_jsonl("metrics.jsonl", rows)
-    rd.write_csv("metrics.csv", [r for r in rows])  # ISSUE11-MERGE: write_csv(Sequence)
+    rd.write_csv("metrics.csv", rows)
     rd.write_json("results.json", results)
     rd.write_json("meta.json", {"seconds": elapsed, "device": "cpu"})
     rd.write_text(
         "summary.md",
         summary_markdown(json.loads(json.dumps(dataclasses.asdict(config))), results, elapsed),
     )
-    if preset is not None:  # ISSUE11-MERGE: the old _main's call; the protocol draws the figure
-        plot(rd.path)
     rd.mark_complete("prop1", config)
     return results
 
 
 def _compute(config: Prop1Config, rows: list[dict[str, Any]], bar: Progress) -> None:
     for di, D in enumerate(config.dims):
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + di)
+        gen = torch.Generator().manual_seed(config.seeds[0] * 1_000_003 + di)
         basis = HouseholderBasis(D, config.rotations, generator=gen)
         verify = D <= config.verify_max_dim
         for d in config.exponents:
@@ -608,65 +565,3 @@ def summary(results: dict[str, Any]) -> str:
         for key, e in results["exponents"].items()
     ]
     return "\n".join([*lines, f"bound holds everywhere: {results['all_bounds_hold']}"])
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``sgdnoise prop1``."""
-    p = subparsers.add_parser(
-        "prop1",
-        help="Proposition 1 numerically: ratio vs a·D/(k + D^(1−d))², slope vs 2d − 1",
-        description=(
-            "Build synthetic PSD Hessians with k large eigenvalues and a tail below λ₁D^(−d), and "
-            "noise covariances aligned with them with coefficient a, for D over two decades and "
-            "several d; compare Tr(HΣ)/Tr(HΣ̄) with Proposition 1's bound and its log-log slope "
-            "with 2d − 1. Precedence: --profile < --config < explicit flags."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--profile", choices=sorted(PRESETS), default="paper",
-                   help="preset: smoke (3 small D), quick = paper (D = 100 … 10000, d = 0.6 … 1)")  # fmt: skip
-    p.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="TOML file with Prop1Config fields overriding the profile")  # fmt: skip
-    p.add_argument("--dims", type=int, nargs="+", default=None,
-                   help="dimensions D (profile: 100 215 464 1000 2154 4642 10000)")  # fmt: skip
-    p.add_argument("--exponents", type=float, nargs="+", default=None,
-                   help="exponents d in (1/2, 1] (profile: 0.6 0.7 0.8 0.9 1.0)")  # fmt: skip
-    p.add_argument("--k", type=int, default=None, help="number of large eigenvalues (profile: 4)")
-    p.add_argument("--a", type=float, default=None, help="alignment coefficient (profile: 0.5)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the eigenbases (profile: 0)")
-    p.add_argument("--out", default="runs/prop1", help="run directory to write")
-    p.add_argument("--device", default="cpu",
-                   help="accepted for a uniform CLI; this check always runs on the CPU in float64")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="silence the progress line")
-    p.set_defaults(func=_main)
-    return p
-
-
-def _main(args: argparse.Namespace) -> int:
-    config = PRESETS[args.profile]
-    config = Prop1Config.from_mapping(config, load_toml_config(args.config))
-    flags: dict[str, Any] = {}
-    for name in ("dims", "exponents", "k", "a", "seed"):
-        v = getattr(args, name)
-        if v is not None:
-            flags[name] = tuple(v) if isinstance(v, list) else v
-    config = Prop1Config.from_mapping(config, flags).validate()
-    t0 = time.perf_counter()
-    res = run(config, args.out, device=args.device, progress=not args.no_progress,
-              preset=args.profile)  # fmt: skip
-    main = config.noise_rests[0]
-    for key, e in res["exponents"].items():
-        print(
-            f"d = {key}: slope {e['rests'][main]['slope']:.3f} (Σ rest {main}), bound slope "
-            f"{e['bound_slope']:.3f}, 2d − 1 = {e['asymptotic_slope']:.2f}"
-        )
-    print(
-        f"bound holds everywhere: {res['all_bounds_hold']}; wrote {args.out} in "
-        f"{time.perf_counter() - t0:.1f} s"
-    )
-    return 0

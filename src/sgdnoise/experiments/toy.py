@@ -22,43 +22,40 @@ structures (:func:`sgdnoise.noise_model`) on single runs.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import math
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any, Literal
 
+import pydantic
 import torch
+from pydantic import Field
 
 from ..data import toy2d_data
 from ..models import toy2d_sample_loss
 from ..noise import BatchedStatistics, NoiseModel, noise_class
 from ..optim import dynamics_label, dynamics_names, factor_noise, gld_step
-from ._common import (
+from ..runs import (
     Progress,
     RunDir,
     check_memory,
-    load_toml_config,
-    replace_config,
     resolve_device,
     resolve_dtype,
     wilson_interval,
 )
+from ._protocol import Distinct, ExperimentConfig, OneOf, experiment_config
 
 __all__ = [
     "ALL_DYNAMICS",
     "DEFAULT_DYNAMICS",
     "PRESETS",
     "ToyConfig",
-    "add_parser",
-    "default_dynamics",
     "noise_factor",
-    "plot",
     "run",
     "simulate",
     "summary",
@@ -93,107 +90,65 @@ DEFAULT_DYNAMICS = default_dynamics()
 ALL_DYNAMICS = toy_dynamics()
 
 
-@dataclass(frozen=True)
-class ToyConfig:
-    """Configuration of the 2-D experiment (defaults: the released code's settings).
+def _toy_dynamics() -> tuple[str, ...]:
+    """The registered dynamics the toy runs (``sgd`` has no meaning on a fixed data set)."""
+    # ISSUE11-MERGE: H2 — every name whose structure has a batched sampler; today ALL_DYNAMICS.
+    return tuple(n for n in dynamics_names() if n in ALL_DYNAMICS)
 
-    Attributes:
-        runs: independent runs per dynamics (each with its own data set).
-        steps: iterations per run.
-        lr: step size η.
-        noise_trace: trace of the parameter-level noise covariance per step.
-        num_points: data points per run (N).
-        start: initial w (the sharp minimum).
-        threshold: success if both final coordinates are below it.
-        dynamics: which dynamics to run (subset of ALL_DYNAMICS).
-        leading_k: eigenpairs kept by ``gld_leading`` (1 or 2; the released code uses all 2).
-        seed: master seed (data and noise streams derive from it).
-        dtype: ``"float64"`` or ``"float32"``.
-        trajectory_run: which run's trajectories are saved for the plot.
-        trajectory_every: save every k-th iterate of that run (the released plot: 5).
-        curve_every: record the fraction of runs in the flat basin every k steps.
-    """
 
-    runs: int = 100
-    steps: int = 500
-    lr: float = 0.005
-    noise_trace: float = 0.01
-    num_points: int = 100
-    start: tuple[float, float] = (1.0, 1.0)
-    threshold: float = -0.5
-    dynamics: tuple[str, ...] = DEFAULT_DYNAMICS
-    leading_k: int = 2
-    seed: int = 0
-    dtype: str = "float64"
-    trajectory_run: int = 0
-    trajectory_every: int = 5
-    curve_every: int = 10
+@experiment_config("toy")
+class ToyConfig(ExperimentConfig):
+    """Configuration of the 2-D experiment (defaults: the released code's settings); every field
+    is a flag of ``sgdnoise toy`` and a key of its ``--config`` TOML file."""
 
-    def validate(self) -> ToyConfig:
-        """Check every value; raise ``ValueError`` saying how to fix it. Returns ``self``."""
+    runs: int = Field(
+        default=100, ge=1, description="independent runs per dynamics (each with its own data set)"
+    )
+    steps: int = Field(default=500, ge=1, description="iterations per run")
+    lr: float = Field(default=0.005, gt=0, description="step size η")
+    noise_trace: float = Field(
+        default=0.01, gt=0, description="trace of the parameter-level noise covariance per step"
+    )
+    num_points: int = Field(default=100, ge=2, description="data points per run (N)")
+    start: tuple[float, float] = Field(
+        default=(1.0, 1.0), description="initial w (the sharp minimum)"
+    )
+    threshold: float = Field(
+        default=-0.5, description="success if both final coordinates are below it"
+    )
+    dynamics: Annotated[tuple[Annotated[str, OneOf(_toy_dynamics)], ...], Distinct()] = Field(
+        default=DEFAULT_DYNAMICS, min_length=1, description="dynamics to run, in plotting order"
+    )
+    leading_k: int = Field(
+        default=2,
+        ge=1,
+        le=2,
+        description="eigenpairs kept by gld_leading (D = 2; the released code: 2)",
+    )
+    seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Distinct()] = Field(
+        default=(0,),
+        min_length=1,
+        description="master seeds (the data and noise streams derive from each)",
+    )
+    dtype: Literal["float32", "float64"] = Field(
+        default="float64", description="floating-point precision"
+    )
+    trajectory_run: int = Field(
+        default=0, ge=0, description="which run's trajectories are saved for the plot (< runs)"
+    )
+    trajectory_every: int = Field(
+        default=5, ge=1, description="save every k-th iterate of that run (the released plot: 5)"
+    )
+    curve_every: int = Field(default=10, ge=1, description="record the fraction of runs in the flat basin every k steps")  # fmt: skip
 
-        def pos_int(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"toy config: {name} must be a positive integer, got {v!r}")
-
-        for name in ("runs", "steps", "num_points", "trajectory_every", "curve_every"):
-            pos_int(name)
-        if self.num_points < 2:
-            raise ValueError(f"toy config: num_points must be >= 2, got {self.num_points}")
-        for name in ("lr", "noise_trace"):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or not math.isfinite(v)
-                or v <= 0
-            ):
-                raise ValueError(f"toy config: {name} must be a finite number > 0, got {v!r}")
-        if (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, (int, float))
-            or not math.isfinite(self.threshold)
-        ):
+    @pydantic.model_validator(mode="after")
+    def _trajectory_in_range(self) -> ToyConfig:
+        if self.trajectory_run >= self.runs:
             raise ValueError(
-                f"toy config: threshold must be a finite number, got {self.threshold!r}"
-            )
-        if len(self.start) != 2 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in self.start
-        ):
-            raise ValueError(f"toy config: start must be two finite numbers, got {self.start!r}")
-        bad = [d for d in self.dynamics if d not in ALL_DYNAMICS]
-        if bad or not self.dynamics or len(set(self.dynamics)) != len(self.dynamics):
-            raise ValueError(
-                f"toy config: dynamics must be a non-empty list of distinct names from "
-                f"{', '.join(ALL_DYNAMICS)}; got {list(self.dynamics)}"
-            )
-        if isinstance(self.leading_k, bool) or self.leading_k not in (1, 2):
-            raise ValueError(
-                f"toy config: leading_k must be 1 or 2 (D = 2), got {self.leading_k!r}"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"toy config: seed must be a non-negative integer, got {self.seed!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(
-                f"toy config: dtype must be 'float32' or 'float64', got {self.dtype!r}"
-            )
-        if (
-            isinstance(self.trajectory_run, bool)
-            or not isinstance(self.trajectory_run, int)
-            or not 0 <= self.trajectory_run < self.runs
-        ):
-            raise ValueError(
-                f"toy config: trajectory_run must be an integer in [0, runs) = [0, {self.runs}), "
-                f"got {self.trajectory_run!r}"
+                f"trajectory_run must be an integer in [0, runs) = [0, {self.runs}), got "
+                f"{self.trajectory_run}; lower it or raise runs"
             )
         return self
-
-    @classmethod
-    def from_mapping(cls, base: ToyConfig, values: dict[str, Any]) -> ToyConfig:
-        """``base`` with ``values`` replaced (unknown keys raise, listing the valid ones)."""
-        return replace_config(base, values, what="toy")
 
 
 PRESETS: dict[str, ToyConfig] = {
@@ -272,7 +227,7 @@ def noise_factor(
     """
     if dynamics == "gd":
         return None
-    cls, opts = _structure(dynamics, argparse.Namespace(leading_k=leading_k))
+    cls, opts = _structure(dynamics, SimpleNamespace(leading_k=leading_k))
     return cls.batched_factor(BatchedStatistics(centered, hessian), trace, opts)
 
 
@@ -417,7 +372,6 @@ def run(
     device: str | torch.device = "auto",
     progress: bool = True,
     profile: str | None = None,
-    preset: str | None = None,
 ) -> dict[str, Any]:
     """Run the experiment and write the run directory; returns ``results.json``'s content.
 
@@ -434,14 +388,13 @@ def run(
         out: the run directory.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
         progress: show a progress line on stderr.
-        profile: the preset's name, recorded in ``config.json`` (``preset`` is the old name).
+        profile: the preset's name, recorded in ``config.json``.
 
     Raises:
         ValueError: a bad config. MemoryError: the runs do not fit on the device.
     """
     config = config.validate()
-    profile = profile if profile is not None else preset  # ISSUE11-MERGE: drop `preset`
-    seeds = tuple(getattr(config, "seeds", None) or (config.seed,))
+    seeds = tuple(config.seeds)
     dev = resolve_device(device)
     dtype = resolve_dtype(config.dtype)
     # The [runs, num_points, 2] data and about a dozen temporaries of that size per step.
@@ -482,9 +435,6 @@ def run(
     rd.write_json("surface.json", _surface(data[0][1][config.trajectory_run]))
     rd.write_json("meta.json", {"simulation_seconds": elapsed, "device": str(dev)})
     rd.write_text("summary.md", _summary_markdown(config, results, elapsed))
-    from ..figures.toy import plot as draw  # ISSUE11-MERGE: the protocol draws after run()
-
-    draw(rd.path)
     rd.mark_complete("toy", config)
     return results
 
@@ -524,7 +474,7 @@ def _summary_markdown(config: ToyConfig, results: dict[str, Any], elapsed: float
         f"{config.runs} runs × {config.steps} steps, lr {config.lr}, parameter-level noise trace "
         f"{config.noise_trace} per step, N = {config.num_points} fresh points per run, start "
         f"{tuple(config.start)}, success = final w₁ < {config.threshold} and w₂ < "
-        f"{config.threshold}; seed {config.seed}. Simulation time {elapsed:.1f} s.",
+        f"{config.threshold}; seeds {', '.join(map(str, config.seeds))}. Simulation time {elapsed:.1f} s.",
         "",
         "| dynamics | success | 95% Wilson CI | Tr(HΣ) at start (mean ± sd over runs) |",
         "|---|---|---|---|",
@@ -547,61 +497,3 @@ def _summary_markdown(config: ToyConfig, results: dict[str, Any], elapsed: float
         "",
     ]
     return "\n".join(lines)
-
-
-def plot(run_dir: str | Path) -> list[Path]:
-    """Redraw the figures of a run directory; see :func:`sgdnoise.figures.toy.plot`."""
-    from ..figures.toy import plot as draw  # ISSUE11-MERGE: callers use sgdnoise.figures.toy
-
-    return draw(run_dir)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``sgdnoise toy``."""
-    p = subparsers.add_parser(
-        "toy",
-        help="2-D escape from a sharp minimum (poster Fig. 1)",
-        description=(
-            "Run GD and the GLD noise structures from the sharp minimum of the 2-D toy loss, all "
-            "runs vectorised, and report how often each reaches the flat basin (with 95%% Wilson "
-            "intervals) next to Tr(HΣ). Precedence: --profile < --config < explicit flags."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--profile", choices=sorted(PRESETS), default="paper",
-                   help="preset: smoke (8 runs × 60 steps), quick = paper (100 runs × 500 steps)")  # fmt: skip
-    p.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="TOML file with ToyConfig fields overriding the profile")  # fmt: skip
-    p.add_argument(
-        "--runs", type=int, default=None, help="independent runs per dynamics (profile: 100)"
-    )
-    p.add_argument("--steps", type=int, default=None, help="iterations per run (profile: 500)")
-    p.add_argument("--seed", type=int, default=None, help="master seed (profile: 0)")
-    p.add_argument("--out", default="runs/toy", help="run directory to write")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--no-progress", action="store_true", help="silence the progress line")
-    p.set_defaults(func=_main)
-    return p
-
-
-def _main(args: argparse.Namespace) -> int:
-    config = PRESETS[args.profile]
-    config = ToyConfig.from_mapping(config, load_toml_config(args.config))
-    flags = {k: getattr(args, k) for k in ("runs", "steps", "seed") if getattr(args, k) is not None}
-    config = ToyConfig.from_mapping(config, flags).validate()
-    t0 = time.perf_counter()
-    results = run(config, args.out, device=args.device, progress=not args.no_progress,
-                  preset=args.profile)  # fmt: skip
-    width = max(len(r["label"]) for r in results.values())
-    for r in results.values():
-        print(
-            f"{r['label']:<{width}}  {r['successes']:>4}/{r['runs']:<4} "
-            f"[{100 * r['ci_low']:5.1f}%, {100 * r['ci_high']:5.1f}%]  Tr(HΣ) = {r['tr_HS']:.3f}"
-        )
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
-    return 0

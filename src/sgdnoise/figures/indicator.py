@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..experiments._common import RunDir, save_figure
+from ..runs import RunDir
+from ._style import save_figure
 
 __all__ = ["band", "colors", "plain_log_ticks", "plot", "pm", "summary_markdown"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..experiments._common import RunDir, save_figure
+from ..runs import RunDir
+from ._style import save_figure
 from .indicator import colors, plain_log_ticks
 
 __all__ = ["plot", "summary_markdown"]
@@ -107,7 +108,7 @@ def summary_markdown(config: dict[str, Any], results: dict[str, Any], elapsed: f
         f"k = {config['k']} large eigenvalues (1 … {config['top_min']}), tail ≤ {config['tail_scale']}·"
         f"λ₁D^(−d), Σ aligned with coefficient exactly a = {config['a']}; D ∈ "
         f"{list(config['dims'])} ({results['decades']:.1f} decades), random eigenbasis "
-        f"({config['rotations']} Householder reflections, seed {config['seed']}).",
+        f"({config['rotations']} Householder reflections, seed {config['seeds'][0]}).",
         "",
         "Fitted log-log slope of the ratio against D, per d and per way Σ spreads the weight "
         "not on u₁; 'bound' is the slope of a·D/(k + D^(1−d))² fitted over the same D, "

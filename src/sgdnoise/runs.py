@@ -1,4 +1,4 @@
-"""Shared plumbing for experiments: run directories, environment capture, progress, figures.
+"""Run directories, environment capture, progress and figure saving, shared by the experiments.
 
 Every experiment writes into one run directory:
 
@@ -18,7 +18,6 @@ checkpoint file is named, moved aside as ``<name>.damaged-<n>`` and recomputed.
 
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import dataclasses
 import json
@@ -28,15 +27,13 @@ import platform
 import subprocess
 import sys
 import time
-import types
-import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from .._utils import _jsonable, atomic_write_json, atomic_write_text, prepare_out_dir, sweep_temp
+from ._utils import _jsonable, atomic_write_json, atomic_write_text, prepare_out_dir, sweep_temp
 
 __all__ = [
     "COMPLETE",
@@ -48,15 +45,12 @@ __all__ = [
     "env_info",
     "load_toml_config",
     "notice",
+    "num_threads",
     "quarantine",
-    "replace_config",
     "resolve_device",
     "resolve_dtype",
-    "save_figure",
     "wilson_interval",
 ]
-
-T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -183,7 +177,7 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
         mpl = matplotlib.__version__
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         mpl = None
-    from .. import __version__
+    from . import __version__
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {
@@ -228,7 +222,7 @@ class RunDir:
         self, experiment: str, config: Any, *, data: Mapping[str, Any] | None = None
     ) -> Path:
         """Write the completion marker (call it after every other artefact is written)."""
-        from .. import __version__
+        from . import __version__
 
         marker = {
             "experiment": experiment,
@@ -302,7 +296,7 @@ class RunDir:
 
     def write_jsonl(self, name: str, rows: Iterable[Mapping[str, Any]]) -> Path:
         """Rewrite a whole JSONL file atomically (one JSON object per line)."""
-        from .._utils import _jsonable
+        from ._utils import _jsonable
 
         text = "".join(json.dumps(_jsonable(dict(r))) + "\n" for r in rows)
         atomic_write_text(self.path / name, text)
@@ -325,7 +319,7 @@ class RunDir:
                     break
         return rows
 
-    def write_csv(self, name: str, rows: list[Mapping[str, Any]]) -> Path:
+    def write_csv(self, name: str, rows: Sequence[Mapping[str, Any]]) -> Path:
         """Write rows (dicts with the same keys) as CSV, atomically."""
         if not rows:
             return self.write_text(name, "")
@@ -353,25 +347,6 @@ def quarantine(path: str | os.PathLike[str], why: str) -> Path:
         "recomputing from the last good state"
     )
     return target
-
-
-def save_figure(fig: Any, path_stem: str | os.PathLike[str]) -> list[Path]:
-    """Save a matplotlib figure as ``<stem>.png`` and ``<stem>.svg`` (atomically) and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from .._utils import atomic_write_bytes
-
-    stem = Path(path_stem)
-    out = []
-    for ext in ("png", "svg"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=130 if ext == "png" else None, bbox_inches="tight")
-        atomic_write_bytes(stem.with_suffix(f".{ext}"), buf.getvalue())
-        out.append(stem.with_suffix(f".{ext}"))
-    plt.close(fig)
-    return out
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -424,86 +399,6 @@ def load_toml_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
         raise ValueError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from exc
     except OSError as exc:
         raise ValueError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from exc
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "none (leave the key out)"
-    if origin is tuple:
-        args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    if origin in (Mapping, dict, collections.abc.Mapping):
-        args = typing.get_args(tp)
-        return f"a table of {_type_name(args[1])}" if args else "a table"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether ``value`` (as read from TOML or a flag) has type ``tp``; a bool is not a number."""
-    if tp is Any:
-        return True
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (tuple, list)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(
-            _matches(v, a) for v, a in zip(value, args, strict=True)
-        )
-    if origin in (Mapping, dict, collections.abc.Mapping):
-        args = typing.get_args(tp)
-        return isinstance(value, Mapping) and (
-            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-        )
-    return True  # a type this checker does not know: the config's own validate() decides
-
-
-def replace_config(base: T, values: Mapping[str, Any], *, what: str) -> T:
-    """``base`` (a frozen dataclass) with ``values`` replaced, for TOML files and CLI flags.
-
-    Unknown keys raise ``ValueError`` listing the valid ones; every value is checked against the
-    field's declared type, strictly (``true`` is not a number, ``1.5`` not an integer), and a
-    mismatch raises ``ValueError`` naming the key, the expected type and the value received. A
-    list given for a tuple field (TOML has no tuples) becomes a tuple.
-    """
-    names = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(
-            f"{what} config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
-        )
-    hints = typing.get_type_hints(type(base))
-    changes = {}
-    for key, value in values.items():
-        tp = hints.get(key, Any)
-        if not _matches(value, tp):
-            raise ValueError(
-                f"{what} config: {key} must be {_type_name(tp)}, got {value!r} "
-                f"({type(value).__name__})"
-            )
-        if isinstance(value, list) and isinstance(getattr(base, key), tuple | type(None)):
-            value = tuple(value)
-        changes[key] = value
-    return dataclasses.replace(base, **changes)  # type: ignore[type-var]
 
 
 class Progress:
@@ -607,3 +502,17 @@ def _fmt_seconds(s: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads set to ``n`` inside the block (``None``: unchanged)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
