@@ -24,7 +24,8 @@ import torch
 from torch.func import vjp
 
 from .._data import batch_size_of
-from ..problem import MAX_COLUMNS, Problem, _by_columns
+from ..problem import MAX_COLUMNS, Problem
+from ..problem._helpers import _by_columns
 from .operators import LinearOperator
 
 __all__ = ["GradientNoiseCovariance", "batch_scale", "gradient_noise_covariance"]
@@ -133,6 +134,14 @@ class GradientNoiseCovariance(LinearOperator):
             )
         return self.centered.T * (self.scale / self.problem.num_samples) ** 0.5
 
+    def centered_rows(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The centred per-sample gradients ``c_i = g_i − ḡ`` of the samples ``indices`` as rows
+        ``[n, D]`` (``None``: all N), at :attr:`theta`: read from the stored matrix, or computed
+        (one per-sample gradient pass over those samples) when streaming."""
+        if self.centered is not None:
+            return self.centered if indices is None else self.centered[indices]
+        return self.problem.per_sample_gradients(indices, theta=self.theta) - self.mean_gradient
+
     # ------------------------------------------------------------------ products
     def _streaming_products(self, V: torch.Tensor) -> torch.Tensor:
         """``(1/N) Cᵀ C V`` chunk by chunk, with Jacobian products of the per-sample losses.
@@ -171,7 +180,7 @@ class GradientNoiseCovariance(LinearOperator):
     # ------------------------------------------------------------------ exact trace / diagonal
     def _streamed_squares(self) -> torch.Tensor:
         total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        chunk = self.problem._per_sample_chunk_size()
+        chunk = self.problem.per_sample_chunk_size()
         N = self.problem.num_samples
         for start in range(0, N, chunk):
             idx = torch.arange(start, min(N, start + chunk), device=self.device)
