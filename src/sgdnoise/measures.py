@@ -80,6 +80,17 @@ def _indicator_tr_HS(
     return sampled_tr_HS(quadratic_forms(ctx.hessian, cov, idx, block_size), N, cov.scale)
 
 
+def _trace_policy(
+    est: TraceEstimate, D: int, trace_matvecs: int | None, exact_trace: bool | None
+) -> tuple[int, bool | None]:
+    """``(Hutch++ budget, exact)`` for Tr(H) next to an exact or a sampled ``Tr(HΣ)``."""
+    if est.method == "exact":
+        return (99 if trace_matvecs is None else trace_matvecs), exact_trace
+    budget = max(est.num_matvecs, 6) if trace_matvecs is None else trace_matvecs
+    # Exact when D is within the budget: it costs no more than the estimate.
+    return budget, (D <= budget) if exact_trace is None else exact_trace
+
+
 def escape_indicator(
     problem: Problem,
     batch_size: int = 1,
@@ -102,7 +113,6 @@ def escape_indicator(
     time — never a D×D matrix. Sampled mode (``num_samples=m``): m examples drawn uniformly
     without replacement; unbiased, standard error with the finite-population correction
     ``√(1 − m/N)``. ``ḡ`` and ``Tr(Σ_b)`` are always exact.
-
     ``Tr(H)`` (``tr_H_exact`` says how it was obtained, ``tr_H_stderr`` its standard error):
     exact mode: exact (D products) when D ≤ ``exact_trace_max_dim``, else Hutch++ from
     ``trace_matvecs`` (default 99) products; sampled mode: Hutch++ from ``trace_matvecs``
@@ -116,8 +126,8 @@ def escape_indicator(
         seed, generator: randomness for sampling examples, then for Hutch++ (the generator wins;
             else a fresh generator seeded with ``seed``, default 0).
         replacement: whether SGD's mini-batches are drawn with replacement (scales ``Σ_b``).
-        block_size: Hessian products per batch.
-        exact_trace_max_dim, trace_matvecs, exact_trace: Tr(H) policy (see above).
+        block_size: Hessian products per batch. exact_trace_max_dim, trace_matvecs,
+            exact_trace: Tr(H) policy (see above).
         context: a :class:`MeasurementContext` for this problem: Σ_b, Tr Σ_b, Tr H and the exact
             quadratic forms computed by earlier calls at the same θ are reused (``None``: none).
 
@@ -140,21 +150,15 @@ def escape_indicator(
     cov = ctx.covariance(batch_size, replacement)
     tr_S = ctx.noise_trace(batch_size, replacement)
     est = _indicator_tr_HS(ctx, cov, num_samples, gen, block_size)
-    if est.method == "exact":
-        budget = 99 if trace_matvecs is None else trace_matvecs
-        want_exact = exact_trace
-    else:
-        budget = max(est.num_matvecs, 6) if trace_matvecs is None else trace_matvecs
-        # Exact when D is within the budget: it costs no more than the estimate.
-        want_exact = (D <= budget) if exact_trace is None else exact_trace
+    budget, want_exact = _trace_policy(est, D, trace_matvecs, exact_trace)
     tr_H, tr_H_se, tr_H_exact = ctx.hessian_trace(
         exact_max_dim=exact_trace_max_dim, num_matvecs=budget, generator=gen, exact=want_exact
     )
-    tr_HS_iso = tr_H * tr_S / D
+    iso = tr_H * tr_S / D
     return EscapeIndicator(
         tr_HS=est.value,
-        tr_HS_iso=tr_HS_iso,
-        ratio=est.value / tr_HS_iso if tr_HS_iso != 0 else float("nan"),
+        tr_HS_iso=iso,
+        ratio=est.value / iso if iso != 0 else float("nan"),
         tr_H=tr_H,
         tr_S=tr_S,
         dim=D,
@@ -248,13 +252,10 @@ def alignment(
     ``overlap = ‖U_Hᵀ U_Σ‖_F² / k`` with ``U_H``, ``U_Σ`` the top-k eigenvectors of H and Σ
     (Lanczos on both). ``a`` does not depend on b (Σ_b scales out).
 
-    Two call forms:
-
-    * ``alignment(H, S, k)``: two symmetric operators (e.g. a Hessian or Gauss–Newton operator,
-      and a noise covariance); ``Tr S`` from ``S.trace()``;
-    * ``alignment(problem, b, k)`` (or ``batch_size=b``): H and Σ_b of a
-      :class:`~sgdnoise.Problem` at its current θ, shared with ``context`` (a
-      :class:`MeasurementContext`) when given.
+    Two call forms: ``alignment(H, S, k)`` on two symmetric operators (e.g. a Hessian or
+    Gauss–Newton operator and a noise covariance; ``Tr S`` from ``S.trace()``), and
+    ``alignment(problem, b, k)`` (or ``batch_size=b``) on H and Σ_b of a
+    :class:`~sgdnoise.Problem` at its current θ, shared with ``context`` when given.
 
     The top-k eigenspace of Σ is defined only for k up to its rank (at most ``min(N − 1, D)``
     for N centred per-sample gradients), so k is refused above N − 1 (noise covariances) and
@@ -287,8 +288,6 @@ def alignment(
     gen_args = {"seed": seed, "generator": generator}
     if isinstance(H, Problem):
         b = batch_size if batch_size is not None else (1 if S is None else S)
-        if not isinstance(b, int) or isinstance(b, bool):
-            raise TypeError(f"alignment(problem, b, k): b must be an int, got {type(b).__name__}")
         return _problem_alignment(
             H, b, k, replacement, tol, exact_trace_max_dim, trace_matvecs, context, **gen_args
         )
@@ -313,7 +312,7 @@ def alignment(
 
 def _problem_alignment(
     problem: Problem,
-    batch_size: int,
+    batch_size: object,
     k: int,
     replacement: bool,
     tol: float | None,
@@ -325,6 +324,8 @@ def _problem_alignment(
     generator: torch.Generator | int | None,
 ) -> Alignment:
     """The problem form of :func:`alignment`: H and Σ_b from (and cached in) a context."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+        raise TypeError(f"alignment(problem, b, k): b must be an int, got {batch_size!r}")
     _check_k(k, problem.dim, problem.num_samples)
     gen = resolve_generator(seed, generator)
     ctx = _context(context, problem, "alignment")

@@ -12,6 +12,21 @@ from .results import ExpectedSharpness
 __all__ = ["expected_sharpness"]
 
 
+def _check_arguments(sigma: float, num_samples: int, draws_per_batch: int) -> None:
+    if not (
+        isinstance(sigma, int | float) and sigma > 0 and sigma == sigma and sigma != float("inf")
+    ):
+        raise ValueError(
+            f"sigma must be a positive finite number (the perturbation std), got {sigma!r}"
+        )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(
+            f"num_samples must be an integer >= 2 (number of draws), got {num_samples!r}"
+        )
+    if not isinstance(draws_per_batch, int) or draws_per_batch < 1:
+        raise ValueError(f"draws_per_batch must be a positive integer, got {draws_per_batch!r}")
+
+
 def expected_sharpness(
     problem: Problem,
     sigma: float,
@@ -55,18 +70,7 @@ def expected_sharpness(
 
     Source: Zhu et al. (ICML 2019), Sec. 5 (expected sharpness of Keskar et al., 2017).
     """
-    if not (
-        isinstance(sigma, int | float) and sigma > 0 and sigma == sigma and sigma != float("inf")
-    ):
-        raise ValueError(
-            f"sigma must be a positive finite number (the perturbation std), got {sigma!r}"
-        )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(
-            f"num_samples must be an integer >= 2 (number of draws), got {num_samples!r}"
-        )
-    if not isinstance(draws_per_batch, int) or draws_per_batch < 1:
-        raise ValueError(f"draws_per_batch must be a positive integer, got {draws_per_batch!r}")
+    _check_arguments(sigma, num_samples, draws_per_batch)
     if vectorize is None:
         vectorize = not any(isinstance(m, nn.modules.conv._ConvNd) for m in problem.model.modules())
     gen = resolve_generator(seed, generator)
