@@ -356,8 +356,9 @@ class Monitor:
         )
 
     # ------------------------------------------------------------------ computation
-    def _plan(self) -> list[str]:
-        """The calls to make, in order (quantities computed together share one call)."""
+    def plan(self) -> list[str]:
+        """The computations one measurement makes, in order (quantities computed together, such
+        as the four of the escape indicator, share one)."""
         q = set(self.quantities)
         plan = []
         if "loss" in q:
@@ -373,6 +374,8 @@ class Monitor:
             if name in q:
                 plan.append(name)
         return plan
+
+    _plan = plan  # the earlier private name
 
     def _compute(
         self, seed: int, on_done: Callable[[str, float, int, int], None] | None
@@ -394,7 +397,7 @@ class Monitor:
                     **extra,
                 }
 
-        plan = self._plan()
+        plan = self.plan()
         for i, source in enumerate(plan, 1):
             t0 = time.perf_counter()
             getattr(self, f"_src_{source}")(gen, put, t0)
