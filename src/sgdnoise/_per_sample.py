@@ -32,11 +32,12 @@ When a check fails, the caller falls back to the general path and records why.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from ._data import batch_size_of, call_model
 
@@ -205,13 +206,13 @@ def _write_gradients(
                     torch.sum(d2, dim=1, out=b_out)
             else:
                 if w_out is not None:
-                    _conv_weight_gradients(m, a, delta, w_out)
+                    _conv_weight_gradients(cast(_ConvNd, m), a, delta, w_out)
                 if b_out is not None:
                     torch.sum(delta.flatten(2), dim=2, out=b_out)
 
 
 def _conv_weight_gradients(
-    m: nn.Module, a: torch.Tensor, delta: torch.Tensor, w_out: torch.Tensor
+    m: _ConvNd, a: torch.Tensor, delta: torch.Tensor, w_out: torch.Tensor
 ) -> None:
     """Per-sample ``∇_W ℓ_i`` of a convolution, written into ``w_out`` ``[n, numel(W)]``.
 

@@ -10,6 +10,7 @@ in any row).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class LayerTable:
 
     def total(self, key: str) -> float:
         """The sum of a column over the layers (meaningful for ``tr_H`` and ``tr_S``)."""
-        return float(sum(float(r[key]) for r in self.rows))  # type: ignore[arg-type]
+        return float(sum((float(cast(Any, r[key])) for r in self.rows), 0.0))
 
     def to_markdown(self) -> str:
         head = "| layer | type | D | " + " | ".join(self.columns) + " |"

@@ -475,9 +475,9 @@ def check(
     if indices is None:
         sub = _random_subset(problem.num_samples, min(max_samples, problem.num_samples), gen)
     else:
-        sub = problem.check_indices(indices)
-        assert sub is not None
-        sub = sub[:max_samples]
+        chosen = problem.check_indices(indices)
+        assert chosen is not None
+        sub = chosen[:max_samples]
     sub = sub.to(problem.device)
     rtol = _rtol(problem.dtype, problem.device)
     _run_checks(_Checker(problem, gen, sub, rtol, float64_reference), results)

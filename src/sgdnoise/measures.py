@@ -285,11 +285,19 @@ def alignment(
 
     Source: Zhu et al. (ICML 2019), Proposition 1 (condition 2: ``u₁ᵀΣu₁ ≥ a λ₁ Tr Σ / Tr H``).
     """
-    gen_args = {"seed": seed, "generator": generator}
     if isinstance(H, Problem):
         b = batch_size if batch_size is not None else (1 if S is None else S)
         return _problem_alignment(
-            H, b, k, replacement, tol, exact_trace_max_dim, trace_matvecs, context, **gen_args
+            H,
+            b,
+            k,
+            replacement,
+            tol,
+            exact_trace_max_dim,
+            trace_matvecs,
+            context,
+            seed=seed,
+            generator=generator,
         )
     if not isinstance(S, LinearOperator):
         raise TypeError(

@@ -87,12 +87,7 @@ def expected_sharpness(
             losses = problem.batched_loss(thetas)
         else:
             with torch.no_grad():
-                losses = torch.stack(
-                    [
-                        problem.reduce_mean(lambda x, y, th=th: problem.batch_loss(th, x, y))
-                        for th in thetas
-                    ]
-                )
+                losses = torch.stack([problem.reduce_mean(problem._loss_at(th)) for th in thetas])
         diffs.append(losses - L0)
     d = torch.cat(diffs).double()
     check_finite(d, "a perturbed loss", "Lower sigma: the perturbed model produced NaN/inf.")

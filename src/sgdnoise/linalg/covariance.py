@@ -158,7 +158,7 @@ class GradientNoiseCovariance(LinearOperator):
                 return problem.sample_losses(th, x, y)
 
             n = batch_size_of(x)
-            _, pullback = vjp(f, theta)
+            pullback = vjp(f, theta)[1]
             out = []
             for j in range(0, V.shape[1], cols):
                 Vj = V[:, j : j + cols]

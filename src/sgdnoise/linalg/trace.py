@@ -7,6 +7,7 @@ For float16/bfloat16 operators the probe vectors, the sketch's QR and every sum 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,7 +89,7 @@ def trace_estimate(
         raise ValueError(f"{method} needs num_matvecs >= {need} (an integer), got {num_matvecs!r}")
     gen = as_generator(generator)
     D = op.shape[0]
-    kw = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
+    kw: dict[str, Any] = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
     if method == "hutchinson":
         terms = _hutchinson_terms(op, rademacher((D, num_matvecs), **kw)).double()
         return TraceEstimate(

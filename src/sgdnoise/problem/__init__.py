@@ -143,7 +143,9 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
 
         self.model = model
         self.loss_fn = loss_fn
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named: list[tuple[str, torch.Tensor]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad
+        ]
         if not named:
             raise ValueError(
                 "the model has no trainable parameters (requires_grad=True); θ would be empty"

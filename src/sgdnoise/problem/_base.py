@@ -90,7 +90,7 @@ class ProblemBase:
         """
         params = dict(self.model.named_parameters())
         try:
-            found = [params[n] for n in self.param_names]
+            found: list[torch.Tensor] = [params[n] for n in self.param_names]
         except KeyError as exc:
             raise RuntimeError(
                 f"the model no longer has the parameter {exc.args[0]} it had when the Problem was "
@@ -243,6 +243,10 @@ class ProblemBase:
     def batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of the batch ``(x, y)`` at ``theta`` ``[D]`` (a scalar, differentiable)."""
         return self._reduce_outputs(self.outputs(theta, x), y)
+
+    def _loss_at(self, theta: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
+        """``(x, y) ↦`` the mean loss of the batch at ``theta`` (for :meth:`reduce_mean`)."""
+        return lambda x, y: self.batch_loss(theta, x, y)
 
     def _sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.batch_loss(theta, _unsqueeze(x), _unsqueeze(y))

@@ -4,6 +4,8 @@ the module that has no second derivative."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
@@ -78,12 +80,12 @@ class HessianProducts(ProblemBase):
     ) -> torch.Tensor:
         with _math_attention():
             if self._hvp_mode == "forward-over-reverse":
-                g = grad(lambda t: self.batch_loss(t, x, y))
+                gfun = grad(lambda t: self.batch_loss(t, x, y))
                 try:
                     # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
-                    return vmap(lambda v: jvp(g, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(
-                        V
-                    )
+                    return vmap(
+                        lambda v: jvp(gfun, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1
+                    )(V)
                 except (NotImplementedError, RuntimeError) as exc:
                     self._hvp_mode = "double backward"
                     self.routes["hvp"] = (
@@ -173,7 +175,7 @@ class HessianProducts(ProblemBase):
             self.routes["hvp_check"] = "symmetric by double backward (finite differences skipped)"
             return
         result = hvp_finite_difference_check(
-            self, theta, few, torch.Generator().manual_seed(0), levels=3
+            cast(Any, self), theta, few, torch.Generator().manual_seed(0), levels=3
         )
         if result.passed:
             self.routes["hvp_check"] = result.detail
@@ -241,7 +243,7 @@ class HessianProducts(ProblemBase):
                 continue
             try:
                 with torch.enable_grad():
-                    total = sum((o * o).sum() for o in outs)
+                    total: Any = sum((o * o).sum() for o in outs)
                     grads = torch.autograd.grad(total, ins, create_graph=True, allow_unused=True)
                     second = sum(g.sum() for g in grads if g is not None and g.requires_grad)
                     if isinstance(second, torch.Tensor):

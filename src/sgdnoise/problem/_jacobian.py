@@ -21,6 +21,13 @@ def _columns_last(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -
         return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=-1)
 
 
+def _jvp_of(
+    f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v ↦ ∂f(θ)/∂θ · v`` (forward mode)."""
+    return lambda v: jvp(f, (theta,), (v,))[1]
+
+
 def _tensor_outputs(out: object) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
@@ -72,7 +79,7 @@ class OutputJacobian(ProblemBase):
                 def f(th: torch.Tensor, x: object = x) -> torch.Tensor:
                     return _tensor_outputs(self.outputs(th, x))
 
-                parts.append(_columns_last(lambda v, f=f: jvp(f, (theta,), (v,))[1], V2))
+                parts.append(_columns_last(_jvp_of(f, theta), V2))
         out = torch.cat(parts)
         return out[..., 0] if vector else out
 
@@ -117,7 +124,7 @@ class OutputJacobian(ProblemBase):
                 def f(th: torch.Tensor, x: object = x) -> torch.Tensor:
                     return _tensor_outputs(self.outputs(th, x))
 
-                _, pullback = vjp(f, theta)
+                pullback = vjp(f, theta)[1]
                 Uc = U[pos].movedim(-1, 0)  # [k, n_c, *out_shape]
                 try:
                     total += vmap(lambda u, pb=pullback: pb(u)[0], out_dims=1)(Uc)

@@ -492,7 +492,7 @@ class PerSampleQuantities(ProblemBase):
             return torch.stack(
                 [
                     self.reduce_mean(
-                        lambda x, y, th=th: self.batch_loss(th, x, y),
+                        self._loss_at(th),
                         indices,
                         rows=self.plan_rows("forward"),
                     )
