@@ -86,13 +86,9 @@ def _load_weights(model: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such weights file: {path!r}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"cannot load weights {path!r} with torch.load(weights_only=True) ({_one_line(exc)}); "
-            "save a state_dict: torch.save(model.state_dict(), FILE)"
-        ) from exc
+    obj = _torch_load(
+        p, f"weights {path!r}", "save a state_dict: torch.save(model.state_dict(), FILE)"
+    )
     sd = _state_dict(obj, path)
     want = model.state_dict()
     missing = [k for k in want if k not in sd]
@@ -186,13 +182,9 @@ def load_data(spec: str) -> tuple[Any, Any]:
                 raise
             except Exception as exc:
                 raise ValueError(f"cannot read {spec!r} as .npz ({_one_line(exc)})") from exc
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"cannot load {spec!r} with torch.load(weights_only=True) ({_one_line(exc)}); save "
-                "a dict of tensors, e.g. torch.save({'x': x, 'y': y}, FILE)"
-            ) from exc
+        obj = _torch_load(
+            p, repr(spec), "save a dict of tensors, e.g. torch.save({'x': x, 'y': y}, FILE)"
+        )
         if isinstance(obj, (tuple, list)) and len(obj) == 2:
             return _as_tensor(obj[0], "inputs", spec), _as_tensor(obj[1], "targets", spec)
         if not isinstance(obj, dict):
@@ -381,6 +373,16 @@ def _progress_bar(
         bar.update(1, postfix=f"{source} {seconds:.2f}s")
 
     return on_done
+
+
+def _torch_load(p: Path, what: str, fix: str) -> Any:
+    """``torch.load(p, weights_only=True)`` on the CPU; a ``ValueError`` saying ``fix`` if not."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot load {what} with torch.load(weights_only=True) ({_one_line(exc)}); {fix}"
+        ) from exc
 
 
 def _fmt(x: Any) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._measure_context import MeasurementContext, at_theta
+from ._measure_context import MeasurementContext, _context, at_theta
 from ._utils import resolve_generator
 from .linalg.covariance import GradientNoiseCovariance, batch_scale
 from .linalg.lanczos import EigenPairs, top_eigenpairs
@@ -47,21 +47,6 @@ __all__ = [
     "hessian_trace",
     "tr_HS",
 ]
-
-
-def _context(context: MeasurementContext | None, problem: Problem, who: str) -> MeasurementContext:
-    if context is None:
-        return MeasurementContext(problem)
-    if not isinstance(context, MeasurementContext):
-        raise TypeError(
-            f"{who}: context must be a MeasurementContext, got {type(context).__name__}"
-        )
-    if context.problem is not problem:
-        raise ValueError(
-            f"{who}: the context was made for another Problem; make one with "
-            "MeasurementContext(problem) for this problem"
-        )
-    return context
 
 
 def _indicator_tr_HS(

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import as_generator
+from ._utils import resolve_generator
 from .linalg import batch_scale, gradient_noise_covariance, hessian, top_eigenpairs
 from .measures import alignment, escape_indicator, expected_sharpness, hessian_trace
 from .monitor_plot import plot_monitor, read_monitor
@@ -178,7 +178,9 @@ class Monitor:
         path: the JSON-lines file (``None``: keep the records in :attr:`records` only).
         append: keep the lines already in ``path`` (resuming a run); by default the file is
             started afresh when the monitor is created.
-        generator: a ``torch.Generator`` or int seed. Each measurement draws one seed from it
+        seed, generator: the generator wins (a ``torch.Generator``, advanced, or an int seed);
+            else a fresh generator seeded with ``seed`` (default 0). Each measurement draws one
+            seed from it
             (recorded as ``"seed"``); quantity q uses a fresh generator seeded ``seed + i_q``
             (``i_q`` its position in :data:`QUANTITIES`), so a record can be reproduced by
             direct calls. A generator passed here is advanced; the global RNG is never used.
@@ -219,7 +221,8 @@ class Monitor:
         batch_size: int = 32,
         path: str | os.PathLike[str] | None = "monitor.jsonl",
         append: bool = False,
-        generator: torch.Generator | int = 0,
+        seed: int | None = 0,
+        generator: torch.Generator | int | None = None,
         num_samples: int | None = None,
         alignment_k: int = 1,
         sigma: float = 0.01,
@@ -243,7 +246,7 @@ class Monitor:
         self.num_samples = num_samples
         self.eig_tol = eig_tol
         self.replacement = bool(replacement)
-        self._generator = as_generator(generator)
+        self._generator = resolve_generator(seed, generator)
         inputs, targets = _split_probe(probe_data, probe_targets)
         with _measuring(model):
             self.problem = Problem(

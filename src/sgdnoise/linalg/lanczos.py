@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from .._utils import randn, resolve_generator
+from ..results import format_table
 from .operators import LinearOperator
 
 __all__ = ["ConvergenceError", "EigenPairs", "default_tol", "top_eigenpairs", "work_dtype"]
@@ -120,6 +121,19 @@ class EigenPairs(tuple):
             f"max_residual={float(self.residuals.max()):.3g}, matvecs={self.num_matvecs}, "
             f"converged={self.converged})"
         )
+
+    def __str__(self) -> str:
+        rows: list[tuple[str, object, float | None]] = [
+            (f"λ{i + 1}", float(v), None) for i, v in enumerate(self.eigenvalues.tolist()[:10])
+        ]
+        if self.eigenvalues.numel() > 10:
+            rows.append(("...", f"{self.eigenvalues.numel() - 10} more", None))
+        rows.append(("max residual", float(self.residuals.max()), None))
+        state = "converged" if self.converged else "NOT converged"
+        note = (
+            f"k={self.eigenvalues.numel()}, {self.num_matvecs} products, tol={self.tol:g}, {state}"
+        )
+        return format_table("EigenPairs", rows, note)
 
 
 def _orthonormalize_against(

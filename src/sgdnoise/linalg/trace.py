@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .._utils import as_generator, rademacher, resolve_generator
+from .._utils import rademacher, resolve_generator
+from ..results import format_table
 from .covariance import GradientNoiseCovariance
 from .lanczos import work_dtype
 from .operators import LinearOperator, LowRankOperator
@@ -46,6 +47,14 @@ class TraceEstimate:
     def __float__(self) -> float:
         return self.value
 
+    def __str__(self) -> str:
+        se = None if self.stderr == 0.0 and self.method == "exact" else self.stderr
+        return format_table(
+            "TraceEstimate",
+            [("trace", self.value, se)],
+            f"{self.method}, {self.num_matvecs} products",
+        )
+
 
 def _apply(op: LinearOperator, V: torch.Tensor) -> torch.Tensor:
     """``op @ V`` with ``V`` in the working dtype: cast down for a 16-bit product, result cast up."""
@@ -63,7 +72,8 @@ def trace_estimate(
     num_matvecs: int,
     *,
     method: str = "hutch++",
-    generator: torch.Generator | int,
+    seed: int | None = 0,
+    generator: torch.Generator | int | None = None,
 ) -> TraceEstimate:
     """Estimate ``Tr(A)`` from ``num_matvecs`` products with Rademacher vectors.
 
@@ -77,17 +87,27 @@ def trace_estimate(
         num_matvecs: product budget (≥ 2 for Hutchinson's error bar; ≥ 4 for Hutch++, whose
             residual part needs at least two probes to be unbiased and to have an error bar).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
-        generator: a ``torch.Generator`` or int seed (required: results are reproducible).
+        seed, generator: randomness of the probes (the generator wins; else a fresh generator
+            seeded with ``seed``, default 0).
 
     The value is a Python float in every case; for float16/bfloat16 operators it carries the
     products' ~1e-2 relative rounding (the estimator's own arithmetic is float32/float64).
+
+    Returns:
+        :class:`TraceEstimate` (value and standard error as Python floats, in A's units).
+
+    Raises:
+        ValueError: unknown method, or ``num_matvecs`` below the method's minimum.
+        TypeError: a generator or seed of another type.
+
+    Source: Hutchinson (1990); Meyer, Musco, Musco & Woodruff, "Hutch++" (SOSA 2021), Alg. 1.
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"unknown method {method!r}; choose 'hutch++' or 'hutchinson'")
     need = 4 if method == "hutch++" else 2
     if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < need:
         raise ValueError(f"{method} needs num_matvecs >= {need} (an integer), got {num_matvecs!r}")
-    gen = as_generator(generator)
+    gen = resolve_generator(seed, generator)
     D = op.shape[0]
     kw: dict[str, Any] = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
     if method == "hutchinson":
