@@ -102,6 +102,9 @@ def by_layer(
         ``table.total("tr_H")`` its ``Tr H`` — exactly in exact mode; with ``num_samples`` a
         layer's Tr H is a Hutch++ estimate when its D exceeds the sample's product budget
         (``tr_H_exact`` per row says which).
+
+    Raises:
+        ValueError: b or ``num_samples`` outside their ranges (as :func:`escape_indicator`).
     """
     rows: list[dict[str, object]] = []
     if generator is not None:

@@ -41,6 +41,12 @@ MATERIALIZE_LIMIT = 2**27
 def batch_scale(num_samples: int, batch_size: int, replacement: bool = True) -> float:
     """The factor s with ``Σ_b = s · Σ_1``: ``1/b`` with replacement, ``(N−b)/(b(N−1))`` without.
 
+    Args:
+        num_samples: N. batch_size: b ∈ [1, N]. replacement: how mini-batches are drawn.
+
+    Returns:
+        s as a Python float (0.0 for b = N without replacement).
+
     Raises:
         ValueError: if ``batch_size`` is not an integer in ``[1, N]``.
     """
@@ -256,6 +262,16 @@ def gradient_noise_covariance(
         materialize: store the ``[N, D]`` centred per-sample gradients (fast, exact trace and
             diagonal) or stream them (memory O(D) per chunk, for very large models). ``None``
             chooses by size (at most 2^27 numbers are stored).
+
+    Returns:
+        A :class:`GradientNoiseCovariance` ``[D, D]`` (symmetric PSD operator; squared gradient
+        units), with exact ``trace()`` and ``diagonal()``.
+
+    Raises:
+        ValueError: b outside ``[1, N]``. RuntimeError: BatchNorm/dropout in training mode.
+
+    Source: Zhu et al. (ICML 2019), Sec. 3 (the SGD noise covariance); the without-replacement
+    factor is the finite-population correction of sampling without replacement.
 
     Example:
         >>> import torch

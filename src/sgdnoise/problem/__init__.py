@@ -237,5 +237,12 @@ def per_sample_gradients(
     Args:
         problem: the :class:`Problem`.
         indices: sample indices (any order, repeats allowed); ``None`` means all N samples.
+
+    Returns:
+        ``[n, D]`` in the model's dtype and device (gradient of the per-sample loss, θ's order).
+
+    Raises:
+        RuntimeError: BatchNorm/dropout in training mode. FloatingPointError: a NaN/inf per-sample
+        loss or gradient (the samples are named).
     """
     return problem.per_sample_gradients(indices)
