@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -10,6 +13,11 @@ from .problem import Problem
 from .results import ExpectedSharpness
 
 __all__ = ["expected_sharpness"]
+
+
+def _loss_at(problem: Problem, theta: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
+    """``(x, y) ↦`` the mean loss of the batch at ``theta`` (for ``problem.reduce_mean``)."""
+    return lambda x, y: problem.batch_loss(theta, x, y)
 
 
 def _check_arguments(sigma: float, num_samples: int, draws_per_batch: int) -> None:
@@ -87,7 +95,7 @@ def expected_sharpness(
             losses = problem.batched_loss(thetas)
         else:
             with torch.no_grad():
-                losses = torch.stack([problem.reduce_mean(problem._loss_at(th)) for th in thetas])
+                losses = torch.stack([problem.reduce_mean(_loss_at(problem, th)) for th in thetas])
         diffs.append(losses - L0)
     d = torch.cat(diffs).double()
     check_finite(d, "a perturbed loss", "Lower sigma: the perturbed model produced NaN/inf.")
