@@ -378,7 +378,7 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="max_samples"):
         sgdnoise.check(problem, max_samples=0)
     with pytest.raises(TypeError, match="generator"):
-        sgdnoise.check(problem, generator=None)  # type: ignore[arg-type]
+        sgdnoise.check(problem, generator="0")  # type: ignore[arg-type]
     report = sgdnoise.check("not a problem")  # type: ignore[arg-type]
     assert not report.ok and "sgdnoise.Problem" in report.failures[0]
 

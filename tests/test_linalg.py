@@ -255,4 +255,6 @@ def test_trace_estimate_errors() -> None:
     with pytest.raises(ValueError, match="num_matvecs >= 4"):
         sgdnoise.trace_estimate(A, 2, generator=0)
     with pytest.raises(TypeError, match="torch.Generator or an int seed"):
-        sgdnoise.trace_estimate(A, 10, generator=None)
+        sgdnoise.trace_estimate(A, 10, generator="0")  # type: ignore[arg-type]
+    # one randomness rule: no generator means seed 0
+    assert sgdnoise.trace_estimate(A, 10) == sgdnoise.trace_estimate(A, 10, generator=0)

@@ -169,5 +169,50 @@ def test_expected_sharpness_leaves_model_unchanged_and_is_seeded(dtype: torch.dt
             sgdnoise.expected_sharpness(problem, bad, 10, generator=0)
     with pytest.raises(ValueError, match="num_samples must be an integer >= 2"):
         sgdnoise.expected_sharpness(problem, 0.01, 1, generator=0)
+    # One randomness rule: no generator means seed 0 (deterministic by default).
+    assert sgdnoise.expected_sharpness(problem, 0.01, 10) == sgdnoise.expected_sharpness(
+        problem, 0.01, 10, generator=0
+    )
     with pytest.raises(TypeError, match="torch.Generator or an int seed"):
-        sgdnoise.expected_sharpness(problem, 0.01, 10, generator=None)
+        sgdnoise.expected_sharpness(problem, 0.01, 10, generator="0")
+
+
+def test_measures_on_operators_match_the_problem_forms() -> None:
+    """tr_HS(H, Σ_b), alignment(H, Σ_b, k) and hessian_trace(H) on operators give the numbers of
+    escape_indicator / alignment(problem, b, k), and tr_HS on dense operators is Tr(HS)."""
+    problem = make_problem("mlp", n=20, seed=3)
+    b = 4
+    H = sgdnoise.hessian(problem)
+    S = sgdnoise.gradient_noise_covariance(problem, b)
+    ind = sgdnoise.escape_indicator(problem, b)
+    est = sgdnoise.tr_HS(H, S)
+    assert est.value == ind.tr_HS and est.stderr == 0.0 and est.method == "exact"
+    ref = float((dense_hessian(problem) @ dense_sigma(problem, b)).trace())
+    assert est.value == pytest.approx(ref, rel=1e-9)
+    dense = sgdnoise.tr_HS(
+        sgdnoise.DenseOperator(H.to_dense()), sgdnoise.DenseOperator(S.to_dense())
+    )
+    assert dense.value == pytest.approx(ref, rel=1e-9)
+    sampled = sgdnoise.escape_indicator(problem, b, num_samples=8, seed=5)
+    direct = sgdnoise.tr_HS(H, S, num_samples=8, seed=5)
+    assert (direct.value, direct.stderr) == (sampled.tr_HS, sampled.stderr)
+    assert sgdnoise.hessian_trace(H)[0] == ind.tr_H
+    al_op = sgdnoise.alignment(H, S, 2, seed=1)
+    al_pb = sgdnoise.alignment(problem, b, 2, seed=1)
+    assert al_op.a == pytest.approx(al_pb.a, rel=1e-8)
+    assert al_op.overlap == pytest.approx(al_pb.overlap, rel=1e-8)
+    assert sgdnoise.alignment(problem, batch_size=b, k=2, seed=1) == al_pb
+    with pytest.raises(TypeError, match="S must be a LinearOperator"):
+        sgdnoise.alignment(H, 4, 1)
+
+
+def test_results_print_as_short_tables() -> None:
+    problem = make_problem("mlp", n=20, seed=3)
+    ind = sgdnoise.escape_indicator(problem, 4, num_samples=8)
+    text = str(ind)
+    assert text.splitlines()[0].startswith("EscapeIndicator (D=")
+    assert "ratio" in text and "±" in text and len(text.splitlines()) == 6
+    assert ind.ratio_stderr > 0
+    assert "a " in str(sgdnoise.alignment(problem, 4, 1))
+    assert "±" in str(sgdnoise.expected_sharpness(problem, 0.01, 4))
+    assert "ratio_stderr" not in ind.to_dict()  # the JSON of the experiments is unchanged

@@ -232,7 +232,7 @@ def test_bad_arguments_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, N\] = \[1, 6\]"):
         sgdnoise.Monitor(model, F.cross_entropy, (x, y), batch_size=7, path=None)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or an int seed"):
-        sgdnoise.Monitor(model, F.cross_entropy, (x, y), generator=None, path=None)  # type: ignore[arg-type]
+        sgdnoise.Monitor(model, F.cross_entropy, (x, y), generator="0", path=None)  # type: ignore[arg-type]
 
 
 def test_tensorboard_scalars_or_a_clear_error(tmp_path, monkeypatch) -> None:

@@ -66,7 +66,7 @@ def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="method must be 'exact' or 'two_batch'"):
         sgdnoise.gradient_noise_scale(problem, method="fast")
     with pytest.raises(TypeError, match="generator"):
-        sgdnoise.gradient_noise_scale(problem, method="two_batch")
+        sgdnoise.gradient_noise_scale(problem, method="two_batch", generator="0")
     with pytest.raises(ValueError, match="b_big must be larger than b_small"):
         sgdnoise.gradient_noise_scale(problem, method="two_batch", b_small=4, b_big=4, generator=0)
     with pytest.raises(ValueError, match=r"b_big must be an integer in \[1, N\] = \[1, 8\]"):

@@ -251,3 +251,31 @@ def test_check_finite_screens_large_tensors_by_their_sum() -> None:
             check_finite(t, "x")
     # Finite entries whose float32 sum overflows are not an error (the exact check runs then).
     check_finite(torch.full((10_000,), 3e38), "x")
+
+
+def test_output_jacobian_products_match_dense_jacobian() -> None:
+    """output_jvp / output_vjp against the dense Jacobian of the outputs (torch.func.jacrev)."""
+    problem = make_problem("mlp", n=6, seed=2)
+    x, _ = problem.take(torch.arange(6))
+    theta = problem.theta()
+    J = torch.func.jacrev(lambda th: problem.outputs(th, x))(theta)  # [n, C, D]
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(problem.dim, 3, generator=gen, dtype=torch.float64)
+    JV = problem.output_jvp(V)
+    assert JV.shape == (*J.shape[:-1], 3)
+    torch.testing.assert_close(JV, J @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(problem.output_jvp(V[:, 0]), J @ V[:, 0], rtol=1e-10, atol=1e-12)
+    U = torch.randn(*J.shape[:-1], 2, generator=gen, dtype=torch.float64)
+    JtU = problem.output_vjp(U)
+    torch.testing.assert_close(JtU, torch.einsum("ncd,nck->dk", J, U), rtol=1e-10, atol=1e-12)
+    idx = torch.tensor([4, 1])
+    torch.testing.assert_close(
+        problem.output_jvp(V, indices=idx), (J @ V)[idx], rtol=1e-10, atol=1e-12
+    )
+    # the public names and their private aliases are the same methods
+    assert problem.trainable_parameters() == problem._trainable()
+    assert problem.per_sample_chunk_size() == problem._per_sample_chunk_size()
+    assert torch.equal(
+        problem.batch_loss(theta, *problem.take([0, 1])),
+        problem._batch_loss(theta, *problem.take([0, 1])),
+    )

@@ -6,12 +6,26 @@ Public API (names and meanings are fixed; see the README for the conventions):
 * :func:`per_sample_gradients`, :func:`hessian`, :func:`gradient_noise_covariance` — the
   ingredients, as tensors or matrix-free :class:`~sgdnoise.linalg.LinearOperator` s.
 * :func:`top_eigenpairs` (Lanczos), :func:`trace_estimate` (Hutchinson / Hutch++).
-* :func:`escape_indicator` (Tr(HΣ) vs Tr(HΣ̄)), :func:`alignment`, :func:`expected_sharpness`.
+* Measures on operators: :func:`tr_HS` (Tr(HΣ)), :func:`hessian_trace`, :func:`alignment`
+  ``(H, S, k)``; on a problem: :func:`escape_indicator` (Tr(HΣ) vs Tr(HΣ̄)),
+  ``alignment(problem, b, k)``, :func:`expected_sharpness`.
 * :func:`gradient_noise_scale` — B_simple = Tr Σ₁ / ‖∇L‖², exact or from two batch sizes.
 * :func:`noise_model` / :func:`noise_structures` — registered gradient-noise structures.
 * :class:`GLD`, :class:`GD`, :class:`MinibatchSGD`, :func:`make_optimizer`, :func:`run_dynamics`,
   :func:`gld_step` — noise-injected dynamics sharing one code path.
 * :class:`Monitor` — these measures every K steps of a training loop, as JSON lines.
+
+Conventions shared by every function:
+
+* **Randomness.** Every function that draws random numbers takes ``seed: int | None`` and
+  ``generator: torch.Generator | None`` (keywords). The generator wins (its state advances);
+  otherwise a fresh generator seeded with ``seed`` is used, ``None`` and the default meaning 0 —
+  deterministic by default. Nothing draws from PyTorch's global random state.
+* **Return types.** Scalar results are Python floats (ints, bools); vectors and matrices are
+  tensors; results with several fields are frozen dataclasses whose ``print`` is a short table
+  (``value ± standard error`` where there is one) and ``to_dict()`` their fields.
+* **Normalisation.** ``L = (1/N) Σ_i ℓ_i``; ``Σ_1 = (1/N) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ``;
+  ``Σ_b = Σ_1 / b`` with replacement, ``Σ_1 (N − b)/(b (N − 1))`` without (gradient level).
 """
 
 from .blocks import LayerTable, by_layer
@@ -43,6 +57,8 @@ from .measures import (
     at_theta,
     escape_indicator,
     expected_sharpness,
+    hessian_trace,
+    tr_HS,
 )
 from .monitor import Monitor
 from .noise import (
@@ -106,6 +122,7 @@ __all__ = [
     "gradient_noise_covariance",
     "gradient_noise_scale",
     "hessian",
+    "hessian_trace",
     "make_optimizer",
     "noise_model",
     "noise_structures",
@@ -113,6 +130,7 @@ __all__ = [
     "per_sample_gradients_and_losses",
     "run_dynamics",
     "top_eigenpairs",
+    "tr_HS",
     "trace_estimate",
     "weighted_gradients",
 ]

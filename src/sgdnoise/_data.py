@@ -63,7 +63,9 @@ def batch_size_of(obj: Any, what: str = "inputs") -> int:
             f"every tensor of {what} must have the batch on dimension 0 with one common size, "
             f"got shapes {shapes}"
         )
-    return int(next(iter(sizes)))
+    size = next(iter(sizes))
+    assert size is not None
+    return int(size)
 
 
 def _shapes(obj: Any) -> str:

@@ -71,7 +71,7 @@ def split_parameters(
             )
     trained = [p for p in params if p.requires_grad]
     frozen = [names.get(id(p), f"<tensor {list(p.shape)}>") for p in params if not p.requires_grad]
-    theirs = problem._trainable()  # ISSUE11-MERGE: problem.trainable_parameters()
+    theirs = problem.trainable_parameters()
     theirs_ids = {id(p) for p in theirs}
     mine_ids = {id(p) for p in trained}
     missing = [n for n, p in zip(problem.param_names, theirs, strict=True) if id(p) not in mine_ids]
@@ -93,7 +93,7 @@ def _mismatch(
     extra: list[torch.Tensor],
 ) -> str:
     """The message naming the missing and extra parameters and the fix."""
-    theirs = problem._trainable()  # ISSUE11-MERGE: problem.trainable_parameters()
+    theirs = problem.trainable_parameters()
     parts = []
     if missing:
         pairs = zip(problem.param_names, theirs, strict=True)

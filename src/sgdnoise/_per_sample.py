@@ -32,11 +32,12 @@ When a check fails, the caller falls back to the general path and records why.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from ._data import batch_size_of, call_model
 
@@ -106,9 +107,29 @@ def per_sample_gradients_by_hooks(
     """
     names = names or {}
     layers = list({id(m): m for m, _ in plan}.values())
-    records: dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {
-        id(m): [] for m in layers
-    }
+    n = batch_size_of(x)
+    got = _forward_and_deltas(model, total_loss, layers, x, n, names)
+    if isinstance(got, str):
+        return HookFailure(got)
+    outputs, records, deltas = got
+    _write_gradients(plan, layers, records, deltas, out, n)
+    return out, outputs
+
+
+_Records = dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]]
+
+
+def _forward_and_deltas(
+    model: nn.Module,
+    total_loss: Callable[[torch.Tensor], torch.Tensor],
+    layers: list[nn.Module],
+    x: Any,
+    n: int,
+    names: dict[int, str],
+) -> tuple[Any, _Records, tuple[torch.Tensor | None, ...]] | str:
+    """One forward pass recording each layer's input and output, and the backward to the
+    outputs ``δ = ∂(Σ_i ℓ_i)/∂z``; or the reason the run-time rules (3) fail."""
+    records: _Records = {id(m): [] for m in layers}
 
     def record(module: nn.Module, args: tuple[torch.Tensor, ...], z: torch.Tensor) -> None:
         a = args[0]
@@ -117,7 +138,6 @@ def per_sample_gradients_by_hooks(
     def label(m: nn.Module) -> str:
         return f"{names.get(id(m), '?')} ({type(m).__name__})"
 
-    n = batch_size_of(x)
     handles = [m.register_forward_hook(record) for m in layers]
     try:
         with torch.enable_grad():
@@ -125,19 +145,17 @@ def per_sample_gradients_by_hooks(
             for m in layers:
                 calls = records[id(m)]
                 if len(calls) != 1:
-                    return HookFailure(
-                        f"layer {label(m)} was called {len(calls)} times per forward"
-                    )
+                    return f"layer {label(m)} was called {len(calls)} times per forward"
                 a, z, va, vz = calls[0]
                 if not isinstance(a, torch.Tensor) or a.ndim < 2 or a.shape[0] != n:
-                    return HookFailure(f"layer {label(m)} does not see the batch on dimension 0")
+                    return f"layer {label(m)} does not see the batch on dimension 0"
                 if z.shape[0] != n:
-                    return HookFailure(f"layer {label(m)} does not output the batch on dimension 0")
+                    return f"layer {label(m)} does not output the batch on dimension 0"
             total = total_loss(outputs)
             for m in layers:
                 a, z, va, vz = records[id(m)][0]
                 if a._version != va or z._version != vz:
-                    return HookFailure(
+                    return (
                         f"the input or output of layer {label(m)} is modified in place after the "
                         "layer (e.g. ReLU(inplace=True) or h += ...)"
                     )
@@ -146,7 +164,18 @@ def per_sample_gradients_by_hooks(
     finally:
         for h in handles:
             h.remove()
+    return outputs, records, deltas
 
+
+def _write_gradients(
+    plan: Plan,
+    layers: list[nn.Module],
+    records: _Records,
+    deltas: tuple[torch.Tensor | None, ...],
+    out: torch.Tensor,
+    n: int,
+) -> None:
+    """Per-sample weight and bias gradients of every planned layer into ``out``'s columns."""
     offsets: dict[tuple[int, str], slice] = {}
     start = 0
     for m, leaf in plan:
@@ -177,14 +206,13 @@ def per_sample_gradients_by_hooks(
                     torch.sum(d2, dim=1, out=b_out)
             else:
                 if w_out is not None:
-                    _conv_weight_gradients(m, a, delta, w_out)
+                    _conv_weight_gradients(cast(_ConvNd, m), a, delta, w_out)
                 if b_out is not None:
                     torch.sum(delta.flatten(2), dim=2, out=b_out)
-    return out, outputs
 
 
 def _conv_weight_gradients(
-    m: nn.Module, a: torch.Tensor, delta: torch.Tensor, w_out: torch.Tensor
+    m: _ConvNd, a: torch.Tensor, delta: torch.Tensor, w_out: torch.Tensor
 ) -> None:
     """Per-sample ``∇_W ℓ_i`` of a convolution, written into ``w_out`` ``[n, numel(W)]``.
 

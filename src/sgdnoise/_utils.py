@@ -58,6 +58,21 @@ def as_generator(
     )
 
 
+def resolve_generator(
+    seed: int | None = 0, generator: torch.Generator | int | None = None
+) -> torch.Generator:
+    """The package's one randomness rule: ``generator`` wins (an int there is a seed, for older
+    code); otherwise a fresh CPU generator seeded with ``seed`` (``None`` counts as 0), so every
+    function is deterministic by default.
+
+    Raises:
+        TypeError: ``generator`` or ``seed`` of another type.
+    """
+    if generator is not None:
+        return as_generator(generator)
+    return as_generator(0 if seed is None else seed, what="seed")
+
+
 def randn(
     shape: tuple[int, ...],
     *,

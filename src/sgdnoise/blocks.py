@@ -10,6 +10,7 @@ in any row).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class LayerTable:
 
     def total(self, key: str) -> float:
         """The sum of a column over the layers (meaningful for ``tr_H`` and ``tr_S``)."""
-        return float(sum(float(r[key]) for r in self.rows))  # type: ignore[arg-type]
+        return float(sum((float(cast(Any, r[key])) for r in self.rows), 0.0))
 
     def to_markdown(self) -> str:
         head = "| layer | type | D | " + " | ".join(self.columns) + " |"
@@ -75,7 +76,8 @@ def by_layer(
     batch_size: int = 1,
     *,
     num_samples: int | None = None,
-    generator: torch.Generator | int = 0,
+    seed: int | None = 0,
+    generator: torch.Generator | int | None = None,
     eigenvalues: bool = True,
     tol: float | None = None,
 ) -> LayerTable:
@@ -89,7 +91,9 @@ def by_layer(
         problem: model, loss and data (θ may itself be a block: rows cover its layers).
         batch_size: b of ``Σ_b``.
         num_samples: ``None`` for exact ``Tr(HΣ_b)``, else the number of sampled examples.
-        generator: randomness for sampling, Hutch++ and Lanczos starts (the same seed per row).
+        seed, generator: randomness for sampling, Hutch++ and Lanczos starts, the same seed for
+            every row (the generator wins: an int is that seed, a generator its initial seed;
+            else ``seed``, default 0).
         eigenvalues: also compute ``lambda_max`` per layer.
         tol: Lanczos tolerance (default per dtype, see :func:`sgdnoise.top_eigenpairs`).
 
@@ -98,9 +102,14 @@ def by_layer(
         ``table.total("tr_H")`` its ``Tr H`` — exactly in exact mode; with ``num_samples`` a
         layer's Tr H is a Hutch++ estimate when its D exceeds the sample's product budget
         (``tr_H_exact`` per row says which).
+
+    Raises:
+        ValueError: b or ``num_samples`` outside their ranges (as :func:`escape_indicator`).
     """
     rows: list[dict[str, object]] = []
-    seed = generator if isinstance(generator, int) else int(generator.initial_seed())
+    if generator is not None:
+        seed = generator if isinstance(generator, int) else int(generator.initial_seed())
+    seed = 0 if seed is None else seed
     for name, module, names in _layers(problem):
         sub = problem.restrict(names)
         ind = escape_indicator(sub, batch_size, num_samples=num_samples, generator=seed)

@@ -6,336 +6,77 @@ average to ∇L, Hessian products that are the derivative of ∇L, and a forward
 deterministic. :func:`check` tests each of them on a small random subset of the data and returns a
 :class:`CheckReport`; it never raises because a check failed (an exception inside a check is that
 check's failure, with its message).
+
+The checks, in the order :func:`check` runs them:
+
+1. **parameters_finite** — every entry of θ is finite (value: how many are not).
+   *Fix*: reload a checkpoint from before the divergence, lower the learning rate.
+2. **data_finite** — the floating inputs and targets of the subset are finite (a NaN/inf input
+   can give a finite loss, tanh(inf) = 1, but NaN gradients). *Fix*: clean the data.
+3. **loss_finite** — the loss on the subset is finite; when it is not, the failure names the
+   samples whose single-sample losses are not finite. *Fix*: use a stable loss
+   (``F.cross_entropy`` on logits), clamp inside logs. When 1, 2 or 3 fails (or the loss
+   cannot be evaluated at all, e.g. BatchNorm or dropout in training mode, which
+   :class:`Problem` refuses), the remaining checks are skipped.
+4. **per_sample_gradients** — ``mean_i g_i = ∇L`` on 16 samples, with ``g_i`` from
+   :meth:`Problem.per_sample_gradients` and ∇L from an ordinary backward pass; error relative
+   to ``‖mean_i |g_i|‖`` (elementwise absolute values, so cancellation near a minimum does not
+   inflate it); plus the first two rows against their gradients computed alone. Tolerance
+   ``r``. Catches a per-sample fast path that is wrong for the model (in-place ops, a
+   parameter used twice). *Fix*: ``method='vmap'``; report the model.
+5. **loss_is_sample_mean** — ``loss_fn`` on a batch of 16 samples equals the mean of its 16
+   single-sample losses, relative to ``mean_i |ℓ_i|``, tolerance ``r``. A failure says
+   whether the loss is a sum (``reduction='sum'``), or samples are weighted unequally (token
+   mean with ``ignore_index``/padding) or coupled (batch statistics). *Fix*:
+   ``reduction='mean'``, or ``Problem(..., reduction='none')`` with one loss per sample.
+6. **hvp_finite_differences** — ``H v`` (:meth:`Problem.hvp`, random unit ``v`` from
+   ``generator``) against central differences ``D(ε) = (∇L(θ+εv) − ∇L(θ−εv))/(2ε)`` of the
+   gradient on 16 samples. For a float32/float16/bfloat16 model the differences are taken on
+   a float64 copy of it (see ``float64_reference``), in the reference dtype's steps
+   ``ε_k = τ(1+‖θ‖)4^{-k}`` (τ = 1e-5 in float64, 3e-3 in float32, 3e-2 in half precision).
+   Successive steps are computed until two agree to ``max(30 r_ref, r)`` (at most 6 steps):
+   their spread ``s = ‖D(ε_k) − D(ε_{k+1})‖`` bounds the finite-difference error of
+   ``D(ε_{k+1})`` (truncation falls 16-fold per step, rounding grows 4-fold), so the check
+   passes when ``‖Hv − D(ε_{k+1})‖ ≤ 3 s + 10 r``, relative to ``max(‖Hv‖, ‖D‖)``. At ReLU
+   or max-pool kinks the differences disagree between steps (a kink crossed inside ±ε adds a
+   jump divided by ε), the spread is large and the check passes as *inconclusive* (said in
+   the detail) rather than failing; a wrong second derivative gives differences that agree
+   with each other but not with ``Hv``. This catches faults inside PyTorch or custom
+   ``autograd.Function`` s (a backward that is right but whose own derivative is wrong)
+   without knowing them in advance, because the differences use first derivatives only.
+   *Fix*: build that backward from differentiable operations (or give the Function a correct
+   jvp).
+7. **hvp_symmetry** — ``uᵀHv = vᵀHu`` for two random unit vectors, on the subset; error
+   relative to ``max(‖Hu‖, ‖Hv‖)``, tolerance ``10 r``.
+8. **determinism** — the loss and the product ``H@[u v]`` computed twice agree to ``10 r``
+   (exactly, on a CPU). Dropout or noise in training mode and augmentation inside the model
+   break Lanczos and trace estimates. *Fix*: ``model.eval()``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ._check_results import CheckReport, CheckResult, _exception_text
 from ._data import _leaves
-from ._utils import as_generator
+from ._finite_differences import (
+    _FEW,
+    _hvp,
+    _random_subset,
+    _rel,
+    _rtol,
+    _single_loss,
+    _unit,
+    hvp_finite_difference_check,
+)
+from ._utils import resolve_generator
 from .problem import Problem
 
-__all__ = ["CheckReport", "CheckResult", "check"]
-
-#: Samples used by the per-sample checks and the finite-difference check (a subset of the subset).
-_FEW = 16
-#: Finite-difference steps ε_k = τ·(1 + ‖θ‖)·4^{-k}, k < _FD_LEVELS (more levels only if needed).
-_FD_LEVELS = 6
-_FD_STEP = {torch.float64: 1e-5, torch.float32: 3e-3}
-_FD_STEP_LOW = 3e-2  # float16 / bfloat16
-
-
-def _rtol(dtype: torch.dtype, device: torch.device) -> float:
-    """Working relative precision of sums over a batch in ``dtype`` (the checks' unit tolerance).
-
-    float32 on CUDA may run convolutions and matrix products in TF32 (10-bit mantissa), so the
-    tolerance is looser there when TF32 is allowed.
-    """
-    if dtype == torch.float64:
-        return 1e-9
-    if dtype == torch.float32:
-        if device.type == "cuda" and (
-            torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
-        ):
-            return 3e-3
-        return 2e-4
-    if dtype == torch.bfloat16:
-        return 5e-2
-    return 1e-2
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One check's outcome.
-
-    Attributes:
-        name: short identifier (``"hvp_finite_differences"``, ...).
-        passed: ``True``/``False``, or ``None`` when the check was skipped (an earlier check that
-            it needs failed, or too few samples).
-        value: the measured number the check compares (a relative error, a count, the loss), or
-            ``None`` when nothing was measured.
-        tolerance: the threshold ``value`` was compared against (``None`` if not applicable).
-        detail: one readable paragraph: what was measured, and for a failure by how much, the
-            likely cause and the fix.
-    """
-
-    name: str
-    passed: bool | None
-    value: float | None
-    tolerance: float | None
-    detail: str
-
-    @property
-    def status(self) -> str:
-        """``"PASS"``, ``"FAIL"`` or ``"SKIP"``."""
-        return {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    """The outcome of :func:`check`: one :class:`CheckResult` per check, in the order run.
-
-    Attributes:
-        checks: the per-check records.
-        problem: a one-line description of the problem checked.
-        num_samples: how many samples the checks used (a random subset).
-    """
-
-    checks: list[CheckResult] = field(default_factory=list)
-    problem: str = ""
-    num_samples: int = 0
-
-    @property
-    def ok(self) -> bool:
-        """``True`` when no check failed (skipped checks do not count as failures)."""
-        return all(c.passed is not False for c in self.checks)
-
-    @property
-    def failures(self) -> list[str]:
-        """One readable sentence per failed check: ``"name: what failed, by how much, fix"``."""
-        return [f"{c.name}: {c.detail}" for c in self.checks if c.passed is False]
-
-    def __getitem__(self, name: str) -> CheckResult:
-        for c in self.checks:
-            if c.name == name:
-                return c
-        raise KeyError(f"no check named {name!r}; checks: {', '.join(self.names)}")
-
-    @property
-    def names(self) -> list[str]:
-        """The names of the checks, in the order run."""
-        return [c.name for c in self.checks]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary of the report."""
-        return {
-            "ok": self.ok,
-            "problem": self.problem,
-            "num_samples": self.num_samples,
-            "checks": [
-                {
-                    "name": c.name,
-                    "passed": c.passed,
-                    "value": c.value,
-                    "tolerance": c.tolerance,
-                    "detail": c.detail,
-                }
-                for c in self.checks
-            ],
-        }
-
-    def __str__(self) -> str:
-        def num(x: float | None) -> str:
-            return "-" if x is None else f"{x:.3g}"
-
-        width = max((len(c.name) for c in self.checks), default=4)
-        lines = [f"sgdnoise.check: {self.problem} ({self.num_samples} samples checked)"]
-        for c in self.checks:
-            head = f"  {c.status}  {c.name:<{width}}  value {num(c.value):>9}  tol {num(c.tolerance):>9}"
-            if c.passed is False:
-                lines.append(head)
-            else:
-                lines.append(f"{head}  {c.detail}")
-        failed = [c for c in self.checks if c.passed is False]
-        if failed:
-            lines.append(f"{len(failed)} of {len(self.checks)} checks failed:")
-            lines.extend(f"  - {f}" for f in self.failures)
-        else:
-            lines.append("all checks passed")
-        return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- helpers
-_HINTS = (
-    (
-        "random operation",
-        "The model draws random numbers in its forward pass (dropout, noise, augmentation): "
-        "call model.eval() or move the randomness out of the model.",
-    ),
-    (
-        "derivative for",
-        "An operation in the model has no derivative rule of the order needed: replace it, or "
-        "run it on a kernel that has one (attention: the math kernel).",
-    ),
-    (
-        "batching rule",
-        "An operation has no torch.func (vmap) batching rule: replace it, or report the model "
-        "so that its per-sample pass falls back to a loop over samples.",
-    ),
-)
-
-
-def _exception_text(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-    if len(text) > 600:
-        text = text[:600] + " ..."
-    low = str(exc).lower()
-    for key, hint in _HINTS:
-        if key in low and hint not in text:
-            return f"{text} {hint}"
-    return text
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
-    diff = float((a.double() - b.double()).norm())
-    if diff == 0.0:
-        return 0.0
-    return diff / scale if scale > 0 else math.inf
-
-
-def _unit(problem: Problem, gen: torch.Generator) -> torch.Tensor:
-    """A random unit vector ``[D]`` (drawn in float64 on the generator's device)."""
-    v = torch.randn(problem.dim, generator=gen, dtype=torch.float64, device=gen.device)
-    v = v / v.norm()
-    return v.to(problem.device, problem.dtype)
-
-
-def _single_loss(problem: Problem, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``loss_fn`` of one batch holding exactly the samples ``idx`` (no chunking)."""
-    x, y = problem.take(idx)
-    batch_loss = getattr(problem, "_batch_loss", None)
-    with torch.no_grad():
-        if batch_loss is not None:
-            return batch_loss(theta, x, y)
-        return problem.loss(theta, idx)  # a Problem without _batch_loss: its chunked loss
-
-
-def _hvp(problem: Problem, V: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``H V`` by the problem's own route, without its one-time self-check where it has one
-    (the checks here measure and report what that self-check would only refuse)."""
-    unchecked = getattr(problem, "hvp_unchecked", None)
-    if unchecked is not None:
-        return unchecked(V, theta, idx)
-    return problem.hvp(V, theta, idx)
-
-
-def _random_subset(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
-    """``m`` distinct sample indices out of ``n``, sorted (no ``[n]`` permutation for large n)."""
-    if n <= 1 << 20:
-        return torch.randperm(n, generator=gen, device=gen.device)[:m].sort().values
-    picked = torch.randint(0, n, (2 * m,), generator=gen, device=gen.device).unique()
-    while picked.numel() < m:  # repeats are rare when m << n
-        more = torch.randint(0, n, (2 * m,), generator=gen, device=gen.device)
-        picked = torch.cat([picked, more]).unique()
-    # a uniformly random m of the distinct draws (unique() sorts: never take its first m)
-    keep = torch.randperm(picked.numel(), generator=gen, device=gen.device)[:m]
-    return picked[keep].sort().values
-
-
-def _float64_reference(
-    p: Problem, theta: torch.Tensor, few: torch.Tensor, float64_reference: bool
-) -> tuple[Problem, str, torch.Tensor]:
-    """The problem the finite differences run on and the indices of ``few`` in it: a float64
-    copy of the model on those samples alone when the model is in lower precision (its rounding
-    no longer limits the step size), else the problem itself."""
-    if p.dtype == torch.float64 or not float64_reference:
-        return p, "", few
-    try:
-        kwargs: dict[str, Any] = {"chunk_size": p.chunk_size, "params": list(p.param_names)}
-        if getattr(p, "reduction", "mean") != "mean":
-            kwargs["reduction"] = p.reduction
-        model = copy.deepcopy(p.model).to(torch.float64)
-        ref = Problem(model, p.loss_fn, *p.take(few), **kwargs)
-        local = torch.arange(len(few), device=ref.device)
-        if ref.dim != p.dim or ref.param_names != p.param_names:
-            raise ValueError("the float64 copy has other parameters")
-        loss, _ = ref.loss_and_gradient(theta.double(), local[:1])  # it runs
-        if loss.dtype != torch.float64:
-            raise TypeError(f"its loss is {loss.dtype}: the model casts inside its forward")
-    except Exception as exc:  # any failure: finite differences in the model's own dtype
-        return p, f"; in {str(p.dtype)[6:]} (a float64 copy failed: {_exception_text(exc)})", few
-    return ref, "; differences on a float64 copy of the model", local
-
-
-def hvp_finite_difference_check(
-    p: Problem,
-    theta: torch.Tensor,
-    few: torch.Tensor,
-    gen: torch.Generator,
-    *,
-    rtol: float | None = None,
-    float64_reference: bool = True,
-    levels: int | None = None,
-) -> CheckResult:
-    """``H v`` against central differences of ∇L on the samples ``few``, along a random unit v.
-
-    Steps ``ε_k = τ(1 + ‖θ‖)·4^{-k}`` are added until two consecutive differences agree; the
-    check passes if ``‖Hv − D‖ ≤ 3·spread + 10·rtol`` (relative). Near ReLU/max-pool kinks the
-    differences disagree between steps and the check is inconclusive (passes, with a note); a
-    wrong second derivative gives differences that agree with each other but not with ``H v``.
-    Below float64 the differences are taken on a float64 copy of the model when it can be made.
-    Used by :func:`check` and, once per problem, by :meth:`Problem.hvp`.
-    """
-    if rtol is None:
-        rtol = _rtol(p.dtype, p.device)
-    v = _unit(p, gen)
-    h = _hvp(p, v[:, None], theta, few)[:, 0].double()
-    ref, how, ref_few = _float64_reference(p, theta, few, float64_reference)
-    theta, v = theta.to(ref.dtype), v.to(ref.dtype)
-    step = _FD_STEP.get(ref.dtype, _FD_STEP_LOW)
-    eps0 = step * (1.0 + float(theta.double().norm()))
-    tiny = torch.finfo(torch.float64).tiny
-    floor = 10 * rtol  # the model's H@v is computed in its own precision
-    # differences this consistent are conclusive (their spread no longer matters)
-    good = max(30 * _rtol(ref.dtype, ref.device), floor / 10)
-    pairs: list[tuple[float, float, float]] = []  # (spread, error, eps) relative to scale
-    prev: torch.Tensor | None = None
-    for k in range(_FD_LEVELS if levels is None else max(2, levels)):
-        eps = eps0 / 4**k
-        gp = ref.gradient(theta + eps * v, ref_few).double()
-        gm = ref.gradient(theta - eps * v, ref_few).double()
-        D = (gp - gm) / (2 * eps)
-        if prev is not None:
-            scale = max(float(h.norm()), float(D.norm()), tiny)
-            pairs.append((_rel(D, prev, scale), _rel(h, D, scale), eps))
-            if pairs[-1][0] <= good:
-                break
-        prev = D
-    spread, err, eps = min(pairs, key=lambda t: t[0])
-    tol = 3 * spread + floor
-    levels = len(pairs) + 1
-    if err <= tol:
-        note = ""
-        if spread > 0.1:
-            note = (
-                " (inconclusive along this direction: the finite differences disagree between "
-                "step sizes, as at ReLU/max-pool kinks; H@v was only checked to "
-                f"{tol:.0e})"
-            )
-        return CheckResult(
-            "hvp_finite_differences",
-            True,
-            err,
-            tol,
-            f"H@v matches central differences of ∇L to {err:.1e} (step {eps:.1e}, "
-            f"{levels} step sizes{how}){note}",
-        )
-    route = getattr(p, "routes", {}).get("hvp", "")
-    return CheckResult(
-        "hvp_finite_differences",
-        False,
-        err,
-        tol,
-        f"H@v differs from central finite differences of the gradient, (∇L(θ+εv) − "
-        f"∇L(θ−εv))/(2ε), by {err:.2e} relative (the differences agree between step sizes "
-        f"ε = {4 * eps:.1e} and {eps:.1e} to {spread:.1e}; tolerance {tol:.1e}), on "
-        f"{len(few)} samples along a random unit v{how}"
-        + (f"; Hessian route: {route}" if route else "")
-        + ". The gradient is right but its derivative is not: likely cause: an operation "
-        "whose second derivative is wrong or missing (a custom autograd.Function whose "
-        "backward is not differentiable correctly, or a jvp/vmap rule that disagrees with "
-        "its backward; a .detach() or no_grad inside the backward). Fix: make that backward "
-        "built from differentiable operations (or give the Function a correct jvp), then run "
-        "sgdnoise.check again.",
-    )
+__all__ = ["CheckReport", "CheckResult", "check", "hvp_finite_difference_check"]
 
 
 class _Skip(Exception):
@@ -668,7 +409,8 @@ def _as_problem(obj: Any) -> Problem:
 def check(
     problem: Problem | Sequence[Any],
     *,
-    generator: torch.Generator | int = 0,
+    seed: int | None = 0,
+    generator: torch.Generator | int | None = None,
     max_samples: int = 64,
     indices: torch.Tensor | Sequence[int] | None = None,
     float64_reference: bool = True,
@@ -682,48 +424,10 @@ def check(
     scale with the working precision ``r`` of the model's dtype (``r`` = 1e-9 in float64, 2e-4 in
     float32 — 3e-3 on CUDA when TF32 is allowed —, 1e-2 in float16, 5e-2 in bfloat16).
 
-    1. **parameters_finite** — every entry of θ is finite (value: how many are not).
-       *Fix*: reload a checkpoint from before the divergence, lower the learning rate.
-    2. **data_finite** — the floating inputs and targets of the subset are finite (a NaN/inf input
-       can give a finite loss, tanh(inf) = 1, but NaN gradients). *Fix*: clean the data.
-    3. **loss_finite** — the loss on the subset is finite; when it is not, the failure names the
-       samples whose single-sample losses are not finite. *Fix*: use a stable loss
-       (``F.cross_entropy`` on logits), clamp inside logs. When 1, 2 or 3 fails (or the loss
-       cannot be evaluated at all, e.g. BatchNorm or dropout in training mode, which
-       :class:`Problem` refuses), the remaining checks are skipped.
-    4. **per_sample_gradients** — ``mean_i g_i = ∇L`` on 16 samples, with ``g_i`` from
-       :meth:`Problem.per_sample_gradients` and ∇L from an ordinary backward pass; error relative
-       to ``‖mean_i |g_i|‖`` (elementwise absolute values, so cancellation near a minimum does not
-       inflate it); plus the first two rows against their gradients computed alone. Tolerance
-       ``r``. Catches a per-sample fast path that is wrong for the model (in-place ops, a
-       parameter used twice). *Fix*: ``method='vmap'``; report the model.
-    5. **loss_is_sample_mean** — ``loss_fn`` on a batch of 16 samples equals the mean of its 16
-       single-sample losses, relative to ``mean_i |ℓ_i|``, tolerance ``r``. A failure says
-       whether the loss is a sum (``reduction='sum'``), or samples are weighted unequally (token
-       mean with ``ignore_index``/padding) or coupled (batch statistics). *Fix*:
-       ``reduction='mean'``, or ``Problem(..., reduction='none')`` with one loss per sample.
-    6. **hvp_finite_differences** — ``H v`` (:meth:`Problem.hvp`, random unit ``v`` from
-       ``generator``) against central differences ``D(ε) = (∇L(θ+εv) − ∇L(θ−εv))/(2ε)`` of the
-       gradient on 16 samples. For a float32/float16/bfloat16 model the differences are taken on
-       a float64 copy of it (see ``float64_reference``), in the reference dtype's steps
-       ``ε_k = τ(1+‖θ‖)4^{-k}`` (τ = 1e-5 in float64, 3e-3 in float32, 3e-2 in half precision).
-       Successive steps are computed until two agree to ``max(30 r_ref, r)`` (at most 6 steps):
-       their spread ``s = ‖D(ε_k) − D(ε_{k+1})‖`` bounds the finite-difference error of
-       ``D(ε_{k+1})`` (truncation falls 16-fold per step, rounding grows 4-fold), so the check
-       passes when ``‖Hv − D(ε_{k+1})‖ ≤ 3 s + 10 r``, relative to ``max(‖Hv‖, ‖D‖)``. At ReLU
-       or max-pool kinks the differences disagree between steps (a kink crossed inside ±ε adds a
-       jump divided by ε), the spread is large and the check passes as *inconclusive* (said in
-       the detail) rather than failing; a wrong second derivative gives differences that agree
-       with each other but not with ``Hv``. This catches faults inside PyTorch or custom
-       ``autograd.Function`` s (a backward that is right but whose own derivative is wrong)
-       without knowing them in advance, because the differences use first derivatives only.
-       *Fix*: build that backward from differentiable operations (or give the Function a correct
-       jvp).
-    7. **hvp_symmetry** — ``uᵀHv = vᵀHu`` for two random unit vectors, on the subset; error
-       relative to ``max(‖Hu‖, ‖Hv‖)``, tolerance ``10 r``.
-    8. **determinism** — the loss and the product ``H@[u v]`` computed twice agree to ``10 r``
-       (exactly, on a CPU). Dropout or noise in training mode and augmentation inside the model
-       break Lanczos and trace estimates. *Fix*: ``model.eval()``.
+    The eight checks, in order (each with its tolerance and fix in the module docstring):
+    ``parameters_finite``, ``data_finite``, ``loss_finite`` (a failure of one of these three
+    skips the rest), ``per_sample_gradients``, ``loss_is_sample_mean``,
+    ``hvp_finite_differences``, ``hvp_symmetry``, ``determinism``.
 
     Nothing here modifies the model: every evaluation passes θ explicitly, and random vectors and
     the subset come from ``generator`` only.
@@ -731,7 +435,8 @@ def check(
     Args:
         problem: a :class:`Problem`, or a tuple ``(model, loss_fn, inputs, targets)`` (then
             building the Problem is itself a check, ``"problem"``, whose error is reported).
-        generator: ``torch.Generator`` or int seed for the subset and the random directions.
+        seed, generator: randomness of the subset and the random directions (the generator
+            wins; else a fresh generator seeded with ``seed``, default 0).
         max_samples: largest subset of samples used (a random one, sorted).
         indices: check these samples instead of a random subset (at most ``max_samples`` used).
         float64_reference: for a model in float32 or lower precision, take the finite
@@ -758,37 +463,49 @@ def check(
         >>> report.ok, report.failures
         (True, [])
     """
-    gen = as_generator(generator)
+    gen = resolve_generator(seed, generator)
     if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
         raise ValueError(f"max_samples must be a positive int, got {max_samples!r}")
     results: list[CheckResult] = []
     if not isinstance(problem, Problem):
-        try:
-            problem = _as_problem(problem)
-        except Exception as exc:  # the construction's error is the finding
-            results.append(
-                CheckResult(
-                    "problem",
-                    False,
-                    None,
-                    None,
-                    f"building sgdnoise.Problem(model, loss_fn, inputs, targets) raised "
-                    f"{_exception_text(exc)}",
-                )
-            )
+        built = _build(problem, results)
+        if built is None:
             return CheckReport(results, "Problem(...) not built", 0)
-        results.append(CheckResult("problem", True, None, None, "sgdnoise.Problem built"))
-    assert isinstance(problem, Problem)
-
+        problem = built
     if indices is None:
         sub = _random_subset(problem.num_samples, min(max_samples, problem.num_samples), gen)
     else:
-        sub = problem.check_indices(indices)
-        assert sub is not None
-        sub = sub[:max_samples]
+        chosen = problem.check_indices(indices)
+        assert chosen is not None
+        sub = chosen[:max_samples]
     sub = sub.to(problem.device)
     rtol = _rtol(problem.dtype, problem.device)
-    checker = _Checker(problem, gen, sub, rtol, float64_reference)
+    _run_checks(_Checker(problem, gen, sub, rtol, float64_reference), results)
+    return CheckReport(results, repr(problem), len(sub))
+
+
+def _build(obj: Sequence[Any], results: list[CheckResult]) -> Problem | None:
+    """``Problem(*obj)``, its construction recorded as the check ``"problem"`` (``None``: failed)."""
+    try:
+        problem = _as_problem(obj)
+    except Exception as exc:  # the construction's error is the finding
+        results.append(
+            CheckResult(
+                "problem",
+                False,
+                None,
+                None,
+                f"building sgdnoise.Problem(model, loss_fn, inputs, targets) raised "
+                f"{_exception_text(exc)}",
+            )
+        )
+        return None
+    results.append(CheckResult("problem", True, None, None, "sgdnoise.Problem built"))
+    return problem
+
+
+def _run_checks(checker: _Checker, results: list[CheckResult]) -> None:
+    """Run the checks in order, appending their results; a check that raises has failed."""
     names: list[tuple[str, Callable[[], CheckResult]]] = [
         ("parameters_finite", checker.parameters_finite),
         ("data_finite", checker.data_finite),
@@ -813,4 +530,3 @@ def check(
         results.append(result)
         if name in ("parameters_finite", "data_finite", "loss_finite") and result.passed is False:
             blocked = f"needs a finite, computable loss ('{name}' failed)"
-    return CheckReport(results, repr(problem), len(sub))

@@ -34,6 +34,7 @@ import html
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +86,9 @@ def _load_weights(model: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such weights file: {path!r}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"cannot load weights {path!r} with torch.load(weights_only=True) ({_one_line(exc)}); "
-            "save a state_dict: torch.save(model.state_dict(), FILE)"
-        ) from exc
+    obj = _torch_load(
+        p, f"weights {path!r}", "save a state_dict: torch.save(model.state_dict(), FILE)"
+    )
     sd = _state_dict(obj, path)
     want = model.state_dict()
     missing = [k for k in want if k not in sd]
@@ -185,13 +182,9 @@ def load_data(spec: str) -> tuple[Any, Any]:
                 raise
             except Exception as exc:
                 raise ValueError(f"cannot read {spec!r} as .npz ({_one_line(exc)})") from exc
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"cannot load {spec!r} with torch.load(weights_only=True) ({_one_line(exc)}); save "
-                "a dict of tensors, e.g. torch.save({'x': x, 'y': y}, FILE)"
-            ) from exc
+        obj = _torch_load(
+            p, repr(spec), "save a dict of tensors, e.g. torch.save({'x': x, 'y': y}, FILE)"
+        )
         if isinstance(obj, (tuple, list)) and len(obj) == 2:
             return _as_tensor(obj[0], "inputs", spec), _as_tensor(obj[1], "targets", spec)
         if not isinstance(obj, dict):
@@ -262,33 +255,21 @@ def run_measure(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Load, measure, write ``measure.json`` and ``measure.html`` into ``out``; returns the JSON."""
-    from .monitor import QUANTITIES, Monitor, check_quantities
-    from .runs import Progress, env_info, resolve_device, resolve_dtype
+    from .monitor import QUANTITIES, check_quantities
+    from .runs import env_info, resolve_device
 
     names = check_quantities(quantities)
     dev = resolve_device(device)
-    model, factory_loss = load_model(
-        model_spec, weights, device=dev, dtype=None if dtype is None else resolve_dtype(dtype)
-    )
-    inputs, targets = load_data(data_spec)
-    if loss_spec is not None:
-        from .commands import _import_target
-
-        loss_fn, loss_name = _import_target(loss_spec), loss_spec
-    elif factory_loss is not None:
-        loss_fn, loss_name = factory_loss, f"returned by {model_spec}"
-    else:
-        loss_fn, loss_name = default_loss(inputs, targets)
-    monitor = Monitor(
-        model,
-        loss_fn,
-        inputs,
-        targets,
-        every=1,
-        quantities=names,
-        batch_size=batch_size,
-        path=None,
-        generator=seed,
+    monitor, loss_name = _monitor(
+        model_spec,
+        data_spec,
+        weights,
+        loss_spec,
+        dev,
+        dtype,
+        names,
+        batch_size,
+        seed=seed,
         num_samples=num_samples,
         alignment_k=alignment_k,
         sigma=sigma,
@@ -299,19 +280,7 @@ def run_measure(
         problem.loss(indices=torch.arange(min(2, problem.num_samples)))
     except (RuntimeError, IndexError) as exc:
         raise ValueError(f"the model cannot be evaluated on the data: {_one_line(exc)}") from exc
-    plan = monitor._plan()
-    bar = Progress(len(plan), "measure", enabled=progress, min_interval=0.0)
-    if progress:
-        print(
-            f"measuring {', '.join(names)} on N = {problem.num_samples} samples, "
-            f"D = {problem.dim} parameters ({len(plan)} computations)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def on_done(source: str, seconds: float, done: int, total: int) -> None:
-        bar.update(1, postfix=f"{source} {seconds:.2f}s")
-
+    on_done = _progress_bar(monitor, names, progress)
     t0 = time.perf_counter()
     record = monitor.measure(0, on_done=on_done)
     result = {
@@ -338,6 +307,82 @@ def run_measure(
     atomic_write_text(out / "measure.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "measure.html", _html(result))
     return result
+
+
+def _monitor(
+    model_spec: str,
+    data_spec: str,
+    weights: str | None,
+    loss_spec: str | None,
+    dev: torch.device,
+    dtype: str | None,
+    names: list[str],
+    batch_size: int,
+    **options: Any,
+) -> tuple[Any, str]:
+    """The model, data and loss loaded into a one-shot :class:`~sgdnoise.Monitor`, and the
+    loss's description."""
+    from .monitor import Monitor
+    from .runs import resolve_dtype
+
+    model, factory_loss = load_model(
+        model_spec, weights, device=dev, dtype=None if dtype is None else resolve_dtype(dtype)
+    )
+    inputs, targets = load_data(data_spec)
+    if loss_spec is not None:
+        from .commands import _import_target
+
+        loss_fn, loss_name = _import_target(loss_spec), loss_spec
+    elif factory_loss is not None:
+        loss_fn, loss_name = factory_loss, f"returned by {model_spec}"
+    else:
+        loss_fn, loss_name = default_loss(inputs, targets)
+    seed = options.pop("seed")
+    monitor = Monitor(
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        every=1,
+        quantities=names,
+        batch_size=batch_size,
+        path=None,
+        generator=seed,
+        **options,
+    )
+    return monitor, loss_name
+
+
+def _progress_bar(
+    monitor: Any, names: list[str], progress: bool
+) -> Callable[[str, float, int, int], None]:
+    """A progress bar over the monitor's computations (one line on stderr first)."""
+    from .runs import Progress
+
+    problem, plan = monitor.problem, monitor.plan()
+    bar = Progress(len(plan), "measure", enabled=progress, min_interval=0.0)
+    if progress:
+        print(
+            f"measuring {', '.join(names)} on N = {problem.num_samples} samples, "
+            f"D = {problem.dim} parameters ({len(plan)} computations)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_done(source: str, seconds: float, done: int, total: int) -> None:
+        bar.update(1, postfix=f"{source} {seconds:.2f}s")
+
+    return on_done
+
+
+def _torch_load(p: Path, what: str, fix: str) -> Any:
+    """``torch.load(p, weights_only=True)`` on the CPU; a ``ValueError`` saying ``fix`` if not."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot load {what} with torch.load(weights_only=True) ({_one_line(exc)}); {fix}"
+        ) from exc
 
 
 def _fmt(x: Any) -> str:

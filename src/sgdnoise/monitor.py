@@ -46,7 +46,6 @@ dropout is random); every module's own flag is restored afterwards.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import operator
@@ -60,13 +59,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import as_generator
+from ._utils import resolve_generator
 from .linalg import batch_scale, gradient_noise_covariance, hessian, top_eigenpairs
 from .measures import alignment, escape_indicator, expected_sharpness, hessian_trace
+from .monitor_plot import plot_monitor, read_monitor
 from .noise_scale import gradient_noise_scale
 from .problem import Problem
 
 __all__ = ["QUANTITIES", "Monitor", "plot_monitor", "read_monitor"]
+
+_Gen = Callable[[str], torch.Generator]
+_Put = Callable[..., None]
 
 #: The quantities a monitor can measure, with their meaning (the keys of a record's
 #: ``"quantities"``).
@@ -175,7 +178,9 @@ class Monitor:
         path: the JSON-lines file (``None``: keep the records in :attr:`records` only).
         append: keep the lines already in ``path`` (resuming a run); by default the file is
             started afresh when the monitor is created.
-        generator: a ``torch.Generator`` or int seed. Each measurement draws one seed from it
+        seed, generator: the generator wins (a ``torch.Generator``, advanced, or an int seed);
+            else a fresh generator seeded with ``seed`` (default 0). Each measurement draws one
+            seed from it
             (recorded as ``"seed"``); quantity q uses a fresh generator seeded ``seed + i_q``
             (``i_q`` its position in :data:`QUANTITIES`), so a record can be reproduced by
             direct calls. A generator passed here is advanced; the global RNG is never used.
@@ -216,7 +221,8 @@ class Monitor:
         batch_size: int = 32,
         path: str | os.PathLike[str] | None = "monitor.jsonl",
         append: bool = False,
-        generator: torch.Generator | int = 0,
+        seed: int | None = 0,
+        generator: torch.Generator | int | None = None,
         num_samples: int | None = None,
         alignment_k: int = 1,
         sigma: float = 0.01,
@@ -240,7 +246,7 @@ class Monitor:
         self.num_samples = num_samples
         self.eig_tol = eig_tol
         self.replacement = bool(replacement)
-        self._generator = as_generator(generator)
+        self._generator = resolve_generator(seed, generator)
         inputs, targets = _split_probe(probe_data, probe_targets)
         with _measuring(model):
             self.problem = Problem(
@@ -353,8 +359,9 @@ class Monitor:
         )
 
     # ------------------------------------------------------------------ computation
-    def _plan(self) -> list[str]:
-        """The calls to make, in order (quantities computed together share one call)."""
+    def plan(self) -> list[str]:
+        """The computations one measurement makes, in order (quantities computed together, such
+        as the four of the escape indicator, share one)."""
         q = set(self.quantities)
         plan = []
         if "loss" in q:
@@ -371,17 +378,19 @@ class Monitor:
                 plan.append(name)
         return plan
 
+    _plan = plan  # the earlier private name
+
     def _compute(
         self, seed: int, on_done: Callable[[str, float, int, int], None] | None
     ) -> dict[str, dict[str, Any]]:
-        problem, b = self.problem, self.batch_size
-
         def gen(name: str) -> torch.Generator:
             return torch.Generator().manual_seed(seed + _OFFSET[name])
 
         out: dict[str, dict[str, Any]] = {}
 
-        def put(name: str, value: float, stderr: float | None, sec: float, source: str, **extra):
+        def put(
+            name: str, value: float, stderr: float | None, sec: float, source: str, **extra: Any
+        ) -> None:
             if name in self.quantities:
                 out[name] = {
                     "value": _finite(value),
@@ -391,292 +400,147 @@ class Monitor:
                     **extra,
                 }
 
-        plan = self._plan()
+        plan = self.plan()
         for i, source in enumerate(plan, 1):
             t0 = time.perf_counter()
-            if source == "loss":
-                value = float(problem.loss())
-                sec = time.perf_counter() - t0
-                put("loss", value, None, sec, source)
-            elif source == "escape_indicator":
-                ind = escape_indicator(
-                    problem,
-                    b,
-                    num_samples=self.num_samples,
-                    generator=gen("tr_HS"),
-                    replacement=self.replacement,
-                )
-                sec = time.perf_counter() - t0
-                iso_se = ind.tr_H_stderr * ind.tr_S / ind.dim
-                put(
-                    "tr_HS",
-                    ind.tr_HS,
-                    ind.stderr,
-                    sec,
-                    source,
-                    exact=ind.exact,
-                    ratio=_finite(ind.ratio),
-                )
-                put("tr_HS_iso", ind.tr_HS_iso, iso_se, sec, source, exact=ind.tr_H_exact)
-                put("tr_H", ind.tr_H, ind.tr_H_stderr, sec, source, exact=ind.tr_H_exact)
-                put("tr_S", ind.tr_S, 0.0, sec, source, exact=True)
-            elif source == "hessian_trace":
-                tr, se, exact = hessian_trace(hessian(problem), generator=gen("tr_H"))
-                put("tr_H", tr, se, time.perf_counter() - t0, source, exact=exact)
-            elif source == "noise_trace":
-                cov = gradient_noise_covariance(problem, b, self.replacement)
-                value = float(cov.trace())
-                put("tr_S", value, 0.0, time.perf_counter() - t0, source, exact=True)
-            elif source == "lambda_max":
-                warm = self._eigenvector is not None
-                pairs = top_eigenpairs(
-                    hessian(problem),
-                    1,
-                    tol=self.eig_tol,
-                    generator=gen("lambda_max"),
-                    v0=self._eigenvector,
-                    on_nonconvergence="ignore",
-                )
-                sec = time.perf_counter() - t0
-                self._eigenvector = pairs.eigenvectors[:, 0].detach().clone()
-                if not pairs.converged and not self._warned:
-                    self._warned = True
-                    warnings.warn(
-                        f"λ_max did not converge to tol={pairs.tol:g} within "
-                        f"{pairs.num_matvecs} products (recorded with converged=false); "
-                        "pass a larger eig_tol",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                put(
-                    "lambda_max",
-                    float(pairs.eigenvalues[0]),
-                    None,
-                    sec,
-                    source,
-                    residual=float(pairs.residuals[0]),
-                    num_matvecs=int(pairs.num_matvecs),
-                    converged=bool(pairs.converged),
-                    warm_start=warm,
-                )
-            elif source == "b_simple":
-                gns = gradient_noise_scale(problem)
-                sec = time.perf_counter() - t0
-                put(
-                    "b_simple",
-                    gns.b_simple,
-                    gns.stderr,
-                    sec,
-                    source,
-                    tr_sigma=_finite(gns.tr_sigma),
-                    grad_norm_sq=_finite(gns.grad_norm_sq),
-                )
-            elif source == "alignment":
-                al = alignment(
-                    problem,
-                    b,
-                    self.alignment_k,
-                    generator=gen("alignment"),
-                    replacement=self.replacement,
-                )
-                sec = time.perf_counter() - t0
-                put(
-                    "alignment",
-                    al.a,
-                    None,
-                    sec,
-                    source,
-                    overlap=_finite(al.overlap),
-                    k=al.k,
-                    lambda_1=_finite(al.lambda_1),
-                )
-            elif source == "sharpness":
-                sh = expected_sharpness(
-                    problem, self.sigma, self.sharpness_samples, generator=gen("sharpness")
-                )
-                sec = time.perf_counter() - t0
-                put(
-                    "sharpness",
-                    sh.signed,
-                    sh.signed_stderr,
-                    sec,
-                    source,
-                    absolute=_finite(sh.absolute),
-                    absolute_stderr=_finite(sh.absolute_stderr),
-                    sigma=sh.sigma,
-                    num_samples=sh.num_samples,
-                )
+            getattr(self, f"_src_{source}")(gen, put, t0)
             if on_done is not None:
                 on_done(source, time.perf_counter() - t0, i, len(plan))
         return {name: out[name] for name in self.quantities}
 
+    # One method per source (called by _compute in the order of _plan).
+    def _src_loss(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem = self.problem
+        source = "loss"
+        value = float(problem.loss())
+        sec = time.perf_counter() - t0
+        put("loss", value, None, sec, source)
 
-# ---------------------------------------------------------------------- reading and plotting
-def read_monitor(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a monitor's JSON-lines file, in file order.
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: a line that is not a monitor record.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such monitor file: {str(p)!r}")
-    records = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(p)!r} line {n} is not JSON ({exc.msg})") from exc
-        if not (
-            isinstance(rec, dict) and "step" in rec and isinstance(rec.get("quantities"), dict)
-        ):
-            raise ValueError(
-                f"{str(p)!r} line {n} is not a monitor record (expected 'step' and 'quantities')"
-            )
-        records.append(rec)
-    if not records:
-        raise ValueError(f"{str(p)!r} holds no measurement yet")
-    return records
-
-
-_LABELS = {
-    "loss": ("probe loss", r"$L(\theta)$"),
-    "tr_HS": ("escape indicator", r"$\mathrm{Tr}(H\Sigma_b)$"),
-    "tr_HS_iso": ("escape indicator", r"$\mathrm{Tr}(H\bar{\Sigma})$ (isotropic)"),
-    "lambda_max": ("top Hessian eigenvalue", r"$\lambda_{\max}(H)$"),
-    "tr_H": ("Hessian trace", r"$\mathrm{Tr}\,H$"),
-    "tr_S": ("noise trace", r"$\mathrm{Tr}\,\Sigma_b$"),
-    "b_simple": (
-        "gradient noise scale",
-        r"$B_{\mathrm{simple}}=\mathrm{Tr}\,\Sigma_1/\|\nabla L\|^2$",
-    ),
-    "alignment": ("alignment (Prop. 1)", r"$a$"),
-    "sharpness": ("expected sharpness", r"$E_\nu L(\theta+\nu)-L(\theta)$"),
-}
-
-
-def _series(
-    records: list[dict[str, Any]], name: str
-) -> tuple[list[float], list[float], list[float]]:
-    steps, values, errs = [], [], []
-    for rec in sorted(records, key=lambda r: r["step"]):
-        entry = rec["quantities"].get(name)
-        if entry is None or entry.get("value") is None:
-            continue
-        steps.append(rec["step"])
-        values.append(float(entry["value"]))
-        errs.append(float(entry.get("stderr") or 0.0))
-    return steps, values, errs
-
-
-def _log_scale(values: Sequence[float]) -> bool:
-    """Log scale when every value is positive and they span at least a decade."""
-    return bool(values) and min(values) > 0 and max(values) / min(values) >= 10
-
-
-def plot_monitor(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
-    """Draw every quantity of a monitor file against the step; returns the PNG's path.
-
-    One panel per quantity (Tr(HΣ_b) and Tr(HΣ̄) share one), a band of ±1 standard error where
-    there is one, a log scale where the values are positive and span a decade or more, and a last
-    panel with the wall-clock cost of each computation. Reads the file only.
-
-    Args:
-        path: the JSON-lines file written by :class:`Monitor`.
-        out: the PNG to write (default: ``path`` with the suffix ``.png``).
-    """
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures untouched
-    from matplotlib.ticker import MaxNLocator
-
-    from ._utils import atomic_write_bytes
-
-    records = read_monitor(path)
-    present = [n for n in QUANTITIES if any(n in r["quantities"] for r in records)]
-    panels: list[list[str]] = []
-    for name in present:
-        if name == "tr_HS_iso" and "tr_HS" in present:
-            continue
-        panels.append(
-            ["tr_HS", "tr_HS_iso"] if name == "tr_HS" and "tr_HS_iso" in present else [name]
+    def _src_escape_indicator(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem, b = self.problem, self.batch_size
+        source = "escape_indicator"
+        ind = escape_indicator(
+            problem,
+            b,
+            num_samples=self.num_samples,
+            generator=gen("tr_HS"),
+            replacement=self.replacement,
         )
-    n_panels = len(panels) + 1  # + the cost panel
-    ncols = min(3, n_panels)
-    nrows = math.ceil(n_panels / ncols)
-    fig = Figure(figsize=(4.6 * ncols, 3.3 * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    flat = list(axes.ravel())
-    first = records[0]
-    fig.suptitle(
-        f"sgdnoise monitor: probe N = {first.get('num_probe')}, D = {first.get('dim')}, "
-        f"b = {first.get('batch_size')}",
-        fontsize=12,
-    )
-    for ax, names in zip(flat, panels, strict=False):
-        every_value: list[float] = []
-        for j, name in enumerate(names):
-            steps, values, errs = _series(records, name)
-            if not steps:
-                continue
-            every_value += values
-            style = {"ls": ":" if j else "-", "marker": "o", "ms": 3}
-            line = ax.plot(steps, values, label=_LABELS[name][1], **style)[0]
-            if any(errs):
-                lo = [v - e for v, e in zip(values, errs, strict=True)]
-                hi = [v + e for v, e in zip(values, errs, strict=True)]
-                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-        if _log_scale(every_value):
-            ax.set_yscale("log")
-        title = _LABELS[names[0]][0]
-        if names[0] == "sharpness":
-            sigma = next(
-                (
-                    r["quantities"]["sharpness"].get("sigma")
-                    for r in records
-                    if "sharpness" in r["quantities"]
-                ),
-                None,
+        sec = time.perf_counter() - t0
+        iso_se = ind.tr_H_stderr * ind.tr_S / ind.dim
+        put(
+            "tr_HS",
+            ind.tr_HS,
+            ind.stderr,
+            sec,
+            source,
+            exact=ind.exact,
+            ratio=_finite(ind.ratio),
+        )
+        put("tr_HS_iso", ind.tr_HS_iso, iso_se, sec, source, exact=ind.tr_H_exact)
+        put("tr_H", ind.tr_H, ind.tr_H_stderr, sec, source, exact=ind.tr_H_exact)
+        put("tr_S", ind.tr_S, 0.0, sec, source, exact=True)
+
+    def _src_hessian_trace(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem = self.problem
+        source = "hessian_trace"
+        tr, se, exact = hessian_trace(hessian(problem), generator=gen("tr_H"))
+        put("tr_H", tr, se, time.perf_counter() - t0, source, exact=exact)
+
+    def _src_noise_trace(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem, b = self.problem, self.batch_size
+        source = "noise_trace"
+        cov = gradient_noise_covariance(problem, b, self.replacement)
+        value = float(cov.trace())
+        put("tr_S", value, 0.0, time.perf_counter() - t0, source, exact=True)
+
+    def _src_lambda_max(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem = self.problem
+        source = "lambda_max"
+        warm = self._eigenvector is not None
+        pairs = top_eigenpairs(
+            hessian(problem),
+            1,
+            tol=self.eig_tol,
+            generator=gen("lambda_max"),
+            v0=self._eigenvector,
+            on_nonconvergence="ignore",
+        )
+        sec = time.perf_counter() - t0
+        self._eigenvector = pairs.eigenvectors[:, 0].detach().clone()
+        if not pairs.converged and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"λ_max did not converge to tol={pairs.tol:g} within "
+                f"{pairs.num_matvecs} products (recorded with converged=false); "
+                "pass a larger eig_tol",
+                RuntimeWarning,
+                stacklevel=3,
             )
-            title += f" (σ = {sigma:g})" if sigma is not None else ""
-        ax.set_title(title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if len(names) > 1:
-            ax.legend(fontsize=9)
-        else:
-            ax.set_ylabel(_LABELS[names[0]][1])
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    cost_ax = flat[len(panels)]
-    sources: dict[str, tuple[list[int], list[float]]] = {}
-    for rec in sorted(records, key=lambda r: r["step"]):
-        seen = set()
-        for entry in rec["quantities"].values():
-            src = entry.get("source", "?")
-            if src in seen:
-                continue
-            seen.add(src)
-            s, t = sources.setdefault(src, ([], []))
-            s.append(rec["step"])
-            t.append(float(entry["seconds"]))
-    all_t = []
-    for src, (s, t) in sources.items():
-        cost_ax.plot(s, t, marker=".", label=src)
-        all_t += t
-    if _log_scale(all_t):
-        cost_ax.set_yscale("log")
-    cost_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    cost_ax.set_title("cost of each computation")
-    cost_ax.set_ylabel("wall-clock seconds")
-    cost_ax.set_xlabel("training step")
-    cost_ax.legend(fontsize=7)
-    cost_ax.grid(alpha=0.3)
-    for ax in flat[n_panels:]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    target = Path(out) if out is not None else Path(path).with_suffix(".png")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, buf.getvalue())
-    return target
+        put(
+            "lambda_max",
+            float(pairs.eigenvalues[0]),
+            None,
+            sec,
+            source,
+            residual=float(pairs.residuals[0]),
+            num_matvecs=int(pairs.num_matvecs),
+            converged=bool(pairs.converged),
+            warm_start=warm,
+        )
+
+    def _src_b_simple(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem = self.problem
+        source = "b_simple"
+        gns = gradient_noise_scale(problem)
+        sec = time.perf_counter() - t0
+        put(
+            "b_simple",
+            gns.b_simple,
+            gns.stderr,
+            sec,
+            source,
+            tr_sigma=_finite(gns.tr_sigma),
+            grad_norm_sq=_finite(gns.grad_norm_sq),
+        )
+
+    def _src_alignment(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem, b = self.problem, self.batch_size
+        source = "alignment"
+        al = alignment(
+            problem,
+            b,
+            self.alignment_k,
+            generator=gen("alignment"),
+            replacement=self.replacement,
+        )
+        sec = time.perf_counter() - t0
+        put(
+            "alignment",
+            al.a,
+            None,
+            sec,
+            source,
+            overlap=_finite(al.overlap),
+            k=al.k,
+            lambda_1=_finite(al.lambda_1),
+        )
+
+    def _src_sharpness(self, gen: _Gen, put: _Put, t0: float) -> None:
+        problem = self.problem
+        source = "sharpness"
+        sh = expected_sharpness(
+            problem, self.sigma, self.sharpness_samples, generator=gen("sharpness")
+        )
+        sec = time.perf_counter() - t0
+        put(
+            "sharpness",
+            sh.signed,
+            sh.signed_stderr,
+            sec,
+            source,
+            absolute=_finite(sh.absolute),
+            absolute_stderr=_finite(sh.absolute_stderr),
+            sigma=sh.sigma,
+            num_samples=sh.num_samples,
+        )

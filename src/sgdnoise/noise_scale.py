@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._utils import as_generator
+from ._utils import resolve_generator
 from .problem import Problem
+from .results import format_table
 
 __all__ = ["GradientNoiseScale", "gradient_noise_scale"]
 
@@ -60,6 +61,20 @@ class GradientNoiseScale:
     b_small: int | None
     b_big: int | None
 
+    def __str__(self) -> str:
+        se = None if self.method == "exact" else self.stderr
+        rows = [
+            ("B_simple", self.b_simple, se),
+            ("Tr Σ₁", self.tr_sigma, None if se is None else self.tr_sigma_stderr),
+            ("‖∇L‖²", self.grad_norm_sq, None if se is None else self.grad_norm_sq_stderr),
+        ]
+        how = (
+            self.method
+            if self.method == "exact"
+            else (f"two_batch, b={self.b_small}/{self.b_big}, {self.num_pairs} pairs")
+        )
+        return format_table("GradientNoiseScale", rows, how)
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
@@ -77,6 +92,7 @@ def gradient_noise_scale(
     b_small: int | None = None,
     b_big: int | None = None,
     num_pairs: int = 32,
+    seed: int | None = 0,
     generator: torch.Generator | int | None = None,
 ) -> GradientNoiseScale:
     """The gradient noise scale ``B_simple = Tr Σ₁ / ‖∇L‖²`` at the model's current parameters.
@@ -89,7 +105,8 @@ def gradient_noise_scale(
             ``max(b_small + 1, N // 4)``), ``1 ≤ b_small < b_big ≤ N``; batches are drawn with
             replacement, for which the estimator is unbiased.
         num_pairs: independent (small, big) batch pairs averaged (``"two_batch"``, ≥ 2).
-        generator: randomness of the batches (``"two_batch"``; a generator or int seed, required).
+        seed, generator: randomness of the batches (``"two_batch"``; the generator wins, else a
+            fresh generator seeded with ``seed``, default 0).
 
     Returns:
         :class:`GradientNoiseScale`. ``b_simple`` is ``inf`` when ``‖∇L‖² = 0`` (exact) and may be
@@ -98,7 +115,10 @@ def gradient_noise_scale(
 
     Raises:
         ValueError: for an unknown method or batch sizes outside ``[1, N]`` / not increasing.
-        TypeError: ``"two_batch"`` without a generator.
+        TypeError: a generator or seed of another type.
+
+    Source: McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training"
+    (2018), Eq. 2.9 (B_simple) and Appendix A.1 (the two-batch estimator).
 
     Example:
         >>> import torch
@@ -118,11 +138,6 @@ def gradient_noise_scale(
         return GradientNoiseScale(b, tr, gsq, "exact", 0.0, 0.0, 0.0, 0, None, None)
     if method != "two_batch":
         raise ValueError(f"method must be 'exact' or 'two_batch', got {method!r}")
-    if generator is None:
-        raise TypeError(
-            "method='two_batch' draws random batches: pass generator=torch.Generator()."
-            "manual_seed(s) or an int seed"
-        )
     if N < 2:
         raise ValueError("method='two_batch' needs N >= 2 samples (two different batch sizes)")
     bs = _check_size("b_small", max(1, N // 64) if b_small is None else b_small, N)
@@ -131,7 +146,15 @@ def gradient_noise_scale(
         raise ValueError(f"b_big must be larger than b_small, got b_small={bs}, b_big={bb}")
     if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 2:
         raise ValueError(f"num_pairs must be an integer >= 2, got {num_pairs!r}")
-    gen = as_generator(generator)
+    return _two_batch(problem, bs, bb, num_pairs, resolve_generator(seed, generator))
+
+
+def _two_batch(
+    problem: Problem, bs: int, bb: int, num_pairs: int, gen: torch.Generator
+) -> GradientNoiseScale:
+    """McCandlish et al.'s unbiased estimates of ``‖∇L‖²`` and ``Tr Σ₁`` from the squared norms
+    of mean gradients of ``num_pairs`` (size-bs, size-bb) batch pairs drawn with replacement."""
+    N = problem.num_samples
     g_est, s_est = [], []
     for _ in range(num_pairs):
         small = torch.randint(0, N, (bs,), generator=gen, device=gen.device).to(problem.device)
@@ -164,7 +187,7 @@ def _exact(problem: Problem) -> tuple[float, float]:
     """
     N = problem.num_samples
     theta = problem.theta()
-    chunk = problem._per_sample_chunk_size()
+    chunk = problem.per_sample_chunk_size()
     if N <= chunk:
         G = problem.per_sample_gradients(theta=theta).double()
         gbar = G.mean(0)

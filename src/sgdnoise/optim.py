@@ -528,7 +528,7 @@ def make_optimizer(
         raise ValueError(f"unknown dynamics {dynamics!r}; valid names: {', '.join(names)}")
     # The model's parameters: θ's tensors plus the frozen ones (skipped, and reported in
     # frozen_parameter_names); tensors held fixed by a Problem built on a block of θ are left out.
-    in_theta = {id(p) for p in problem._trainable()}  # ISSUE11-MERGE: trainable_parameters()
+    in_theta = {id(p) for p in problem.trainable_parameters()}
     params = [p for p in problem.model.parameters() if id(p) in in_theta or not p.requires_grad]
     if dynamics in ("gd", "sgd") and options:
         raise TypeError(f"{dynamics!r} takes no noise options, got {sorted(options)}")

@@ -24,7 +24,8 @@ import torch
 from torch.func import vjp
 
 from .._data import batch_size_of
-from ..problem import MAX_COLUMNS, Problem, _by_columns
+from ..problem import MAX_COLUMNS, Problem
+from ..problem._helpers import _by_columns
 from .operators import LinearOperator
 
 __all__ = ["GradientNoiseCovariance", "batch_scale", "gradient_noise_covariance"]
@@ -39,6 +40,12 @@ MATERIALIZE_LIMIT = 2**27
 
 def batch_scale(num_samples: int, batch_size: int, replacement: bool = True) -> float:
     """The factor s with ``Σ_b = s · Σ_1``: ``1/b`` with replacement, ``(N−b)/(b(N−1))`` without.
+
+    Args:
+        num_samples: N. batch_size: b ∈ [1, N]. replacement: how mini-batches are drawn.
+
+    Returns:
+        s as a Python float (0.0 for b = N without replacement).
 
     Raises:
         ValueError: if ``batch_size`` is not an integer in ``[1, N]``.
@@ -133,6 +140,14 @@ class GradientNoiseCovariance(LinearOperator):
             )
         return self.centered.T * (self.scale / self.problem.num_samples) ** 0.5
 
+    def centered_rows(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The centred per-sample gradients ``c_i = g_i − ḡ`` of the samples ``indices`` as rows
+        ``[n, D]`` (``None``: all N), at :attr:`theta`: read from the stored matrix, or computed
+        (one per-sample gradient pass over those samples) when streaming."""
+        if self.centered is not None:
+            return self.centered if indices is None else self.centered[indices]
+        return self.problem.per_sample_gradients(indices, theta=self.theta) - self.mean_gradient
+
     # ------------------------------------------------------------------ products
     def _streaming_products(self, V: torch.Tensor) -> torch.Tensor:
         """``(1/N) Cᵀ C V`` chunk by chunk, with Jacobian products of the per-sample losses.
@@ -149,7 +164,7 @@ class GradientNoiseCovariance(LinearOperator):
                 return problem.sample_losses(th, x, y)
 
             n = batch_size_of(x)
-            _, pullback = vjp(f, theta)
+            pullback = vjp(f, theta)[1]
             out = []
             for j in range(0, V.shape[1], cols):
                 Vj = V[:, j : j + cols]
@@ -171,7 +186,7 @@ class GradientNoiseCovariance(LinearOperator):
     # ------------------------------------------------------------------ exact trace / diagonal
     def _streamed_squares(self) -> torch.Tensor:
         total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        chunk = self.problem._per_sample_chunk_size()
+        chunk = self.problem.per_sample_chunk_size()
         N = self.problem.num_samples
         for start in range(0, N, chunk):
             idx = torch.arange(start, min(N, start + chunk), device=self.device)
@@ -247,6 +262,16 @@ def gradient_noise_covariance(
         materialize: store the ``[N, D]`` centred per-sample gradients (fast, exact trace and
             diagonal) or stream them (memory O(D) per chunk, for very large models). ``None``
             chooses by size (at most 2^27 numbers are stored).
+
+    Returns:
+        A :class:`GradientNoiseCovariance` ``[D, D]`` (symmetric PSD operator; squared gradient
+        units), with exact ``trace()`` and ``diagonal()``.
+
+    Raises:
+        ValueError: b outside ``[1, N]``. RuntimeError: BatchNorm/dropout in training mode.
+
+    Source: Zhu et al. (ICML 2019), Sec. 3 (the SGD noise covariance); the without-replacement
+    factor is the finite-population correction of sampling without replacement.
 
     Example:
         >>> import torch

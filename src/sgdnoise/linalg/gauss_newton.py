@@ -115,11 +115,11 @@ class GaussNewtonOperator(LinearOperator):
         dense_max_bytes: int = DENSE_JACOBIAN_MAX_BYTES,
     ) -> None:
         super().__init__(problem.dim, problem.dtype, problem.device)
-        problem._check_decoupled("the Gauss–Newton operator")  # ISSUE11-MERGE: check_decoupled
+        problem.check_decoupled("the Gauss–Newton operator")
         if theta is None:
             theta = problem.theta()
-        else:  # ISSUE11-MERGE: public name for Problem._check_vector, if H1 adds one
-            problem._check_vector(theta, "theta")
+        else:
+            problem.check_vector(theta, "theta")
         self.problem = problem
         self.theta = theta.detach().clone()
         self.indices = problem.check_indices(indices)
@@ -133,8 +133,7 @@ class GaussNewtonOperator(LinearOperator):
 
     # ------------------------------------------------------------------ model pieces
     def _outputs(self, theta: torch.Tensor, x: Any) -> torch.Tensor:
-        # ISSUE11-MERGE: public name Problem.outputs
-        return _tensor(self.problem._outputs(theta, x))
+        return _tensor(self.problem.outputs(theta, x))
 
     def _sample_output(self, theta: torch.Tensor, xi: Any) -> torch.Tensor:
         return self._outputs(theta, _unsqueeze(xi))[0]
@@ -180,9 +179,8 @@ class GaussNewtonOperator(LinearOperator):
             ``(J, Λ)`` in the operator's dtype and device.
         """
         if self._cache is None:
-            self.problem._check_decoupled("the Gauss–Newton operator")
-            # ISSUE11-MERGE: public name Problem.per_sample_chunk_size()
-            size = self.problem._per_sample_chunk_size()
+            self.problem.check_decoupled("the Gauss–Newton operator")
+            size = self.problem.per_sample_chunk_size()
             parts = [
                 self._chunk_jacobian(x, y) for x, y, _ in self.problem.chunks(self.indices, size)
             ]

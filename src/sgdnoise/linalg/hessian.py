@@ -54,6 +54,10 @@ def hessian(
         A :class:`HessianOperator` (``H @ v`` for ``v`` ``[D]`` or ``[D, k]``; ``to_dense()`` for
         small D; use :func:`sgdnoise.trace_estimate` or :func:`sgdnoise.top_eigenpairs` for large D).
 
+    Raises:
+        IndexError, TypeError, ValueError: invalid ``indices``. Products raise RuntimeError for a
+        model with BatchNorm/dropout in training mode or without second derivatives.
+
     Example:
         >>> import torch
         >>> from torch import nn

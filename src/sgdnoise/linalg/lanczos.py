@@ -26,7 +26,8 @@ import warnings
 
 import torch
 
-from .._utils import as_generator, randn
+from .._utils import randn, resolve_generator
+from ..results import format_table
 from .operators import LinearOperator
 
 __all__ = ["ConvergenceError", "EigenPairs", "default_tol", "top_eigenpairs", "work_dtype"]
@@ -120,6 +121,19 @@ class EigenPairs(tuple):
             f"max_residual={float(self.residuals.max()):.3g}, matvecs={self.num_matvecs}, "
             f"converged={self.converged})"
         )
+
+    def __str__(self) -> str:
+        rows: list[tuple[str, object, float | None]] = [
+            (f"λ{i + 1}", float(v), None) for i, v in enumerate(self.eigenvalues.tolist()[:10])
+        ]
+        if self.eigenvalues.numel() > 10:
+            rows.append(("...", f"{self.eigenvalues.numel() - 10} more", None))
+        rows.append(("max residual", float(self.residuals.max()), None))
+        state = "converged" if self.converged else "NOT converged"
+        note = (
+            f"k={self.eigenvalues.numel()}, {self.num_matvecs} products, tol={self.tol:g}, {state}"
+        )
+        return format_table("EigenPairs", rows, note)
 
 
 def _orthonormalize_against(
@@ -241,6 +255,7 @@ def top_eigenpairs(
     k: int,
     *,
     tol: float | None = None,
+    seed: int | None = 0,
     generator: torch.Generator | int | None = None,
     v0: torch.Tensor | None = None,
     block_size: int | None = None,
@@ -257,8 +272,8 @@ def top_eigenpairs(
             (:func:`default_tol`) 1e-6 in float64, 1e-3 in float32, 1e-2 in float16 and 3e-2 in
             bfloat16 (residuals of 16-bit operators are measured on their 16-bit products, whose
             relative rounding is ~1e-2; eigenvalues are then accurate to about that level).
-        generator: random start (a generator or an int seed); ``None`` uses seed 0, so results are
-            reproducible. Never the global RNG.
+        seed, generator: randomness of the start and of random fills (the generator wins; else
+            a fresh generator seeded with ``seed``, default 0). Never the global RNG.
         v0: warm start ``[D]`` or ``[D, j]`` (e.g. the eigenvectors of a previous refresh); random
             columns fill up the first block.
         block_size: products per batch (default ``min(k, 8)``).
@@ -283,17 +298,49 @@ def top_eigenpairs(
     D = op.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
         raise ValueError(f"k must be an integer in [1, D] = [1, {D}], got {k!r}")
+    tol, b, m, budget = _options(op, k, tol, block_size, basis_size, max_matvecs, on_nonconvergence)
+    gen = resolve_generator(seed, generator)
+    basis = _Basis(op, m, gen)
+    basis.expand(_start_block(v0, D, b, basis.dtype, op.device, gen))
+    theta, U, res, converged, norm_est, history = _iterate(basis, k, b, float(tol), budget)
+    result = EigenPairs(
+        theta[:k].to(basis.dtype),
+        _fix_signs(U[:, :k]),
+        residuals=res[:k],
+        num_matvecs=basis.matvecs,
+        converged=converged,
+        tol=float(tol),
+    )
+    if not converged:
+        msg = _nonconvergence_message(
+            res[:k], theta, norm_est, tol, k, basis.matvecs, history, op.dtype, m, b
+        )
+        if on_nonconvergence == "raise":
+            raise ConvergenceError(msg, result)
+        if on_nonconvergence == "warn":
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _options(
+    op: LinearOperator,
+    k: int,
+    tol: float | None,
+    block_size: int | None,
+    basis_size: int | None,
+    max_matvecs: int | None,
+    on_nonconvergence: str,
+) -> tuple[float, int, int, int]:
+    """Validated ``(tol, block, basis size, product budget)`` of :func:`top_eigenpairs`."""
+    D = op.shape[0]
     if on_nonconvergence not in ("raise", "warn", "ignore"):
         raise ValueError(
             f"on_nonconvergence must be 'raise', 'warn' or 'ignore', got {on_nonconvergence!r}"
         )
-    op_dtype, device = op.dtype, op.device
-    dtype = work_dtype(op_dtype)  # basis and small dense algebra; products in op_dtype
     if tol is None:
-        tol = default_tol(op_dtype)
+        tol = default_tol(op.dtype)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    gen = as_generator(0 if generator is None else generator)
     b = min(k, 8) if block_size is None else int(block_size)
     if not 1 <= b <= D:
         raise ValueError(f"block_size must be in [1, D] = [1, {D}], got {block_size}")
@@ -302,97 +349,144 @@ def top_eigenpairs(
     if m < min(D, k + b):
         raise ValueError(f"basis_size must be at least k + block_size = {k + b}, got {basis_size}")
     budget = max(2000, 50 * k) if max_matvecs is None else int(max_matvecs)
-    tiny = torch.finfo(dtype).tiny
+    return tol, b, m, budget
 
-    # Initial block. A warm start of j > b columns (e.g. the k = 20 eigenvectors of the previous
-    # refresh, b = 8) is folded into ONE block of b random combinations ``V G`` of the warm vectors
-    # (``G`` [j, b] Gaussian from ``generator``), plus a 3 % random admixture, and Lanczos runs from
-    # it as from a cold block. Why: (1) using the j columns themselves as the first block made a
-    # basis whose residual ``(I − VVᵀ) A V`` has rank j, while the Krylov recurrence expands from
-    # only b directions, so the residual directions of the other j − b warm vectors were never
-    # added (13 of 20 pairs unconverged after 2,000 products at a moved θ, where a cold start needs
-    # ~200); (2) a block of j columns also fills the basis with a polynomial of degree 1 in A,
-    # whereas a b-column start gets degree ⌈products / b⌉; (3) a start block with O(1) weight on
-    # every warm direction and only O(move) on the rest is what makes Krylov converge faster than
-    # from a random block (the classical restart vector of implicitly restarted Lanczos). The random
-    # admixture keeps a direction outside span V (an eigenvalue entering the top k) reachable, as
-    # from a cold start. With j ≤ b the warm columns are used as they are, random columns fill up.
-    if v0 is not None:
-        if v0.ndim == 1:
-            v0 = v0[:, None]
-        if v0.ndim != 2 or v0.shape[0] != D:
-            raise ValueError(f"v0 must have shape [{D}] or [{D}, j], got {list(v0.shape)}")
-        X = v0.to(device=device, dtype=dtype)
-        if X.shape[1] > b:
-            G = randn((X.shape[1], b), generator=gen, dtype=dtype, device=device)
-            X = torch.linalg.qr(X)[0] @ G
-            Z = randn((D, b), generator=gen, dtype=dtype, device=device)
-            X = X + _WARM_RANDOM * Z * (X.norm(dim=0) / Z.norm(dim=0).clamp_min(tiny))[None, :]
-        elif X.shape[1] < b:
-            fill = randn((D, b - X.shape[1]), generator=gen, dtype=dtype, device=device)
-            X = torch.cat([X, fill], dim=1)
-    else:
-        X = randn((D, b), generator=gen, dtype=dtype, device=device)
 
-    Q = torch.zeros(D, 0, dtype=dtype, device=device)
-    AQ = torch.zeros(D, 0, dtype=dtype, device=device)
-    matvecs = 0
-    norm_est = 0.0
-    history: list[tuple[int, float]] = []  # (products, worst relative residual of the k pairs)
-    filled = False
+def _start_block(
+    v0: torch.Tensor | None,
+    D: int,
+    b: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The first block ``[D, b]``: random, or made from the warm start ``v0``.
 
-    def expand(X: torch.Tensor) -> int:
-        nonlocal Q, AQ, matvecs
-        room = min(m, D) - Q.shape[1]
-        Xq = _orthonormalize_against(X[:, :room], Q, gen)
+    A warm start of j > b columns (e.g. the k = 20 eigenvectors of the previous refresh, b = 8)
+    is folded into ONE block of b random combinations ``V G`` of the warm vectors (``G`` [j, b]
+    Gaussian from ``generator``), plus a 3 % random admixture, and Lanczos runs from it as from a
+    cold block. Why: (1) using the j columns themselves as the first block made a basis whose
+    residual ``(I − VVᵀ) A V`` has rank j, while the Krylov recurrence expands from only b
+    directions, so the residual directions of the other j − b warm vectors were never added (13
+    of 20 pairs unconverged after 2,000 products at a moved θ, where a cold start needs ~200);
+    (2) a block of j columns also fills the basis with a polynomial of degree 1 in A, whereas a
+    b-column start gets degree ⌈products / b⌉; (3) a start block with O(1) weight on every warm
+    direction and only O(move) on the rest is what makes Krylov converge faster than from a
+    random block (the classical restart vector of implicitly restarted Lanczos). The random
+    admixture keeps a direction outside span V (an eigenvalue entering the top k) reachable, as
+    from a cold start. With j ≤ b the warm columns are used as they are, random columns fill up.
+    """
+    if v0 is None:
+        return randn((D, b), generator=gen, dtype=dtype, device=device)
+    if v0.ndim == 1:
+        v0 = v0[:, None]
+    if v0.ndim != 2 or v0.shape[0] != D:
+        raise ValueError(f"v0 must have shape [{D}] or [{D}, j], got {list(v0.shape)}")
+    X = v0.to(device=device, dtype=dtype)
+    if X.shape[1] > b:
+        tiny = torch.finfo(dtype).tiny
+        G = randn((X.shape[1], b), generator=gen, dtype=dtype, device=device)
+        X = torch.linalg.qr(X)[0] @ G
+        Z = randn((D, b), generator=gen, dtype=dtype, device=device)
+        X = X + _WARM_RANDOM * Z * (X.norm(dim=0) / Z.norm(dim=0).clamp_min(tiny))[None, :]
+    elif X.shape[1] < b:
+        fill = randn((D, b - X.shape[1]), generator=gen, dtype=dtype, device=device)
+        X = torch.cat([X, fill], dim=1)
+    return X
+
+
+class _Basis:
+    """The orthonormal basis ``Q`` ``[D, q]``, its image ``A Q`` and the products spent."""
+
+    def __init__(self, op: LinearOperator, m: int, gen: torch.Generator) -> None:
+        self.op, self.m, self.gen = op, m, gen
+        self.D = op.shape[0]
+        self.dtype = work_dtype(op.dtype)  # basis and small dense algebra; products in op.dtype
+        self.device = op.device
+        self.Q = torch.zeros(self.D, 0, dtype=self.dtype, device=self.device)
+        self.AQ = torch.zeros(self.D, 0, dtype=self.dtype, device=self.device)
+        self.matvecs = 0
+
+    def expand(self, X: torch.Tensor) -> int:
+        """Orthonormalise ``X`` against Q, append it and its image; the columns added."""
+        room = min(self.m, self.D) - self.Q.shape[1]
+        Xq = _orthonormalize_against(X[:, :room], self.Q, self.gen)
         if Xq.shape[1] == 0:
             return 0
-        AX = op @ Xq if op_dtype == dtype else (op @ Xq.to(op_dtype)).to(dtype)
-        matvecs += Xq.shape[1]
-        Q = torch.cat([Q, Xq], dim=1)
-        AQ = torch.cat([AQ, AX], dim=1)
+        op = self.op
+        AX = op @ Xq if op.dtype == self.dtype else (op @ Xq.to(op.dtype)).to(self.dtype)
+        self.matvecs += Xq.shape[1]
+        self.Q = torch.cat([self.Q, Xq], dim=1)
+        self.AQ = torch.cat([self.AQ, AX], dim=1)
         return Xq.shape[1]
 
-    # Expansion by Ritz residuals: after every block, Rayleigh–Ritz on span Q, and the next block
-    # is the residuals ``A u − θ u`` of the first b *unconverged* wanted Ritz pairs (then of the
-    # pairs just below the k-th). For a Krylov basis (every start above is one block) these
-    # residuals span exactly the next Krylov block ``(I − QQᵀ) A Q_last``, so this is block
-    # Lanczos / Krylov–Schur and the thick restart with the best Ritz vectors loses nothing; it
-    # also stays a sound subspace method if the basis is not Krylov (Rayleigh–Ritz and residuals
-    # are always explicit), and convergence is checked after every block once the basis has filled.
-    expand(X)
-    probes = 0
-    accepted: tuple | None = None  # the converged state before a probe
-    while True:
-        q = Q.shape[1]
+    def random(self, p: int) -> torch.Tensor:
+        return randn((self.D, p), generator=self.gen, dtype=self.dtype, device=self.device)
+
+
+class _Ritz:
+    """Rayleigh–Ritz on span Q: values ``theta`` (descending, float64), vectors ``Y`` of the
+    small problem, and for the first ``c`` pairs ``U``, ``AU``, residuals ``R`` and norms."""
+
+    def __init__(self, basis: _Basis, k: int, b: int, tol: float, norm_est: float) -> None:
+        Q, AQ, dtype = basis.Q, basis.AQ, basis.dtype
+        tiny = torch.finfo(dtype).tiny
+        self.q = Q.shape[1]
         T = (Q.T @ AQ).double()
         T = (T + T.T) / 2
         theta, Y = torch.linalg.eigh(T)
-        theta, Y = theta.flip(0), Y.flip(1)
-        norm_est = max(norm_est, float(theta.abs().max()))
-        c = min(q, k + b)  # the wanted pairs and the next b (candidates for the next block)
-        Yc = Y[:, :c].to(dtype)
-        U = Q @ Yc
-        AU = AQ @ Yc
-        R = AU - U * theta[:c].to(dtype)[None, :]
-        res = R.norm(dim=0)
-        thresh = tol * max(norm_est, tiny)
-        ok = res <= thresh
-        full_space = q >= D
-        # Convergence is first judged once the basis has filled (as a Krylov–Schur cycle would):
-        # stopping at the first block whose residuals pass leaves eigenvalues only as accurate as
-        # the residual (seen on a bfloat16 matrix); after that, after every block.
-        filled = filled or q >= min(m, D)
-        converged = full_space or (filled and q >= k and bool(ok[:k].all()))
-        history.append((matvecs, float(res[: min(k, c)].max()) / max(norm_est, tiny)))
+        self.theta, self.Y = theta.flip(0), Y.flip(1)
+        self.norm_est = max(norm_est, float(self.theta.abs().max()))
+        self.c = min(self.q, k + b)  # the wanted pairs and the next b (candidates for a block)
+        Yc = self.Y[:, : self.c].to(dtype)
+        self.U = Q @ Yc
+        self.AU = AQ @ Yc
+        self.R = self.AU - self.U * self.theta[: self.c].to(dtype)[None, :]
+        self.res = self.R.norm(dim=0)
+        self.thresh = tol * max(self.norm_est, tiny)
+        self.ok = self.res <= self.thresh
+
+
+def _iterate(
+    basis: _Basis, k: int, b: int, tol: float, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, list[tuple[int, float]]]:
+    """Block Krylov–Schur iterations until the top k pairs converge or the budget is spent.
+
+    Expansion by Ritz residuals: after every block, Rayleigh–Ritz on span Q, and the next block
+    is the residuals ``A u − θ u`` of the first b *unconverged* wanted Ritz pairs (then of the
+    pairs just below the k-th). For a Krylov basis (every start is one block) these residuals
+    span exactly the next Krylov block ``(I − QQᵀ) A Q_last``, so this is block Lanczos /
+    Krylov–Schur and the thick restart with the best Ritz vectors loses nothing; it also stays a
+    sound subspace method if the basis is not Krylov (Rayleigh–Ritz and residuals are always
+    explicit), and convergence is checked after every block once the basis has filled.
+    Convergence is first judged once the basis has filled (as a Krylov–Schur cycle would):
+    stopping at the first block whose residuals pass leaves eigenvalues only as accurate as the
+    residual (seen on a bfloat16 matrix); after that, after every block.
+
+    Returns ``(theta, U, res, converged, norm_est, history)``.
+    """
+    D, m = basis.D, basis.m
+    tiny = torch.finfo(basis.dtype).tiny
+    norm_est = 0.0
+    history: list[tuple[int, float]] = []  # (products, worst relative residual of the k pairs)
+    filled, probes = False, 0
+    accepted: tuple | None = None  # the converged state before a probe
+    while True:
+        r = _Ritz(basis, k, b, tol, norm_est)
+        norm_est = r.norm_est
+        theta, U, res = r.theta, r.U, r.res
+        full_space = r.q >= D
+        filled = filled or r.q >= min(m, D)
+        converged = full_space or (filled and r.q >= k and bool(r.ok[:k].all()))
+        history.append((basis.matvecs, float(res[: min(k, r.c)].max()) / max(norm_est, tiny)))
         if accepted is not None:
             # After a probe: did the enlarged basis find a Ritz value above the accepted k-th?
-            if float(theta[k - 1]) <= accepted[0] + thresh:
+            if float(theta[k - 1]) <= accepted[0] + r.thresh:
                 theta, U, res, converged = accepted[1], accepted[2], accepted[3], True
                 break
             accepted, filled = None, True  # something was missed: iterate on
             converged = False
-        elif converged and not full_space and probes < _MAX_PROBES and D - c > 0:
+        elif converged and not full_space and probes < _MAX_PROBES and D - r.c > 0:
             # Converged residuals cannot tell a top-k eigenpair from any other: a start block
             # inside an invariant subspace (a warm start made of exact eigenvectors) or an
             # eigenvalue of multiplicity above the block size leaves larger eigenvalues unseen
@@ -401,51 +495,41 @@ def top_eigenpairs(
             # value rises.
             probes += 1
             accepted = (float(theta[k - 1]), theta, U, res)
-            Q, AQ = U, AU
-            p = min(_PROBE_SIZE, D - c)
-            added = expand(randn((D, p), generator=gen, dtype=dtype, device=device))
+            basis.Q, basis.AQ = U, r.AU
+            added = basis.expand(basis.random(min(_PROBE_SIZE, D - r.c)))
             if added:
-                expand(AQ[:, -added:])
+                basis.expand(basis.AQ[:, -added:])
                 continue
             theta, U, res = accepted[1], accepted[2], accepted[3]
             break
-        if converged or matvecs >= budget:
+        if converged or basis.matvecs >= budget:
             break
-        bad = (~ok[: min(k, c)]).nonzero().flatten().tolist()
-        pick = (bad + list(range(min(k, c), c)))[:b]
-        if q >= min(m, D):
-            # Thick restart with the best p_keep Ritz vectors (Krylov–Schur); the residuals R are
-            # orthogonal to the old basis, hence to the kept one.
-            p_keep = min(q, max(k, min(m - b, k + max(b, (m - k) // 2))))
-            Yk = Y[:, :p_keep].to(dtype)
-            Q, AQ = Q @ Yk, AQ @ Yk
-        X = R[:, pick]
-        if X.shape[1] < b:  # fewer unconverged directions than a block: explore at random
-            fill = randn((D, b - X.shape[1]), generator=gen, dtype=dtype, device=device)
-            X = torch.cat([X, fill], dim=1)
-        if expand(X) == 0:
+        if not _next_block(basis, r, k, b):
             break
+    return theta, U, res, converged, norm_est, history
 
-    # Eigenvectors are defined up to sign; fix it (largest-magnitude entry positive) so that the
-    # same operator gives the same vectors whatever rounding led there (routes, chunking).
-    Uk = U[:, :k]
+
+def _next_block(basis: _Basis, r: _Ritz, k: int, b: int) -> bool:
+    """Add the next block (residuals of unconverged pairs, random fill), restarting a full basis;
+    ``False`` when nothing could be added."""
+    m, D = basis.m, basis.D
+    bad = (~r.ok[: min(k, r.c)]).nonzero().flatten().tolist()
+    pick = (bad + list(range(min(k, r.c), r.c)))[:b]
+    if r.q >= min(m, D):
+        # Thick restart with the best p_keep Ritz vectors (Krylov–Schur); the residuals R are
+        # orthogonal to the old basis, hence to the kept one.
+        p_keep = min(r.q, max(k, min(m - b, k + max(b, (m - k) // 2))))
+        Yk = r.Y[:, :p_keep].to(basis.dtype)
+        basis.Q, basis.AQ = basis.Q @ Yk, basis.AQ @ Yk
+    X = r.R[:, pick]
+    if X.shape[1] < b:  # fewer unconverged directions than a block: explore at random
+        X = torch.cat([X, basis.random(b - X.shape[1])], dim=1)
+    return basis.expand(X) != 0
+
+
+def _fix_signs(Uk: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors are defined up to sign; fix it (largest-magnitude entry positive) so that the
+    same operator gives the same vectors whatever rounding led there (routes, chunking)."""
     pivot = Uk.abs().argmax(dim=0)
     signs = torch.sign(Uk[pivot, torch.arange(Uk.shape[1], device=Uk.device)])
-    Uk = Uk * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]
-    result = EigenPairs(
-        theta[:k].to(dtype),
-        Uk,
-        residuals=res[:k],
-        num_matvecs=matvecs,
-        converged=converged,
-        tol=float(tol),
-    )
-    if not converged:
-        msg = _nonconvergence_message(
-            res[:k], theta, norm_est, tol, k, matvecs, history, op_dtype, m, b
-        )
-        if on_nonconvergence == "raise":
-            raise ConvergenceError(msg, result)
-        if on_nonconvergence == "warn":
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    return result
+    return Uk * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]

@@ -7,14 +7,24 @@ For float16/bfloat16 operators the probe vectors, the sketch's QR and every sum 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .._utils import as_generator, rademacher
+from .._utils import rademacher, resolve_generator
+from ..results import format_table
+from .covariance import GradientNoiseCovariance
 from .lanczos import work_dtype
-from .operators import LinearOperator
+from .operators import LinearOperator, LowRankOperator
 
-__all__ = ["TraceEstimate", "trace_estimate"]
+__all__ = [
+    "EXACT_TRACE_MAX_DIM",
+    "TraceEstimate",
+    "hessian_trace",
+    "quadratic_forms",
+    "tr_HS",
+    "trace_estimate",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,14 @@ class TraceEstimate:
     def __float__(self) -> float:
         return self.value
 
+    def __str__(self) -> str:
+        se = None if self.stderr == 0.0 and self.method == "exact" else self.stderr
+        return format_table(
+            "TraceEstimate",
+            [("trace", self.value, se)],
+            f"{self.method}, {self.num_matvecs} products",
+        )
+
 
 def _apply(op: LinearOperator, V: torch.Tensor) -> torch.Tensor:
     """``op @ V`` with ``V`` in the working dtype: cast down for a 16-bit product, result cast up."""
@@ -54,7 +72,8 @@ def trace_estimate(
     num_matvecs: int,
     *,
     method: str = "hutch++",
-    generator: torch.Generator | int,
+    seed: int | None = 0,
+    generator: torch.Generator | int | None = None,
 ) -> TraceEstimate:
     """Estimate ``Tr(A)`` from ``num_matvecs`` products with Rademacher vectors.
 
@@ -68,19 +87,29 @@ def trace_estimate(
         num_matvecs: product budget (≥ 2 for Hutchinson's error bar; ≥ 4 for Hutch++, whose
             residual part needs at least two probes to be unbiased and to have an error bar).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
-        generator: a ``torch.Generator`` or int seed (required: results are reproducible).
+        seed, generator: randomness of the probes (the generator wins; else a fresh generator
+            seeded with ``seed``, default 0).
 
     The value is a Python float in every case; for float16/bfloat16 operators it carries the
     products' ~1e-2 relative rounding (the estimator's own arithmetic is float32/float64).
+
+    Returns:
+        :class:`TraceEstimate` (value and standard error as Python floats, in A's units).
+
+    Raises:
+        ValueError: unknown method, or ``num_matvecs`` below the method's minimum.
+        TypeError: a generator or seed of another type.
+
+    Source: Hutchinson (1990); Meyer, Musco, Musco & Woodruff, "Hutch++" (SOSA 2021), Alg. 1.
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"unknown method {method!r}; choose 'hutch++' or 'hutchinson'")
     need = 4 if method == "hutch++" else 2
     if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < need:
         raise ValueError(f"{method} needs num_matvecs >= {need} (an integer), got {num_matvecs!r}")
-    gen = as_generator(generator)
+    gen = resolve_generator(seed, generator)
     D = op.shape[0]
-    kw = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
+    kw: dict[str, Any] = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
     if method == "hutchinson":
         terms = _hutchinson_terms(op, rademacher((D, num_matvecs), **kw)).double()
         return TraceEstimate(
@@ -100,4 +129,189 @@ def trace_estimate(
     terms = (Zp * _apply(op, Zp)).double().sum(0)
     return TraceEstimate(
         exact + float(terms.mean()), float(terms.std() / g**0.5), 2 * s + g, method
+    )
+
+
+# ---------------------------------------------------------------------- measures on operators
+#: Tr(H) is computed exactly (D products) up to this dimension, estimated with Hutch++ above it.
+EXACT_TRACE_MAX_DIM = 2048
+
+
+def hessian_trace(
+    H: LinearOperator,
+    *,
+    exact_max_dim: int = EXACT_TRACE_MAX_DIM,
+    num_matvecs: int = 99,
+    seed: int | None = 0,
+    generator: torch.Generator | int | None = None,
+    exact: bool | None = None,
+) -> tuple[float, float, bool]:
+    """``(Tr A, stderr, exact)`` of a symmetric operator (the Hessian, Σ_b, a Gauss–Newton matrix).
+
+    Exact: ``Σ_j e_jᵀ A e_j`` from D products (in blocks of 256 unit vectors; no D×D matrix above
+    ``exact_max_dim``). Otherwise Hutch++ (Meyer, Musco, Musco & Woodruff, 2021, Algorithm 1)
+    from ``num_matvecs`` products, unbiased, with its standard error.
+
+    Args:
+        H: a symmetric :class:`~sgdnoise.linalg.LinearOperator` ``[D, D]``.
+        exact_max_dim: with ``exact=None``, the trace is exact when D ≤ this, else Hutch++.
+        num_matvecs: Hutch++ budget (products, ≥ 4).
+        seed, generator: randomness of Hutch++ (the generator wins; else a fresh generator
+            seeded with ``seed``, default 0). Nothing is drawn for an exact trace.
+        exact: ``True`` always exact (D products), ``False`` always Hutch++, ``None`` (default)
+            decides by ``exact_max_dim``.
+
+    Returns:
+        ``(value, stderr, exact)``: Python floats (stderr 0.0 when exact) and a bool; the value
+        is in H's units (for the loss Hessian: loss per squared parameter unit, summed over D).
+
+    Raises:
+        ValueError: ``num_matvecs`` below Hutch++'s minimum of 4 when Hutch++ is used.
+    """
+    D = H.shape[0]
+    if exact is None:
+        exact = D <= exact_max_dim
+    if exact:
+        if D <= exact_max_dim:
+            return float(H.to_dense(max_dim=exact_max_dim).diagonal().sum()), 0.0, True
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, D, 256):
+            stop = min(D, start + 256)
+            E = torch.zeros(D, stop - start, dtype=H.dtype, device=H.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            total += (H @ E)[start:stop].diagonal().double().sum().cpu()
+        return float(total), 0.0, True
+    est = trace_estimate(
+        H, num_matvecs, method="hutch++", generator=resolve_generator(seed, generator)
+    )
+    return est.value, est.stderr, False
+
+
+def _forms(H: LinearOperator, C: torch.Tensor, block: int) -> torch.Tensor:
+    """``c_iᵀ H c_i`` for the rows c_i of ``C`` ``[n, D]``, ``block`` products at a time."""
+    out = []
+    for start in range(0, C.shape[0], block):
+        Cb = C[start : start + block]
+        out.append((Cb.T * (H @ Cb.T.contiguous())).sum(0))
+    return torch.cat(out)
+
+
+def quadratic_forms(
+    H: LinearOperator,
+    S: GradientNoiseCovariance,
+    indices: torch.Tensor | None = None,
+    block_size: int = 32,
+) -> torch.Tensor:
+    """``c_iᵀ H c_i`` ``[n]`` for the centred per-sample gradients ``c_i = g_i − ḡ`` of ``S``.
+
+    ``indices=None``: all N samples, taken ``block_size`` at a time (streaming Σ_b computes each
+    block's gradients in turn); otherwise the given samples. ``block_size`` H-products per batch.
+    Independent of b: ``Tr(H Σ_b) = (s/N) Σ_i c_iᵀ H c_i`` with ``s`` = :attr:`S.scale`.
+    """
+    if indices is not None:
+        return _forms(H, S.centered_rows(indices), block_size)
+    N = S.problem.num_samples
+    if S.centered is not None:
+        return _forms(H, S.centered, block_size)
+    parts = []
+    for start in range(0, N, block_size):
+        idx = torch.arange(start, min(N, start + block_size), device=S.device)
+        parts.append(_forms(H, S.centered_rows(idx), block_size))
+    return torch.cat(parts)
+
+
+def check_num_samples(num_samples: int | None, N: int) -> None:
+    """Refuse a sample count of the sampled ``Tr(HΣ)`` outside ``[2, N]`` (``None``: exact)."""
+    if num_samples is not None and (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, int)
+        or not 2 <= num_samples <= N
+    ):
+        raise ValueError(
+            f"num_samples must be None (exact) or an integer in [2, N] = [2, {N}], got {num_samples!r}"
+        )
+
+
+def tr_HS(
+    H: LinearOperator,
+    S: LinearOperator,
+    *,
+    num_samples: int | None = None,
+    block_size: int = 32,
+    seed: int | None = 0,
+    generator: torch.Generator | int | None = None,
+    exact_max_dim: int = EXACT_TRACE_MAX_DIM,
+    num_matvecs: int = 99,
+) -> TraceEstimate:
+    """``Tr(H S)`` for two symmetric operators — the escape indicator ``Tr(H Σ_b)`` of Zhu et al.
+    (ICML 2019, Eq. 6 / Theorem 3.1) when S is SGD's noise covariance.
+
+    By S's structure:
+
+    * :class:`~sgdnoise.linalg.GradientNoiseCovariance` ``Σ_b = (s/N) Σ_i c_i c_iᵀ``: exact
+      (``num_samples=None`` or N) ``Tr(H Σ_b) = (s/N) Σ_i c_iᵀ H c_i`` from N products, or sampled
+      from m examples drawn uniformly without replacement, ``(s/m) Σ_{i∈S} c_iᵀ H c_i``,
+      unbiased, its standard error with the finite-population correction ``√(1 − m/N)``
+      (``method`` ``"exact"`` / ``"sampled"``, ``num_matvecs`` the H products);
+    * :class:`~sgdnoise.linalg.LowRankOperator` ``U diag(s) Uᵀ``: exact, ``Σ_j s_j u_jᵀ H u_j``
+      (r products);
+    * any other operator: exact ``Σ_jk H_jk S_kj`` from dense matrices when D ≤
+      ``exact_max_dim``, else Hutchinson ``(1/m) Σ_j z_jᵀ H (S z_j)`` with ``num_matvecs``
+      Rademacher probes (``method="hutchinson"``).
+
+    Args:
+        H, S: symmetric operators ``[D, D]`` of one dtype and device.
+        num_samples: sampled examples m ∈ [2, N] (noise covariance only; ``None``: exact).
+        block_size: H products per batch.
+        seed, generator: randomness (generator wins; else a fresh generator seeded with
+            ``seed``, default 0).
+        exact_max_dim, num_matvecs: the generic case's dense limit and probe budget.
+
+    Returns:
+        A :class:`~sgdnoise.linalg.TraceEstimate` (value and stderr Python floats; stderr 0.0
+        when exact).
+
+    Raises:
+        ValueError: shapes differ, or ``num_samples`` outside ``[2, N]`` or given for an
+            operator that is not a noise covariance.
+    """
+    if H.shape != S.shape:
+        raise ValueError(f"tr_HS: H and S must have the same shape, got {H.shape} and {S.shape}")
+    if isinstance(S, GradientNoiseCovariance):
+        N = S.problem.num_samples
+        check_num_samples(num_samples, N)
+        if num_samples is None or num_samples == N:
+            q = quadratic_forms(H, S, None, block_size)
+            return TraceEstimate(float(q.double().mean()) * S.scale, 0.0, N, "exact")
+        gen = resolve_generator(seed, generator)
+        idx = torch.randperm(N, generator=gen, device=gen.device)[:num_samples].to(S.device)
+        return sampled_tr_HS(quadratic_forms(H, S, idx, block_size), N, S.scale)
+    if num_samples is not None:
+        raise ValueError(
+            "tr_HS: num_samples needs S to be a GradientNoiseCovariance (sampling its examples), "
+            f"got {type(S).__name__}"
+        )
+    if isinstance(S, LowRankOperator):
+        value = float((S.U * (H @ S.U)).sum(0).double() @ S.s.double())
+        return TraceEstimate(value, 0.0, S.rank, "exact")
+    D = H.shape[0]
+    if D <= exact_max_dim:
+        Hd, Sd = H.to_dense(max_dim=exact_max_dim), S.to_dense(max_dim=exact_max_dim)
+        return TraceEstimate(float((Hd * Sd.T).double().sum()), 0.0, 2 * D, "exact")
+    gen = resolve_generator(seed, generator)
+    Z = rademacher((D, num_matvecs), generator=gen, dtype=work_dtype(H.dtype), device=H.device)
+    terms = (Z * _apply(H, _apply(S, Z))).double().sum(0)
+    return TraceEstimate(
+        float(terms.mean()), float(terms.std() / num_matvecs**0.5), 2 * num_matvecs, "hutchinson"
+    )
+
+
+def sampled_tr_HS(q: torch.Tensor, N: int, scale: float) -> TraceEstimate:
+    """The sampled ``Tr(H Σ_b)`` from m quadratic forms ``c_iᵀ H c_i`` of examples drawn without
+    replacement from N: ``(s/m) Σ q_i`` and its standard error with ``√(1 − m/N)``."""
+    q = q.double()
+    m = q.numel()
+    fpc = (1.0 - m / N) ** 0.5
+    return TraceEstimate(
+        float(q.mean()) * scale, float(q.std() / m**0.5) * scale * fpc, m, "sampled"
     )

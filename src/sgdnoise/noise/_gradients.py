@@ -57,7 +57,7 @@ def weighted_gradients(
     Returns:
         ``(grads [m, D], losses [N])`` (``grads`` is ``[D]`` when ``weights`` was ``[N]``).
     """
-    problem._check_decoupled("weighted_gradients")  # ISSUE11-MERGE: check_decoupled
+    problem.check_decoupled("weighted_gradients")
     N = problem.num_samples
     squeeze = weights.ndim == 1
     W = weights[None, :] if squeeze else weights

@@ -1,0 +1,483 @@
+"""The state and the functional loss of a :class:`~sgdnoise.problem.Problem`: flat parameters,
+model outputs, losses, the one reduction over samples, and the memory budget that sizes chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .. import _data
+from .._utils import check_finite
+from ._helpers import (
+    FREE_MEMORY_FRACTION,
+    PER_SAMPLE_CHUNK_NUMBERS,
+    LossFn,
+    _coupling_modules,
+    _first_line,
+    _gib,
+    _math_attention,
+    _slice,
+    _tensors,
+    _unsqueeze,
+    free_memory,
+)
+
+
+class ProblemBase:
+    """Flat parameters, functional loss, reduction and memory budget of a problem (see
+    :class:`~sgdnoise.problem.Problem`, which adds construction, per-sample passes and Hessian
+    products)."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    reduction: str
+    param_names: list[str]
+    param_shapes: list[torch.Size]
+    param_numels: list[int]
+    dtype: torch.dtype
+    device: torch.device
+    dim: int
+    num_samples: int
+    chunk_size: int | None
+    routes: dict[str, str]
+    _source: Any
+    _budget_arg: int | None
+    _budget: int | None
+    _footprint_bytes: tuple[float, float] | None
+    _vmap_ok: bool | None
+
+    @property
+    def inputs(self) -> Any:
+        """All inputs (problems built from tensors; use :meth:`take` for data sets)."""
+        if isinstance(self._source, _data.TensorSource):
+            return self._source.inputs
+        raise AttributeError(
+            "this Problem reads its samples from a data set; use problem.take(indices) for rows"
+        )
+
+    @property
+    def targets(self) -> Any:
+        """All targets (problems built from tensors; use :meth:`take` for data sets)."""
+        if isinstance(self._source, _data.TensorSource):
+            return self._source.targets
+        raise AttributeError(
+            "this Problem reads its samples from a data set; use problem.take(indices) for rows"
+        )
+
+    def take(self, indices: torch.Tensor | Sequence[int]) -> tuple[Any, Any]:
+        """The samples ``indices`` (any order, repeats allowed) as one batch ``(inputs, targets)``
+        on the model's device."""
+        idx = self.check_indices(indices)
+        assert idx is not None
+        return self._source.take(idx)
+
+    # ------------------------------------------------------------------ flat parameters
+    def __repr__(self) -> str:
+        return (
+            f"Problem(model={type(self.model).__name__}, D={self.dim}, N={self.num_samples}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        """The model's trainable parameters in θ's order (the tensors themselves, not copies).
+
+        Raises:
+            RuntimeError: a parameter was removed, converted or moved since the problem was built.
+        """
+        params = dict(self.model.named_parameters())
+        try:
+            found: list[torch.Tensor] = [params[n] for n in self.param_names]
+        except KeyError as exc:
+            raise RuntimeError(
+                f"the model no longer has the parameter {exc.args[0]} it had when the Problem was "
+                "built; build a new Problem after changing the model"
+            ) from None
+        for n, p in zip(self.param_names, found, strict=True):
+            if p.dtype != self.dtype or p.device != self.device:
+                raise RuntimeError(
+                    f"parameter {n} is now {p.dtype} on {p.device}, but the Problem was built for "
+                    f"{self.dtype} on {self.device} (the model was converted or moved after); build "
+                    "a new Problem after model.to(...)"
+                )
+        return found
+
+    def theta(self) -> torch.Tensor:
+        """The current flat parameter vector θ ``[D]`` (a detached copy)."""
+        return self.flatten([p.detach() for p in self.trainable_parameters()])
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-parameter tensors (same shapes as the trainable parameters) to ``[D]``."""
+        if len(tensors) != len(self.param_shapes):
+            raise ValueError(
+                f"expected {len(self.param_shapes)} tensors (one per trainable parameter), "
+                f"got {len(tensors)}"
+            )
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split ``[..., D]`` into ``{name: tensor[..., *shape]}`` views (a leading batch is kept)."""
+        if theta.shape[-1] != self.dim:
+            raise ValueError(
+                f"expected a flat vector with last dimension D={self.dim}, got {list(theta.shape)}"
+            )
+        lead = theta.shape[:-1]
+        pieces = torch.split(theta, self.param_numels, dim=-1)
+        return {
+            n: piece.reshape(*lead, *shape)
+            for n, piece, shape in zip(self.param_names, pieces, self.param_shapes, strict=True)
+        }
+
+    def set_theta(self, theta: torch.Tensor) -> None:
+        """Write ``theta`` ``[D]`` into the model's trainable parameters (in place, no autograd)."""
+        self.check_vector(theta, "theta")
+        with torch.no_grad():
+            for p, piece in zip(
+                self.trainable_parameters(), self.unflatten(theta).values(), strict=True
+            ):
+                p.copy_(piece)
+
+    def check_vector(self, v: torch.Tensor, what: str) -> None:
+        """Raise ``ValueError`` unless ``v`` is a flat ``[D]`` tensor of the model's dtype and device
+        (the message names ``what``)."""
+        if not isinstance(v, torch.Tensor) or v.shape != (self.dim,):
+            shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{what} must be a flat vector of shape [{self.dim}], got {shape}")
+        if v.dtype != self.dtype or v.device != self.device:
+            raise ValueError(
+                f"{what} must be {self.dtype} on {self.device} (the model's), got {v.dtype} on {v.device}"
+            )
+
+    # ------------------------------------------------------------------ functional loss
+    def check_decoupled(self, what: str) -> None:
+        """Refuse a model whose training-mode forward couples samples or is random.
+
+        Args:
+            what: the quantity asked for (named in the message).
+
+        Raises:
+            RuntimeError: BatchNorm or dropout (p > 0) is in training mode; says to call
+                ``model.eval()``.
+        """
+        bad = _coupling_modules(self.model)
+        if bad:
+            raise RuntimeError(
+                f"{what} needs a model whose forward treats samples independently and "
+                f"deterministically, but these modules are in training mode: {', '.join(bad)}. "
+                "Per-sample gradients and Hessian products are ill-defined there (BatchNorm couples "
+                "the samples of a batch and mutates running statistics; dropout is random). Call "
+                "model.eval() first, or replace BatchNorm by GroupNorm/LayerNorm."
+            )
+
+    def _state(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every (module, attribute) slot of the model, once, with θ's pieces in the trainable ones.
+
+        Each module *object* appears once (a layer registered or called twice is swapped once) and
+        a parameter shared by two modules gets the same piece of θ in both (tied weights). This
+        is used with ``tie_weights=False``: torch's own tying swaps a module registered under two
+        names twice and restores it wrongly (it leaves ``requires_grad=False`` behind).
+        """
+        pieces = dict(zip(self._trainable_ids(), self.unflatten(theta).values(), strict=True))
+        state: dict[str, torch.Tensor] = {}
+        for prefix, module in self.model.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            for name, p in module._parameters.items():
+                if p is not None:  # parameters outside θ are constants
+                    state[dot + name] = pieces.get(id(p), p.detach())
+            for name, b in module._buffers.items():
+                if b is not None:
+                    state[dot + name] = b
+        return state
+
+    def _trainable_ids(self) -> list[int]:
+        return [id(p) for p in self.trainable_parameters()]
+
+    def outputs(self, theta: torch.Tensor, x: Any) -> Any:
+        """The model's outputs on the batch ``x`` at the flat parameters ``theta`` ``[D]``.
+
+        Differentiable in ``theta`` (``torch.func.functional_call``; works under ``jvp``, ``vjp``,
+        ``vmap``); buffers and parameters outside θ are constants.
+
+        Raises:
+            RuntimeError: the model changes one of its parameters in place inside forward.
+        """
+        if isinstance(x, dict):
+            args, kwargs = (), x
+        else:
+            args, kwargs = (tuple(x) if isinstance(x, (tuple, list)) else (x,)), None
+        try:
+            return functional_call(self.model, self._state(theta), args, kwargs, tie_weights=False)
+        except RuntimeError as exc:
+            text = str(exc)
+            if "inplace" not in text.replace("in-place", "inplace") or "view" not in text:
+                raise
+            raise RuntimeError(
+                "the model changes one of its parameters in place inside forward (e.g. "
+                "nn.Embedding(max_norm=...) renormalises rows of its weight): sgdnoise evaluates the "
+                "model as a function of θ and cannot follow such an update. Do it outside forward "
+                "(e.g. renormalise after each optimizer step). PyTorch said: " + _first_line(exc)
+            ) from exc
+
+    def _reduce_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a batch from the model's outputs (either reduction)."""
+        loss = self.loss_fn(out, y)
+        if self.reduction == "none":
+            n = _data.batch_size_of(y, "targets")
+            if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (n,):
+                shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"with reduction='none', loss_fn must return one loss per sample, shape [{n}], "
+                    f"got {shape}"
+                )
+            return loss.mean()
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar mean loss over the batch, got {shape}. Use a mean "
+                "reduction (e.g. F.cross_entropy(out, y) with reduction='mean'), or pass "
+                "reduction='none' to Problem if loss_fn returns one loss per sample."
+            )
+        return loss
+
+    def batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the batch ``(x, y)`` at ``theta`` ``[D]`` (a scalar, differentiable)."""
+        return self._reduce_outputs(self.outputs(theta, x), y)
+
+    def _loss_at(self, theta: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
+        """``(x, y) ↦`` the mean loss of the batch at ``theta`` (for :meth:`reduce_mean`)."""
+        return lambda x, y: self.batch_loss(theta, x, y)
+
+    def _sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.batch_loss(theta, _unsqueeze(x), _unsqueeze(y))
+
+    def _losses_from_outputs(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``[n]`` from a batch's outputs (``loss_fn`` on each sample's rows)."""
+        if self.reduction == "none":
+            return self.loss_fn(out, y)
+        if self._vmap_ok is not False:
+            try:
+                return vmap(lambda o, t: self.loss_fn(_unsqueeze(o), _unsqueeze(t)))(out, y)
+            except (RuntimeError, NotImplementedError):
+                pass
+        return torch.stack(
+            [
+                self.loss_fn(_slice(out, i), _slice(y, i))
+                for i in range(_data.batch_size_of(y, "targets"))
+            ]
+        )
+
+    # ------------------------------------------------------------------ the one reduction
+    def check_indices(self, indices: torch.Tensor | Sequence[int] | None) -> torch.Tensor | None:
+        """Validate sample indices (``None`` = all samples) and return them as a long tensor.
+
+        Integer indices (any order, repeats allowed) or a boolean mask of length N.
+        """
+        if indices is None:
+            return None
+        raw = torch.as_tensor(indices)
+        if raw.dtype == torch.bool:
+            if raw.shape != (self.num_samples,):
+                raise ValueError(
+                    f"a boolean mask of samples must have shape [N] = [{self.num_samples}], got "
+                    f"{list(raw.shape)}"
+                )
+            raw = raw.nonzero().flatten()
+        elif raw.is_floating_point() or raw.is_complex():
+            raise TypeError(
+                f"sample indices must be integers (or a boolean mask), got dtype {raw.dtype}"
+            )
+        idx = raw.to(device=self.device, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError("indices is empty; pass at least one sample index (or None for all)")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.num_samples:
+            raise IndexError(
+                f"sample indices must lie in [0, {self.num_samples - 1}], got values in "
+                f"[{int(idx.min())}, {int(idx.max())}]"
+            )
+        return idx
+
+    def chunks(
+        self, indices: torch.Tensor | None = None, chunk_size: int | None = None
+    ) -> Iterator[tuple[Any, Any, slice]]:
+        """Consecutive ``(x, y, positions)`` pieces of at most ``chunk_size`` selected samples."""
+        return self._source.chunks(indices, chunk_size or self.chunk_size)
+
+    def reduce_mean(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        indices: torch.Tensor | None = None,
+        *,
+        rows: int | None = None,
+    ) -> torch.Tensor:
+        """``Σ_c (n_c / n) · fn(x_c, y_c)`` over chunks c of the (selected) data.
+
+        ``fn`` returns a *mean* over its chunk; each chunk is weighted by its size, so the result
+        is the exact mean over all selected samples whatever the chunking. ``rows``: samples per
+        chunk (default: :meth:`plan_rows` for a gradient pass).
+        """
+        indices = self.check_indices(indices)
+        n = self.num_samples if indices is None else int(indices.numel())
+        total: torch.Tensor | None = None
+        for x, y, pos in self.chunks(indices, rows or self.plan_rows("gradient")):
+            part = fn(x, y) * ((pos.stop - pos.start) / n)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    # ------------------------------------------------------------------ loss, gradient, HVP
+    def loss(
+        self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``L(θ) = (1/n) Σ_i ℓ(x_i; θ)`` over all (or the selected) samples, at θ (default: current)."""
+        self.check_decoupled("Problem.loss")
+        theta = self.theta() if theta is None else theta
+        with torch.no_grad():
+            value = self.reduce_mean(
+                lambda x, y: self.batch_loss(theta, x, y), indices, rows=self.plan_rows("forward")
+            )
+        check_finite(value, "the loss")
+        return value
+
+    def loss_and_gradient(
+        self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L(θ), ∇L(θ))`` with one forward and one backward pass per chunk."""
+        self.check_decoupled("Problem.gradient")
+        theta = (self.theta() if theta is None else theta).detach()
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            th = theta.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.batch_loss(th, x, y)
+                (g,) = torch.autograd.grad(loss, th)
+            return torch.cat([loss.detach().reshape(1), g])
+
+        both = self.reduce_mean(fn, indices)
+        check_finite(both[:1], "the loss")
+        check_finite(both[1:], "the gradient")
+        return both[0], both[1:]
+
+    def gradient(
+        self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``∇L(θ)`` ``[D]`` (mean over samples)."""
+        return self.loss_and_gradient(theta, indices)[1]
+
+    # ------------------------------------------------------------------ per-sample quantities
+    def per_sample_chunk_size(self) -> int:
+        """Samples per chunk of a per-sample gradient pass: within the memory budget and at most
+        ``PER_SAMPLE_CHUNK_NUMBERS`` (2^25) numbers per ``[chunk, D]`` block."""
+        # within the memory budget, and never more than PER_SAMPLE_CHUNK_NUMBERS numbers per chunk
+        # (a chunk is a transient buffer; the materialised [N, D] matrix has its own rule)
+        return max(
+            1, min(self.plan_rows("per_sample"), PER_SAMPLE_CHUNK_NUMBERS // max(1, self.dim))
+        )
+
+    # ------------------------------------------------------------------ memory budget
+    @property
+    def memory_budget(self) -> int:
+        """Bytes one pass may use (the argument, or half the free memory at the first pass)."""
+        if self._budget is None:
+            self._budget = int(free_memory(self.device) * FREE_MEMORY_FRACTION)
+        return self._budget
+
+    def _footprint(self) -> tuple[float, float]:
+        """``(fixed, per_sample)`` bytes saved for backward by a forward pass with gradients,
+        measured once on one and two samples (saved tensors, counted once per storage)."""
+        if self._footprint_bytes is not None:
+            return self._footprint_bytes
+        sizes = []
+        for n in (1, 2) if self.num_samples >= 2 else (1,):
+            x, y = self._source.take(torch.arange(n))
+            seen: dict[int, int] = {}
+
+            def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
+                try:
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+                except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+                    seen[id(t)] = t.numel() * t.element_size()
+                return t
+
+            th = self.theta().requires_grad_(True)
+            data = sum(t.numel() * t.element_size() for t in _tensors((x, y)))
+            try:
+                with (
+                    torch.enable_grad(),
+                    _math_attention(),
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                ):
+                    self.batch_loss(th, x, y)
+            except Exception:  # the model's errors surface in the real pass, not here
+                seen = {}
+            sizes.append(float(sum(seen.values()) + data))
+        if len(sizes) == 2:
+            per = max(sizes[1] - sizes[0], sizes[0] / 4, 1.0)
+            fixed = max(sizes[0] - per, 0.0)
+        else:
+            per, fixed = max(sizes[0], 1.0), 0.0
+        self._footprint_bytes = (fixed, per)
+        return self._footprint_bytes
+
+    def _cost(self, kind: str, columns: int = 1) -> tuple[float, float]:
+        """``(fixed, per_sample)`` peak bytes of one chunk of a pass of ``kind``."""
+        a0, a1 = self._footprint()
+        d = self.dim * torch.finfo(self.dtype).bits // 8
+        if kind == "forward":
+            return a0, a1
+        if kind == "gradient":
+            return a0 + 3 * d, a1
+        if kind == "hvp":  # primal + tangents of forward-over-reverse for `columns` directions
+            c = 1 + 2 * columns
+            return c * a0 + 4 * columns * d, c * a1
+        if kind == "per_sample":
+            return a0 + 2 * d, 2 * a1 + 3 * d
+        if kind == "batched":  # `columns` parameter vectors at once, no gradients
+            return columns * (a0 + d), columns * a1
+        raise ValueError(f"unknown pass kind {kind!r}")
+
+    def plan_rows(self, kind: str, columns: int = 1) -> int:
+        """Samples per chunk for a pass of ``kind`` (``"forward"``, ``"gradient"``, ``"hvp"``,
+        ``"per_sample"``, ``"batched"``) with ``columns`` products/vectors at once, so that its
+        estimated peak stays under :attr:`memory_budget` (and at most ``chunk_size``).
+
+        Raises:
+            MemoryError: if one sample does not fit, with the bytes it needs.
+        """
+        fixed, per = self._cost(kind, columns)
+        budget = self.memory_budget
+        if fixed + per > budget:
+            raise MemoryError(
+                f"a {kind} pass of this model needs about {_gib(fixed + per)} for one sample"
+                + (f" and {columns} columns" if columns > 1 else "")
+                + f", more than the memory budget of {_gib(budget)}. Raise memory_budget "
+                "(Problem(..., memory_budget='16G')), free memory, or use a smaller model/dtype."
+            )
+        rows = int((budget - fixed) // per)
+        cap = self.chunk_size or self.num_samples
+        return max(1, min(rows, cap, self.num_samples))
+
+    def plan_columns(self, wanted: int, kind: str = "hvp") -> tuple[int, int]:
+        """``(columns, rows)``: the widest block of at most ``wanted`` products whose one-sample
+        pass fits the budget, and the samples per chunk for it (``MemoryError`` if even one
+        column of one sample does not fit)."""
+        cols = max(1, wanted)
+        while cols > 1:
+            fixed, per = self._cost(kind, cols)
+            if fixed + per * min(self.num_samples, 8) <= self.memory_budget:
+                break
+            cols //= 2
+        return cols, self.plan_rows(kind, cols)
+
+    # Private names of the public methods above, kept for code written against them.
+    # ISSUE11-MERGE: optim.py (_trainable), noise/_gradients.py (_check_decoupled) and
+    # experiments/indicator.py (_outputs, _per_sample_chunk_size) still use these; rename them to
+    # trainable_parameters / check_decoupled / outputs / per_sample_chunk_size and drop the aliases.
+    _trainable = trainable_parameters
+    _per_sample_chunk_size = per_sample_chunk_size
+    _check_decoupled = check_decoupled
+    _outputs = outputs
+    _batch_loss = batch_loss

@@ -1,0 +1,254 @@
+"""Hessian-vector products of a :class:`~sgdnoise.problem.Problem`: forward-over-reverse with
+fallbacks to double backward, a one-time check against finite differences, and the diagnosis of
+the module that has no second derivative."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+from .. import _data
+from .._utils import check_finite
+from ._base import ProblemBase
+from ._helpers import (
+    MAX_COLUMNS,
+    _first_line,
+    _map_tensors,
+    _math_attention,
+    _rtol,
+    _slice,
+    _tensors,
+)
+
+
+class HessianProducts(ProblemBase):
+    """``∇²L(θ) V`` for :class:`~sgdnoise.problem.Problem` (mixin)."""
+
+    _hvp_mode: str
+    _hvp_verified: bool
+    _hvp_error: str | None
+
+    def hvp(
+        self,
+        V: torch.Tensor,
+        theta: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+        *,
+        max_columns: int = MAX_COLUMNS,
+    ) -> torch.Tensor:
+        """Hessian products ``∇²L(θ) V`` for ``V`` of shape ``[D, k]``.
+
+        Forward-over-reverse (``vmap`` over ``jvp(grad(L))``): the primal forward/backward is
+        shared by all columns and only the tangents are batched, at most ``max_columns`` at a
+        time and fewer (and over fewer samples) when the memory budget asks for it. Operations without a forward-mode derivative or a batching rule make it fall
+        back, once per problem, to batched double backward and then to double backward column by
+        column (recorded in ``routes["hvp"]``). Attention runs on the math kernel.
+
+        Raises:
+            RuntimeError: if no route can differentiate the model twice (names the failing
+                operation and what to change).
+        """
+        self.check_decoupled("Hessian-vector products")
+        theta = (self.theta() if theta is None else theta).detach()
+        if self._hvp_error is not None:
+            raise RuntimeError(self._hvp_error)
+        if not self._hvp_verified:
+            self._hvp_verified = True
+            try:
+                self._verify_hvp(theta)
+            except RuntimeError as exc:
+                self._hvp_error = str(exc)
+                raise
+
+        cols, rows = self.plan_columns(min(max_columns, max(1, V.shape[1])))
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            blocks = [
+                self._hvp_block(theta, V[:, j : j + cols], x, y) for j in range(0, V.shape[1], cols)
+            ]
+            return torch.cat(blocks, dim=1)
+
+        out = self.reduce_mean(fn, indices, rows=rows)
+        check_finite(out, "a Hessian-vector product")
+        return out
+
+    def _hvp_block(
+        self, theta: torch.Tensor, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        with _math_attention():
+            if self._hvp_mode == "forward-over-reverse":
+                gfun = grad(lambda t: self.batch_loss(t, x, y))
+                try:
+                    # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
+                    return vmap(
+                        lambda v: jvp(gfun, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1
+                    )(V)
+                except (NotImplementedError, RuntimeError) as exc:
+                    self._hvp_mode = "double backward"
+                    self.routes["hvp"] = (
+                        f"double backward: forward-over-reverse failed ({_first_line(exc)})"
+                    )
+            th = theta.clone().requires_grad_(True)
+            try:
+                with torch.enable_grad():
+                    loss = self.batch_loss(th, x, y)
+                    (g,) = torch.autograd.grad(loss, th, create_graph=True)
+                    if not g.requires_grad:  # the loss is linear in θ: H = 0
+                        return torch.zeros_like(V)
+                    if V.shape[1] == 1 or self._hvp_mode == "double backward, column by column":
+                        cols = [
+                            torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
+                            for j in range(V.shape[1])
+                        ]
+                        return torch.stack(cols, dim=1)
+                    try:
+                        (hv,) = torch.autograd.grad(
+                            g, th, grad_outputs=V.T, is_grads_batched=True, retain_graph=True
+                        )
+                        return hv.T
+                    except (NotImplementedError, RuntimeError) as exc:
+                        self._hvp_mode = "double backward, column by column"
+                        self.routes["hvp"] = (
+                            f"double backward column by column: batched products failed "
+                            f"({_first_line(exc)})"
+                        )
+                        cols = [
+                            torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
+                            for j in range(V.shape[1])
+                        ]
+                        return torch.stack(cols, dim=1)
+            except (NotImplementedError, RuntimeError) as exc:
+                where = self._module_without_second_derivative(x)
+                raise RuntimeError(
+                    "Hessian-vector products need second derivatives of the model, and PyTorch has "
+                    f"none for an operation{where}: {_first_line(exc)}. Replace that operation by "
+                    "one with a double-backward rule (fused attention: torch.nn.attention."
+                    "sdpa_kernel(SDPBackend.MATH) around your own call; a custom autograd.Function: "
+                    "make its backward differentiable, without @once_differentiable), then run "
+                    "sgdnoise.check(problem)."
+                ) from exc
+
+    def _verify_hvp(self, theta: torch.Tensor) -> None:
+        """Once per problem: ``H v`` against central differences of ∇L on the first 4 samples.
+
+        Catches a wrong second derivative anywhere in the model or in PyTorch (a custom
+        ``autograd.Function`` whose backward is not differentiable returns a wrong product without
+        any error). The rule is :func:`sgdnoise.diagnostics.hvp_finite_difference_check` (the
+        one :func:`sgdnoise.check` reports): differences at several step sizes, on a float64 copy
+        of the model below float64; inconclusive directions (ReLU kinks) pass. Skipped for
+        models above 2^27 parameters, where the copy would cost too much memory.
+        """
+        if self.dim > 2**27:
+            self.routes["hvp_check"] = "skipped (D > 2^27); run sgdnoise.check(problem)"
+            return
+        from ..diagnostics import hvp_finite_difference_check
+
+        # A few samples suffice: the check is about the model's derivative rules, not the data.
+        few = torch.arange(min(self.num_samples, 4), device=self.device)
+        if not self._hvp_symmetric(theta, few):
+            if self._hvp_mode != "forward-over-reverse":
+                where = self._module_without_second_derivative(self._source.take(few[:1])[0])
+                raise RuntimeError(
+                    "Hessian-vector products are not symmetric for this model (uᵀHv ≠ vᵀHu) by "
+                    f"double backward: an operation{where or ' in the model'} has inconsistent "
+                    "second derivatives — typically a custom autograd.Function whose backward is "
+                    "not itself differentiable (@once_differentiable, or torch.no_grad / .detach() "
+                    "inside backward). Make that backward differentiable; sgdnoise.check(problem) "
+                    "reports the details."
+                )
+            self._hvp_mode = "double backward"
+            self.routes["hvp"] = (
+                "double backward: forward-over-reverse gives a non-symmetric H (a forward-mode "
+                "rule disagrees with its backward, e.g. Embedding(padding_idx))"
+            )
+            if not self._hvp_symmetric(theta, few):
+                raise RuntimeError(
+                    "Hessian-vector products are not symmetric for this model (uᵀHv ≠ vᵀHu) by "
+                    "forward-over-reverse or by double backward. Run sgdnoise.check(problem)."
+                )
+            # The gradient itself is not the derivative of the loss along every direction
+            # (e.g. padding rows whose gradient is zero by convention): finite differences of
+            # it cannot judge H, the symmetric route is the one consistent with the gradient.
+            self.routes["hvp_check"] = "symmetric by double backward (finite differences skipped)"
+            return
+        result = hvp_finite_difference_check(
+            cast(Any, self), theta, few, torch.Generator().manual_seed(0), levels=3
+        )
+        if result.passed:
+            self.routes["hvp_check"] = result.detail
+            return
+        where = self._module_without_second_derivative(self._source.take(torch.arange(1))[0])
+        raise RuntimeError(
+            f"Hessian-vector products are wrong for this model{where}: {result.detail}"
+        )
+
+    def _hvp_symmetric(self, theta: torch.Tensor, few: torch.Tensor) -> bool:
+        """``|uᵀHv − vᵀHu| ≤ tol (|uᵀHv| + |vᵀHu|)`` for two random vectors (the route's check)."""
+        gen = torch.Generator().manual_seed(1)
+        UV = torch.randn(self.dim, 2, generator=gen, dtype=torch.float64).to(
+            self.device, self.dtype
+        )
+        with torch.no_grad():
+            HUV = self.hvp_unchecked(UV, theta, few).double()
+        uhv, vhu = float(UV[:, 0].double() @ HUV[:, 1]), float(UV[:, 1].double() @ HUV[:, 0])
+        scale = float(UV.double().norm(dim=0).prod() * HUV.norm(dim=0).max())
+        return abs(uhv - vhu) <= 100 * _rtol(self.dtype) * (abs(uhv) + abs(vhu) + 1e-3 * scale)
+
+    def hvp_unchecked(
+        self, V: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`hvp` without the one-time finite-difference check (for diagnostics)."""
+        saved = self._hvp_verified, self._hvp_error
+        self._hvp_verified, self._hvp_error = True, None
+        try:
+            return self.hvp(V, theta, indices)
+        finally:
+            self._hvp_verified, self._hvp_error = saved
+
+    def _module_without_second_derivative(self, x: torch.Tensor) -> str:
+        """`` in module NAME (Type)`` for the innermost module that cannot be differentiated twice
+        on its own (a diagnosis run only after a failure), or ``""``."""
+        calls: list[tuple[nn.Module, tuple[object, ...], dict[str, object]]] = []
+
+        def record(module: nn.Module, args: tuple, kwargs: dict, _: object) -> None:
+            calls.append((module, args, kwargs))
+
+        handles = [m.register_forward_hook(record, with_kwargs=True) for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                _data.call_model(self.model, _slice(x, 0))
+        except Exception:  # the diagnosis must not hide the original error
+            return ""
+        finally:
+            for h in handles:
+                h.remove()
+        names = {id(m): n for n, m in self.model.named_modules()}
+
+        def fresh(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().requires_grad_(t.is_floating_point())
+
+        for module, args, kwargs in calls:  # post-hooks fire innermost first
+            args2, kwargs2 = _map_tensors(fresh, tuple(args)), _map_tensors(fresh, dict(kwargs))
+            ins = [t for t in _tensors((args2, kwargs2)) if t.requires_grad]
+            ins += [p for p in module.parameters() if p.requires_grad]
+            try:
+                with torch.enable_grad():
+                    outs = [o for o in _tensors(module(*args2, **kwargs2)) if o.requires_grad]
+            except Exception:  # a module that cannot run on its own: try the next one
+                continue
+            if not outs or not ins:
+                continue
+            try:
+                with torch.enable_grad():
+                    total: Any = sum((o * o).sum() for o in outs)
+                    grads = torch.autograd.grad(total, ins, create_graph=True, allow_unused=True)
+                    second = sum(g.sum() for g in grads if g is not None and g.requires_grad)
+                    if isinstance(second, torch.Tensor):
+                        torch.autograd.grad(second, ins, allow_unused=True)
+            except (RuntimeError, NotImplementedError):
+                name = names.get(id(module)) or "(the model itself)"
+                return f" in module {name} ({type(module).__name__})"
+        return ""
