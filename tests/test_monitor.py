@@ -14,8 +14,9 @@ from torch import nn
 
 import sgdnoise
 from sgdnoise.cli import main
+from sgdnoise.figures.monitor import plot_monitor
 from sgdnoise.measures import hessian_trace
-from sgdnoise.monitor import _OFFSET, QUANTITIES, plot_monitor, read_monitor
+from sgdnoise.monitor import _OFFSET, QUANTITIES, read_monitor
 
 
 def _setup(n: int = 24, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

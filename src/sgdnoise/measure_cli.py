@@ -55,9 +55,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _call(spec: str) -> Any:
-    from .commands import _import_target
+    from ._user_code import import_target
 
-    func = _import_target(spec)
+    func = import_target(spec)
     try:
         return func()
     except Exception as exc:
@@ -330,9 +330,9 @@ def _monitor(
     )
     inputs, targets = load_data(data_spec)
     if loss_spec is not None:
-        from .commands import _import_target
+        from ._user_code import import_target
 
-        loss_fn, loss_name = _import_target(loss_spec), loss_spec
+        loss_fn, loss_name = import_target(loss_spec), loss_spec
     elif factory_loss is not None:
         loss_fn, loss_name = factory_loss, f"returned by {model_spec}"
     else:

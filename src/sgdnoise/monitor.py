@@ -62,11 +62,10 @@ from torch import nn
 from ._utils import resolve_generator
 from .linalg import batch_scale, gradient_noise_covariance, hessian, top_eigenpairs
 from .measures import alignment, escape_indicator, expected_sharpness, hessian_trace
-from .monitor_plot import plot_monitor, read_monitor
 from .noise_scale import gradient_noise_scale
 from .problem import Problem
 
-__all__ = ["QUANTITIES", "Monitor", "plot_monitor", "read_monitor"]
+__all__ = ["QUANTITIES", "Monitor", "read_monitor"]
 
 _Gen = Callable[[str], torch.Generator]
 _Put = Callable[..., None]
@@ -544,3 +543,32 @@ class Monitor:
             sigma=sh.sigma,
             num_samples=sh.num_samples,
         )
+
+
+def read_monitor(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a monitor's JSON-lines file, in file order.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: a line that is not a monitor record.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such monitor file: {str(p)!r}")
+    records = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(p)!r} line {n} is not JSON ({exc.msg})") from exc
+        if not (
+            isinstance(rec, dict) and "step" in rec and isinstance(rec.get("quantities"), dict)
+        ):
+            raise ValueError(
+                f"{str(p)!r} line {n} is not a monitor record (expected 'step' and 'quantities')"
+            )
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{str(p)!r} holds no measurement yet")
+    return records

@@ -227,7 +227,7 @@ class GradientNoiseCovariance(LinearOperator):
 
         Materialised: ``(z C) √(s/N)``. Streaming: ``√(s/N) (Gᵀ z − ḡ (1ᵀ z))`` with ``Gᵀ z`` the
         gradient of the re-weighted loss ``Σ_i z_i ℓ_i`` at :attr:`theta` — one forward and one
-        (num-column) backward pass over the data (:func:`~sgdnoise.noise.weighted_gradients`),
+        (num-column) backward pass over the data (:meth:`~sgdnoise.Problem.weighted_gradients`),
         never the ``[N, D]`` matrix. The two agree to rounding.
         """
         N = self.problem.num_samples
@@ -236,9 +236,7 @@ class GradientNoiseCovariance(LinearOperator):
         root = (self.scale / N) ** 0.5
         if self.centered is not None:
             return (z @ self.centered) * root
-        from ..noise._gradients import weighted_gradients  # noise imports this module
-
-        Gz = weighted_gradients(self.problem, z, self.theta)[0] * N  # [num, D] = (Gᵀ z)ᵀ
+        Gz = self.problem.weighted_gradients(z, self.theta)[0] * N  # [num, D] = (Gᵀ z)ᵀ
         return (Gz - z.sum(1, keepdim=True) * self.mean_gradient[None, :]) * root
 
 

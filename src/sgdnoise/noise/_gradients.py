@@ -12,9 +12,7 @@ several consumers need, so that nothing is computed twice:
 from __future__ import annotations
 
 import torch
-from torch.func import vjp, vmap
 
-from .._utils import check_finite
 from ..problem import Problem
 
 __all__ = ["per_sample_gradients_and_losses", "weighted_gradients"]
@@ -57,29 +55,4 @@ def weighted_gradients(
     Returns:
         ``(grads [m, D], losses [N])`` (``grads`` is ``[D]`` when ``weights`` was ``[N]``).
     """
-    problem.check_decoupled("weighted_gradients")
-    N = problem.num_samples
-    squeeze = weights.ndim == 1
-    W = weights[None, :] if squeeze else weights
-    if W.ndim != 2 or W.shape[1] != N:
-        raise ValueError(f"weights must have shape [m, {N}] or [{N}], got {list(weights.shape)}")
-    W = W.to(device=problem.device, dtype=problem.dtype)
-    theta = (problem.theta() if theta is None else theta).detach()
-    total = torch.zeros(W.shape[0], problem.dim, dtype=problem.dtype, device=problem.device)
-    losses = []
-    for x, y, pos in problem.chunks(None, problem.plan_rows("hvp", W.shape[0])):
-
-        def f(th: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            return problem.sample_losses(th, x, y)
-
-        l, pullback = vjp(f, theta)[:2]
-        Wc = W[:, pos]
-        if Wc.shape[0] == 1:
-            g = pullback(Wc[0])[0][None, :]
-        else:
-            g = vmap(lambda w, pb=pullback: pb(w)[0])(Wc)
-        total = total + g
-        losses.append(l.detach())
-    total = total / N
-    check_finite(total, "the weighted gradient")
-    return (total[0] if squeeze else total), torch.cat(losses)
+    return problem.weighted_gradients(weights, theta)

@@ -144,7 +144,7 @@ class HessianProducts(ProblemBase):
         if self.dim > 2**27:
             self.routes["hvp_check"] = "skipped (D > 2^27); run sgdnoise.check(problem)"
             return
-        from ..diagnostics import hvp_finite_difference_check
+        from .._finite_differences import hvp_finite_difference_check
 
         # A few samples suffice: the check is about the model's derivative rules, not the data.
         few = torch.arange(min(self.num_samples, 4), device=self.device)

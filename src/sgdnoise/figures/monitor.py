@@ -4,43 +4,13 @@ only inside :func:`plot_monitor`)."""
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_monitor", "read_monitor"]
-
-
-def read_monitor(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a monitor's JSON-lines file, in file order.
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: a line that is not a monitor record.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such monitor file: {str(p)!r}")
-    records = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(p)!r} line {n} is not JSON ({exc.msg})") from exc
-        if not (
-            isinstance(rec, dict) and "step" in rec and isinstance(rec.get("quantities"), dict)
-        ):
-            raise ValueError(
-                f"{str(p)!r} line {n} is not a monitor record (expected 'step' and 'quantities')"
-            )
-        records.append(rec)
-    if not records:
-        raise ValueError(f"{str(p)!r} holds no measurement yet")
-    return records
+__all__ = ["plot_monitor"]
 
 
 _LABELS = {
@@ -159,8 +129,8 @@ def plot_monitor(path: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     """
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures untouched
 
-    from ._utils import atomic_write_bytes
-    from .monitor import QUANTITIES
+    from .._utils import atomic_write_bytes
+    from ..monitor import QUANTITIES, read_monitor
 
     records = read_monitor(path)
     present = [n for n in QUANTITIES if any(n in r["quantities"] for r in records)]
