@@ -23,7 +23,6 @@ structures (:func:`sgdnoise.noise_model`) on single runs.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 import zlib
@@ -37,6 +36,7 @@ import torch
 from pydantic import Field
 
 from ..data import toy2d_data
+from ..figures.toy import summary_markdown
 from ..models import toy2d_sample_loss
 from ..noise import BatchedStatistics, NoiseModel, noise_class
 from ..optim import dynamics_label, dynamics_names, factor_noise, gld_step
@@ -58,7 +58,6 @@ __all__ = [
     "noise_factor",
     "run",
     "simulate",
-    "summary",
     "toy_dynamics",
     "toy_statistics",
 ]
@@ -434,66 +433,6 @@ def run(
     )
     rd.write_json("surface.json", _surface(data[0][1][config.trajectory_run]))
     rd.write_json("meta.json", {"simulation_seconds": elapsed, "device": str(dev)})
-    rd.write_text("summary.md", _summary_markdown(config, results, elapsed))
+    rd.write_text("summary.md", summary_markdown(config.to_dict(), results, elapsed))
     rd.mark_complete("toy", config)
     return results
-
-
-def summary(results: dict[str, Any]) -> str:
-    """The short table printed at the end: success counts, 95% Wilson intervals and Tr(HΣ)."""
-    width = max(len(r["label"]) for r in results.values())
-    return "\n".join(
-        f"{r['label']:<{width}}  {r['successes']:>4}/{r['runs']:<4} "
-        f"[{100 * r['ci_low']:5.1f}%, {100 * r['ci_high']:5.1f}%]  Tr(HΣ) = {r['tr_HS']:.3f}"
-        for r in results.values()
-    )
-
-
-def _ordering_note(results: dict[str, Any]) -> str:
-    """Rank by Tr(HΣ) (values within 1% joined by ≈) and by success rate."""
-    label = {n: r["label"] for n, r in results.items()}
-    names = sorted(results, key=lambda n: -results[n]["tr_HS"])
-    parts = [label[names[0]]]
-    for prev, cur in itertools.pairwise(names):
-        a, b = results[prev]["tr_HS"], results[cur]["tr_HS"]
-        sep = " ≈ " if abs(a - b) <= 0.01 * max(abs(a), abs(b), 1e-12) else " > "
-        parts.append(sep + label[cur])
-    by_rate = sorted(results, key=lambda n: -results[n]["success_rate"])
-    return (
-        "Predicted order (Tr(HΣ) at the start): "
-        + "".join(parts)
-        + "\n\nObserved order (success rate): "
-        + ", ".join(f"{label[n]} {100 * results[n]['success_rate']:.0f}%" for n in by_rate)
-    )
-
-
-def _summary_markdown(config: ToyConfig, results: dict[str, Any], elapsed: float) -> str:
-    lines = [
-        "# 2-D escape experiment (poster Fig. 1)",
-        "",
-        f"{config.runs} runs × {config.steps} steps, lr {config.lr}, parameter-level noise trace "
-        f"{config.noise_trace} per step, N = {config.num_points} fresh points per run, start "
-        f"{tuple(config.start)}, success = final w₁ < {config.threshold} and w₂ < "
-        f"{config.threshold}; seeds {', '.join(map(str, config.seeds))}. Simulation time {elapsed:.1f} s.",
-        "",
-        "| dynamics | success | 95% Wilson CI | Tr(HΣ) at start (mean ± sd over runs) |",
-        "|---|---|---|---|",
-    ]
-    for r in results.values():
-        lines.append(
-            f"| {r['label']} | {r['successes']}/{r['runs']} ({100 * r['success_rate']:.0f}%) | "
-            f"[{100 * r['ci_low']:.0f}%, {100 * r['ci_high']:.0f}%] | "
-            f"{r['tr_HS']:.3f} ± {r['tr_HS_std']:.3f} |"
-        )
-    lines += [
-        "",
-        _ordering_note(results),
-        "",
-        "Reference (a re-simulation of the released code, 3 seeds × 100 runs of its settings): GD 0, "
-        "const 0–2, diag 0–1, leading 31–36, Hessian 24–31, 1st eigvec(H) 37–41 (per 100). "
-        "Tr(HΣ) at the exact sharp minimum: 1st eigvec 2.00 > Hessian = leading 1.84 > "
-        "const = diag 1.10 > GD 0. GLD leading (k = 2 = D) and GLD full have the same covariance "
-        "in 2-D (different samplers).",
-        "",
-    ]
-    return "\n".join(lines)
