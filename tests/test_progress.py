@@ -72,9 +72,7 @@ def test_fashion_phase_costs_follow_the_benchmark() -> None:
     assert 1.4 <= step["gld_diag"] <= 1.9
     assert per_step["sgd"] < per_step["gd"] == pytest.approx(gd_phase, rel=0.1)
     # The whole quick profile: 45–60 min at the measured 0.12–0.135 s per GD step.
-    total = phase_cost(quick, "gd_phase") + sum(
-        phase_cost(quick, d) for d in quick.dynamics
-    )
+    total = phase_cost(quick, "gd_phase") + sum(phase_cost(quick, d) for d in quick.dynamics)
     assert 45 * 60 <= total * 0.125 <= 60 * 60
 
 

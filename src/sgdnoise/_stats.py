@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
     "curve_over_seeds",
@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-def is_finite(value: float | None) -> bool:
+def is_finite(value: float | None) -> TypeGuard[float]:
     """Whether ``value`` is a number that is neither NaN nor ±inf (``None``: no)."""
     return value is not None and math.isfinite(float(value))
 

@@ -40,14 +40,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .._stats import curve_over_seeds, stat
-from ..data import corrupted_fashion_mnist, fashion_mnist_identity
 from ..figures.fashion import summary
 from ..models import FashionCNN
 from ..optim import default_refresh, dynamics_label, dynamics_names
 from ..problem import Problem
 from ..runs import RunDir, data_key, resolve_device, resolve_dtype
 from ._protocol import Distinct, ExperimentConfig, OneOf, configure, experiment_config
-from .fashion_run import NUM_TEST, PhaseBar, PhaseData, phase_spec, run_phase
+from .fashion_run import NUM_TEST, PhaseBar, PhaseData, load_phase_data, phase_spec, run_phase
 
 __all__ = [
     "ALL_DYNAMICS",
@@ -328,39 +327,6 @@ def config_from(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_data(
-    config: FashionConfig, data_dir: str | Path | None, dtype: torch.dtype, dev: torch.device
-) -> tuple[dict[str, Any], PhaseData, str]:
-    """The files' identity, the tensors a phase measures on, and the data source."""
-    ident: dict[str, Any] = fashion_mnist_identity(data_dir)
-    if config.n_test is not None and config.n_test > ident["num_test"]:
-        raise ValueError(
-            f"n_test={config.n_test} test images were asked for, but the test file in "
-            f"{ident['source']} holds only {ident['num_test']}; lower n_test (or leave it unset "
-            "to use them all), or pass --data-dir with the full FashionMNIST files"
-        )
-    if config.n_train > ident["num_train"]:
-        raise ValueError(
-            f"n_train={config.n_train} training images were asked for, but the training file in "
-            f"{ident['source']} holds only {ident['num_train']}; lower n_train or pass --data-dir "
-            "with the full FashionMNIST files"
-        )
-    data = corrupted_fashion_mnist(
-        n_train=config.n_train, n_clean=config.n_clean, seed=config.data_seed,
-        data_dir=data_dir, dtype=dtype, device=dev,
-    )  # fmt: skip
-    n_test = config.n_test or data.y_test.shape[0]
-    pdata = PhaseData(
-        x_train=data.x_train,
-        y_train=data.y_train,
-        corrupted=data.corrupted_mask,
-        y_train_original=data.y_train_original,
-        x_test=data.x_test[:n_test],
-        y_test=data.y_test[:n_test],
-    )
-    return ident, pdata, str(data.source)
-
-
 def _run_seed(
     config: FashionConfig,
     seed: int,
@@ -423,7 +389,7 @@ def run(
     """
     validate(config)
     dev = resolve_device(device)
-    ident, pdata, source = _load_data(config, data_dir, resolve_dtype(config.dtype), dev)
+    ident, pdata, source = load_phase_data(config, data_dir, resolve_dtype(config.dtype), dev)
     rd = RunDir(out)
     rd.refuse_other_config(config.to_dict(), ignore=_SELECTION_FIELDS)
     rd.refuse_other_data(ident, what="FashionMNIST")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
+from ..data import corrupted_fashion_mnist, fashion_mnist_identity
 from ..measures import escape_indicator, expected_sharpness
 from ..noise import noise_class
 from ..optim import ProblemOptimizer, dynamics_label, make_optimizer
@@ -52,6 +53,7 @@ __all__ = [
     "derive_seed",
     "evaluate_accuracy",
     "load_final",
+    "load_phase_data",
     "phase_cost",
     "phase_spec",
     "run_phase",
@@ -362,6 +364,44 @@ def run_phase(
     if ckpt_path.exists():
         ckpt_path.unlink()
     return final
+
+
+def load_phase_data(
+    config: FashionConfig, data_dir: str | Path | None, dtype: torch.dtype, dev: torch.device
+) -> tuple[dict[str, Any], PhaseData, str]:
+    """The files' identity, the tensors a phase measures on, and the data source.
+
+    Raises:
+        DataNotFoundError: FashionMNIST is not available (the message says how to get it).
+        ValueError: the files hold fewer images than ``n_train``/``n_test`` ask for.
+    """
+    ident: dict[str, Any] = fashion_mnist_identity(data_dir)
+    if config.n_test is not None and config.n_test > ident["num_test"]:
+        raise ValueError(
+            f"n_test={config.n_test} test images were asked for, but the test file in "
+            f"{ident['source']} holds only {ident['num_test']}; lower n_test (or leave it unset "
+            "to use them all), or pass --data-dir with the full FashionMNIST files"
+        )
+    if config.n_train > ident["num_train"]:
+        raise ValueError(
+            f"n_train={config.n_train} training images were asked for, but the training file in "
+            f"{ident['source']} holds only {ident['num_train']}; lower n_train or pass --data-dir "
+            "with the full FashionMNIST files"
+        )
+    data = corrupted_fashion_mnist(
+        n_train=config.n_train, n_clean=config.n_clean, seed=config.data_seed,
+        data_dir=data_dir, dtype=dtype, device=dev,
+    )  # fmt: skip
+    n_test = config.n_test or data.y_test.shape[0]
+    pdata = PhaseData(
+        x_train=data.x_train,
+        y_train=data.y_train,
+        corrupted=data.corrupted_mask,
+        y_train_original=data.y_train_original,
+        x_test=data.x_test[:n_test],
+        y_test=data.y_test[:n_test],
+    )
+    return ident, pdata, str(data.source)
 
 
 def phase_spec(config: FashionConfig, seed: int, phase: str) -> PhaseSpec:

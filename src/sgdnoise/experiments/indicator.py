@@ -46,6 +46,7 @@ import torch
 from pydantic import Field
 
 from .._stats import finite_min, is_finite, loglog_slope, mean_std
+from .._utils import as_generator
 from ..data import one_hidden_layer_data
 from ..figures.indicator import summary_markdown
 from ..linalg import LinearOperator, gauss_newton
@@ -64,7 +65,6 @@ __all__ = [
     "train_and_measure",
 ]
 
-OPTIMIZERS = ("adam", "sgd")
 #: Redraws of a dead initialisation (no unclipped sample) before giving up.
 MAX_INIT_REDRAWS = 100
 #: Hessian cross-check: relative error above which a run stops (the two agree to ~1e-15 in float64).
@@ -303,9 +303,7 @@ def measure(
     m = copy.deepcopy(model).to(dtype)
     problem = Problem(m, one_hidden_layer_loss, x.to(dtype), y.to(dtype))
     H = gauss_newton(problem, dense=True)
-    gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
-    if not isinstance(generator, torch.Generator):
-        gen.manual_seed(int(generator))
+    gen = as_generator(generator)
     with torch.no_grad():
         out = m(problem.inputs)
     r = out - problem.targets
@@ -327,14 +325,6 @@ def measure(
         return row
     row.update(_curvature(problem, H, noise_batch_size, replacement, gen, lanczos_tol))
     return row
-
-
-def unclipped(model: OneHiddenLayerNet, x: torch.Tensor) -> torch.Tensor:
-    """Mask ``[N]`` of samples whose output is not clipped, ``δ < f(x) < 1 − δ`` (the only ones
-    with a nonzero gradient)."""
-    with torch.no_grad():
-        out = model(x)
-    return (out > model.delta) & (out < 1.0 - model.delta)
 
 
 def train_and_measure(
@@ -361,14 +351,8 @@ def train_and_measure(
     init_gen = torch.Generator().manual_seed(seed)
     model = OneHiddenLayerNet(width, generator=init_gen, delta=delta, dtype=tdtype, device=dev)
     redraws = 0
-    while config.redraw_dead_init and not bool(unclipped(model, x).any()):
-        if redraws == MAX_INIT_REDRAWS:
-            raise RuntimeError(
-                f"every one of {MAX_INIT_REDRAWS + 1} initialisations of width {width} with δ = "
-                f"{delta} clips all {N} outputs (zero gradient); lower δ or change the seed"
-            )
-        model.reset_parameters(generator=init_gen)
-        redraws += 1
+    if config.redraw_dead_init:
+        redraws = model.redraw_while_dead(x, generator=init_gen, max_redraws=MAX_INIT_REDRAWS)
     params = [model.weight, model.bias]
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -593,23 +577,15 @@ def run(
 def _collect(
     config: IndicatorConfig, rows: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    results: dict[str, Any] = {}
-    for w in config.widths:
-        grp = [r for r in rows if r["width"] == w and r["delta"] == config.delta]
-        grp = [r for r in grp if r["seed"] in config.seeds]
-        results[str(w)] = _aggregate(grp, config.epochs)
+    def group(width: int, delta: float, seeds: tuple[int, ...]) -> dict[str, Any]:
+        sel = [r for r in rows if (r["width"], r["delta"]) == (width, delta) and r["seed"] in seeds]
+        return _aggregate(sel, config.epochs)
+
+    results = {str(w): group(w, config.delta, config.seeds) for w in config.widths}
     dims = [results[str(w)]["dim"] for w in config.widths]
     slope = loglog_slope(dims, [results[str(w)]["ratio_final"] for w in config.widths])
-    sweep: dict[str, Any] = {}
-    for d in config.delta_sweep:
-        grp = [
-            r
-            for r in rows
-            if r["width"] == config.delta_sweep_width
-            and r["delta"] == d
-            and r["seed"] in config.sweep_seeds
-        ]
-        sweep[f"{d:g}"] = _aggregate(grp, config.epochs)
+    width = config.delta_sweep_width
+    sweep = {f"{d:g}": group(width, d, config.sweep_seeds) for d in config.delta_sweep}
     analysis = {
         "ratio_vs_dim_loglog_slope": slope,
         "dims": dims,

@@ -23,7 +23,6 @@ structures (:func:`sgdnoise.noise_model`) on single runs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import zlib
 from collections.abc import Mapping
@@ -38,6 +37,7 @@ from pydantic import Field
 from ..data import toy2d_data
 from ..figures.toy import summary_markdown
 from ..models import toy2d_sample_loss
+from ..models import toy2d_statistics as toy_statistics
 from ..noise import BatchedStatistics, NoiseModel, noise_class
 from ..optim import dynamics_label, dynamics_names, factor_noise, gld_step
 from ..runs import (
@@ -59,7 +59,6 @@ __all__ = [
     "run",
     "simulate",
     "toy_dynamics",
-    "toy_statistics",
 ]
 
 
@@ -160,37 +159,6 @@ PRESETS: dict[str, ToyConfig] = {
 # --------------------------------------------------------------------------------------------
 # Batched statistics and noise factors
 # --------------------------------------------------------------------------------------------
-
-
-_C = math.cos(math.pi / 4)
-
-
-def toy_statistics(
-    w: torch.Tensor, X: torch.Tensor, *, need_hessian: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Mean gradient ``[R, 2]``, centred per-sample gradients ``[R, N, 2]``, mean Hessian ``[R, 2, 2]``.
-
-    ``w`` ``[R, 2]`` (one point per run), ``X`` ``[R, N, 2]`` (each run's data). A fused version
-    of :func:`~sgdnoise.models.toy2d_sample_grad` / ``toy2d_sample_hessian`` (same branch rule:
-    the sharp branch where ``q_s ≤ q_f``): each per-sample Hessian is ``H_s = [[110, 90],
-    [90, 110]]`` or ``2I``, so the mean Hessian is ``f H_s + (1 − f) 2I`` with f the fraction of
-    samples on the sharp branch — no ``[R, N, 2, 2]`` tensor.
-    """
-    d = w[:, None, :] - X
-    d0, d1 = d[..., 0], d[..., 1]
-    a, b = d0 - 1.0, d1 - 1.0
-    u = _C * (a - b)
-    v = _C * (a + b)
-    sharp = 10.0 * u * u + 100.0 * v * v <= (d0 + 1.0) ** 2 + (d1 + 1.0) ** 2
-    g_sharp = torch.stack((20.0 * _C * u + 200.0 * _C * v, -20.0 * _C * u + 200.0 * _C * v), -1)
-    G = torch.where(sharp[..., None], g_sharp, 2.0 * (d + 1.0))
-    gbar = G.mean(1)
-    H = None
-    if need_hessian:
-        f = sharp.to(X.dtype).mean(1)[:, None, None]
-        h_s = torch.tensor([[110.0, 90.0], [90.0, 110.0]], dtype=X.dtype, device=X.device)
-        H = f * h_s + (1 - f) * 2.0 * torch.eye(2, dtype=X.dtype, device=X.device)
-    return gbar, G - gbar[:, None, :], H
 
 
 def _structure(dynamics: str, settings: Any = None) -> tuple[type[NoiseModel], dict[str, Any]]:
