@@ -28,7 +28,7 @@ def _trained(width: int = 8, n: int = 80, steps: int = 60, seed: int = 0, delta:
     x, y = one_hidden_layer_data(n, generator=torch.Generator().manual_seed(123), dtype=F64)
     gen = torch.Generator().manual_seed(seed)
     model = OneHiddenLayerNet(width, generator=gen, delta=delta, dtype=F64)
-    while not bool(ind.unclipped(model, x).any()):
+    while not bool(model.unclipped(x).any()):
         model.reset_parameters(generator=gen)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -81,7 +81,7 @@ def test_clipping_and_zero_gradient_of_clipped_samples():
     model, x, y = _trained(width=8, delta=0.05)
     out = model(x).detach()
     assert float(out.min()) >= 0.05 and float(out.max()) <= 0.95
-    mask = ind.unclipped(model, x)
+    mask = model.unclipped(x)
     assert 0 < int(mask.sum()) < x.shape[0]  # both kinds present
     problem = Problem(model, one_hidden_layer_loss, x, y)
     J = gauss_newton(problem).jacobian()[0][:, 0]
@@ -189,9 +189,9 @@ def test_dead_initialisation_is_redrawn_and_counted():
         s
         for s in range(40)
         if not bool(
-            ind.unclipped(
-                OneHiddenLayerNet(4, generator=torch.Generator().manual_seed(s), delta=0.3), x
-            ).any()
+            OneHiddenLayerNet(4, generator=torch.Generator().manual_seed(s), delta=0.3)
+            .unclipped(x)
+            .any()
         )
     ]
     assert dead, "expected a dead initialisation among 40 seeds at δ = 0.3"

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from sgdnoise.experiments import fashion
+from sgdnoise.experiments import fashion, fashion_run
+from sgdnoise.experiments.fashion_run import phase_cost
 from sgdnoise.runs import Progress
 
 
@@ -61,8 +62,8 @@ def test_the_line_shows_the_share_of_work_not_of_steps() -> None:
 
 def test_fashion_phase_costs_follow_the_benchmark() -> None:
     quick = fashion.PRESETS["quick"]
-    per_step = {d: fashion.phase_cost(quick, d) / quick.iterations for d in quick.dynamics}
-    gd_phase = fashion.phase_cost(quick, "gd_phase") / quick.gd_iterations
+    per_step = {d: phase_cost(quick, d) / quick.iterations for d in quick.dynamics}
+    gd_phase = phase_cost(quick, "gd_phase") / quick.gd_iterations
     # bench_fashion_steps: a GLD Hessian step costs about six GD steps, 1st eigvec about three
     # (the step alone: every dynamics shares the same measurements, in per_step["gd"] − 1).
     step = {d: c - (per_step["gd"] - 1.0) for d, c in per_step.items()}
@@ -71,9 +72,7 @@ def test_fashion_phase_costs_follow_the_benchmark() -> None:
     assert 1.4 <= step["gld_diag"] <= 1.9
     assert per_step["sgd"] < per_step["gd"] == pytest.approx(gd_phase, rel=0.1)
     # The whole quick profile: 45–60 min at the measured 0.12–0.135 s per GD step.
-    total = fashion.phase_cost(quick, "gd_phase") + sum(
-        fashion.phase_cost(quick, d) for d in quick.dynamics
-    )
+    total = phase_cost(quick, "gd_phase") + sum(phase_cost(quick, d) for d in quick.dynamics)
     assert 45 * 60 <= total * 0.125 <= 60 * 60
 
 
@@ -91,7 +90,7 @@ def test_fashion_counts_exactly_the_work_it_announced(
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(fashion, "Progress", Keep)
+    monkeypatch.setattr(fashion_run, "Progress", Keep)
     cfg = dataclasses.replace(SMALL, gd_sharpness_every=3, sharpness_every=3, indicator_every=3)
     data = write_fashion(tmp_path / "data", n_train=40, n_test=40)
     old = torch.get_num_threads()

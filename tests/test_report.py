@@ -151,7 +151,7 @@ def test_nothing_cites_files_users_do_not_have(tmp_path: Path) -> None:
 
 
 def test_fashion_summary_gives_no_ratio_from_a_negative_trace_estimate() -> None:
-    from sgdnoise.experiments.fashion import _ratio_text
+    from sgdnoise.figures.fashion import _ratio_text
 
     bad = {"tr_HS": {"values": [50.0]}, "tr_HS_iso": {"values": [-0.045]},
            "indicator_ratio": {"mean": -1104.0, "std": None}}  # fmt: skip

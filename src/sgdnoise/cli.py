@@ -229,7 +229,7 @@ def _run_experiment(exp: Any, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = exp.execute(config, out, device=device, progress=not args.no_progress,
                           profile=args.profile, data_dir=getattr(args, "data_dir", None))  # fmt: skip
-    print(exp.summary(results))
+    print(exp.summarize(results))
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any
 from ._user_code import load_problem
 from .experiments import EXPERIMENTS
 from .experiments._protocol import require_matplotlib
-from .runs import COMPLETE, RunDir, config_diff, config_identity, resolve_device
+from .runs import COMPLETE, RunDir, config_diff, config_identity, data_key, resolve_device
 
 __all__ = ["add_parsers", "load_problem", "reproduce"]
 
@@ -29,8 +29,7 @@ def _data_identity(name: str, data_dir: str | None) -> dict[str, Any] | None:
         return None
     from .data import fashion_mnist_identity
 
-    ident = fashion_mnist_identity(data_dir)
-    return {k: ident.get(k) for k in ("files", "num_train", "num_test")}
+    return data_key(fashion_mnist_identity(data_dir))
 
 
 def _state(run_dir: Path, name: str, config: Any, data: dict[str, Any] | None) -> tuple[str, str]:

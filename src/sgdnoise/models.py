@@ -26,6 +26,7 @@ __all__ = [
     "toy2d_sample_grad",
     "toy2d_sample_hessian",
     "toy2d_sample_loss",
+    "toy2d_statistics",
 ]
 
 
@@ -262,6 +263,38 @@ class OneHiddenLayerNet(nn.Module):
         f = F.relu(F.linear(x, self.weight, self.bias)) @ self.output_weight
         return torch.clamp(f, self.delta, 1.0 - self.delta)
 
+    def unclipped(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask ``[N]`` of the inputs whose output is not clipped, ``δ < f(x) < 1 − δ`` (the only
+        ones with a nonzero gradient)."""
+        with torch.no_grad():
+            out = self(x)
+        return (out > self.delta) & (out < 1.0 - self.delta)
+
+    def redraw_while_dead(
+        self, x: torch.Tensor, *, generator: torch.Generator, max_redraws: int
+    ) -> int:
+        """Redraw the parameters from ``generator`` while every output on ``x`` is clipped.
+
+        A network whose outputs are all clipped has zero gradient and can never train.
+
+        Returns:
+            How many times the parameters were redrawn (0: the first draw has an unclipped output).
+
+        Raises:
+            RuntimeError: each of ``max_redraws + 1`` draws clips every output.
+        """
+        redraws = 0
+        while not bool(self.unclipped(x).any()):
+            if redraws == max_redraws:
+                raise RuntimeError(
+                    f"every one of {max_redraws + 1} initialisations of width {self.hidden} with "
+                    f"δ = {self.delta} clips all {x.shape[0]} outputs (zero gradient); lower δ or "
+                    "change the seed"
+                )
+            self.reset_parameters(generator=generator)
+            redraws += 1
+        return redraws
+
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, D={self.num_params}, delta={self.delta}"
 
@@ -351,6 +384,34 @@ def toy2d_sample_hessian(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     h_sharp = torch.tensor([[110.0, 90.0], [90.0, 110.0]], dtype=dtype, device=w.device)
     h_flat = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=dtype, device=w.device)
     return torch.where((q_s <= q_f)[..., None, None], h_sharp, h_flat)
+
+
+def toy2d_statistics(
+    w: torch.Tensor, X: torch.Tensor, *, need_hessian: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean gradient ``[R, 2]``, centred per-sample gradients ``[R, N, 2]``, mean Hessian ``[R, 2, 2]``.
+
+    ``w`` ``[R, 2]`` (one point per run), ``X`` ``[R, N, 2]`` (each run's data). A fused version
+    of :func:`toy2d_sample_grad` / :func:`toy2d_sample_hessian` over R runs at once (same branch rule:
+    the sharp branch where ``q_s ≤ q_f``): each per-sample Hessian is ``H_s = [[110, 90],
+    [90, 110]]`` or ``2I``, so the mean Hessian is ``f H_s + (1 − f) 2I`` with f the fraction of
+    samples on the sharp branch — no ``[R, N, 2, 2]`` tensor.
+    """
+    d = w[:, None, :] - X
+    d0, d1 = d[..., 0], d[..., 1]
+    a, b = d0 - 1.0, d1 - 1.0
+    u = _C * (a - b)
+    v = _C * (a + b)
+    sharp = 10.0 * u * u + 100.0 * v * v <= (d0 + 1.0) ** 2 + (d1 + 1.0) ** 2
+    g_sharp = torch.stack((20.0 * _C * u + 200.0 * _C * v, -20.0 * _C * u + 200.0 * _C * v), -1)
+    G = torch.where(sharp[..., None], g_sharp, 2.0 * (d + 1.0))
+    gbar = G.mean(1)
+    H = None
+    if need_hessian:
+        f = sharp.to(X.dtype).mean(1)[:, None, None]
+        h_s = torch.tensor([[110.0, 90.0], [90.0, 110.0]], dtype=X.dtype, device=X.device)
+        H = f * h_s + (1 - f) * 2.0 * torch.eye(2, dtype=X.dtype, device=X.device)
+    return gbar, G - gbar[:, None, :], H
 
 
 class Toy2DModel(nn.Module):

@@ -42,6 +42,7 @@ __all__ = [
     "check_memory",
     "config_diff",
     "config_identity",
+    "data_key",
     "env_info",
     "load_toml_config",
     "notice",
@@ -107,6 +108,11 @@ def config_identity(config: Any) -> dict[str, Any]:
         return v
 
     return json.loads(json.dumps(norm(_jsonable(data)), default=str))
+
+
+def data_key(ident: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a run's input data: its identity without the folder the files lie in."""
+    return {k: v for k, v in ident.items() if k != "source"}
 
 
 def config_diff(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
@@ -280,6 +286,67 @@ class RunDir:
         except (ValueError, OSError) as exc:
             quarantine(self.path / name, str(exc.__cause__ or exc))
             return None
+
+    def config_changes(
+        self, config: Mapping[str, Any], *, ignore: Iterable[str] = ()
+    ) -> list[str] | None:
+        """The keys whose value differs from the ``config.json`` an earlier run left here.
+
+        Values are compared as JSON data (:func:`config_identity`: tuples and lists alike); a key
+        missing on one side counts as ``None``.
+
+        Args:
+            config: the configuration about to be written as ``config.json``.
+            ignore: keys that may differ (labels, the device).
+
+        Returns:
+            The differing keys (``[]``: the same run), or ``None`` when there is no readable
+            earlier ``config.json`` (a damaged one is moved aside, see :func:`quarantine`).
+        """
+        old = self.read_json_or_quarantine("config.json")
+        if not isinstance(old, dict):
+            return None
+        old, new = config_identity(old), config_identity(config)
+        skip = set(ignore)
+        keys = dict.fromkeys([*new, *old])
+        return [k for k in keys if k not in skip and old.get(k) != new.get(k)]
+
+    def refuse_other_config(self, config: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> None:
+        """Refuse to resume an earlier run here whose configuration differs (``ignore`` aside).
+
+        Raises:
+            ValueError: naming the differing keys and how to start over.
+        """
+        diff = self.config_changes(config, ignore=ignore)
+        if diff:
+            raise ValueError(
+                f"the run directory {str(self.path)!r} holds a run with different settings "
+                f"({', '.join(diff)}); resuming would mix protocols. Use another --out, or delete "
+                "that directory to start over."
+            )
+
+    def refuse_other_data(self, ident: Mapping[str, Any], *, what: str = "input") -> None:
+        """Refuse to resume an earlier run here on other input files than its ``data.json`` names.
+
+        Args:
+            ident: ``{"source": folder, "files": {role: identity}, ...}`` of the files found now
+                (e.g. :func:`sgdnoise.data.fashion_mnist_identity`); compared by :func:`data_key`.
+            what: the data set's name, for the message.
+
+        Raises:
+            ValueError: naming the files that differ and the ``--data-dir`` that resumes.
+        """
+        old = self.read_json_or_quarantine("data.json")
+        if not isinstance(old, dict) or data_key(old) == data_key(ident):
+            return
+        was, now = old.get("files") or {}, ident.get("files") or {}
+        roles = [r for r in dict.fromkeys([*was, *now]) if was.get(r) != now.get(r)]
+        raise ValueError(
+            f"the run directory {str(self.path)!r} was started on the {what} files in "
+            f"{old.get('source')!r}, but the files found now (in {ident.get('source')!r}) differ "
+            f"({', '.join(roles) or 'sizes'}); resuming would mix two data sets. Pass "
+            f"--data-dir {old.get('source')} to resume, or use another --out"
+        )
 
     def exists(self, name: str) -> bool:
         return (self.path / name).exists()

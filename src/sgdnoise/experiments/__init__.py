@@ -3,15 +3,13 @@
 ``sgdnoise <name>``, ``sgdnoise reproduce``, ``plot``, ``list`` and the report iterate
 :data:`EXPERIMENTS`; nothing else lists the experiments. Each module keeps ``run(config, out, *,
 device, progress, profile) -> results`` and a configuration declared once
-(:func:`~._protocol.experiment_config`).
+(:func:`~._protocol.experiment_config`); the entries name their presentation (the summary and
+figures in :mod:`sgdnoise.figures`, the claims in :mod:`sgdnoise.report`) as ``"module:function"``
+strings imported on use, so this package imports neither.
 """
 
 from __future__ import annotations
 
-from ..report import fashion as _fashion_claims
-from ..report import indicator as _indicator_claims
-from ..report import prop1 as _prop1_claims
-from ..report import toy as _toy_claims
 from . import fashion, indicator, prop1, toy
 from ._protocol import Experiment
 
@@ -30,9 +28,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         config=toy.ToyConfig,
         presets=toy.PRESETS,
         run=toy.run,
-        summary=toy.summary,
+        summary="sgdnoise.figures.toy:summary",
         figures="sgdnoise.figures.toy:plot",
-        claims=_toy_claims.claims,
+        claims="sgdnoise.report.toy:claims",
         cost={"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
         signature=("trajectories.json", "surface.json"),
     ),
@@ -48,9 +46,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         config=indicator.IndicatorConfig,
         presets=indicator.PRESETS,
         run=indicator.run,
-        summary=indicator.summary,
+        summary="sgdnoise.figures.indicator:summary",
         figures="sgdnoise.figures.indicator:plot",
-        claims=_indicator_claims.claims,
+        claims="sgdnoise.report.indicator:claims",
         cost={"smoke": "10 s", "quick": "1 min", "paper": "2 min"},
         signature=("analysis.json",),
     ),
@@ -66,9 +64,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         config=prop1.Prop1Config,
         presets=prop1.PRESETS,
         run=prop1.run,
-        summary=prop1.summary,
+        summary="sgdnoise.figures.prop1:summary",
         figures="sgdnoise.figures.prop1:plot",
-        claims=_prop1_claims.claims,
+        claims="sgdnoise.report.prop1:claims",
         cost={"smoke": "3 s", "quick": "10 s", "paper": "10 s"},
     ),
     "fashion": Experiment(
@@ -82,9 +80,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         config=fashion.FashionConfig,
         presets=fashion.PRESETS,
         run=fashion.run,
-        summary=fashion.summary,
+        summary="sgdnoise.figures.fashion:summary",
         figures="sgdnoise.figures.fashion:plot",
-        claims=_fashion_claims.claims,
+        claims="sgdnoise.report.fashion:claims",
         cost={"smoke": "40 s", "quick": "50 min (CPU)", "paper": "GPU; many hours on CPU"},
         data=True,
         signature=("seed_*",),

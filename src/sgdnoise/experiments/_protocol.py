@@ -274,9 +274,14 @@ class Experiment:
         config: the configuration class (see :func:`experiment_config`).
         presets: profile name → configuration (``smoke``, ``quick``, ``paper``).
         run: ``run(config, out, *, device, progress, profile) -> results``.
-        summary: ``summary(results) -> str``, the table printed at the end.
-        figures: ``"module:function"`` drawing ``plot(run_dir) -> list[Path]`` (imported lazily).
-        claims: ``claims(results) -> list[Claim]`` for the report.
+        summary: ``"module:function"`` of ``summary(results) -> str``, the table printed at the
+            end (see :meth:`summarize`).
+        figures: ``"module:function"`` of ``plot(run_dir) -> list[Path]`` (see :meth:`plot`).
+        claims: ``"module:function"`` of ``claims(results) -> list[Claim]``, the report's rows
+            (see :meth:`claims_of`).
+
+    The three are imported on use: the registry imports neither the figures nor the report
+    (which iterates it).
         cost: profile → measured wall time (for ``sgdnoise list``).
         data: whether it reads FashionMNIST (``--data-dir``; the data identity guards resuming).
         signature: file patterns only this experiment writes (to recognise old run directories).
@@ -289,9 +294,9 @@ class Experiment:
     config: type
     presets: Mapping[str, Any]
     run: Callable[..., dict[str, Any]]
-    summary: Callable[[dict[str, Any]], str]
+    summary: str
     figures: str
-    claims: Callable[[dict[str, Any]], list[Any]]
+    claims: str
     cost: Mapping[str, str]
     data: bool = False
     signature: tuple[str, ...] = ()
@@ -334,3 +339,11 @@ class Experiment:
         """Draw the figures of a run directory from its ``results.json``."""
         require_matplotlib()
         return list(_load(self.figures)(Path(run_dir)) or [])
+
+    def summarize(self, results: dict[str, Any]) -> str:
+        """The short table printed at the end of a run (``summary``, imported now)."""
+        return str(_load(self.summary)(results))
+
+    def claims_of(self, results: dict[str, Any]) -> list[Any]:
+        """The report's claims about ``results`` (``claims``, imported now)."""
+        return list(_load(self.claims)(results))

@@ -30,7 +30,7 @@ See :data:`PRESETS` for what each measures and how often.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,20 +39,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..data import FASHION_MNIST_FILES as FASHION_FILES
-from ..data import corrupted_fashion_mnist, fashion_mnist_identity
+from .._stats import curve_over_seeds, stat
+from ..figures.fashion import summary
 from ..models import FashionCNN
-from ..noise import noise_class
 from ..optim import default_refresh, dynamics_label, dynamics_names
 from ..problem import Problem
-from ..runs import (
-    Progress,
-    RunDir,
-    resolve_device,
-    resolve_dtype,
-)
+from ..runs import RunDir, data_key, resolve_device, resolve_dtype
 from ._protocol import Distinct, ExperimentConfig, OneOf, configure, experiment_config
-from .fashion_run import PhaseData, PhaseSpec, run_phase
+from .fashion_run import NUM_TEST, PhaseBar, PhaseData, load_phase_data, phase_spec, run_phase
 
 __all__ = [
     "ALL_DYNAMICS",
@@ -60,9 +54,7 @@ __all__ = [
     "PRESETS",
     "FashionConfig",
     "config_from",
-    "phase_cost",
     "run",
-    "summary",
     "validate",
 ]
 
@@ -76,8 +68,6 @@ ALL_DYNAMICS: tuple[str, ...] = dynamics_names()
 DEFAULT_REFRESH: dict[str, int] = {
     d: default_refresh(d) for d in ALL_DYNAMICS if default_refresh(d)
 }
-
-_NUM_TEST = 10000
 
 
 def _refreshed() -> tuple[str, ...]:
@@ -129,7 +119,7 @@ class FashionConfig(ExperimentConfig):
     n_test: int | None = Field(
         default=None,
         ge=1,
-        le=_NUM_TEST,
+        le=NUM_TEST,
         description="test images used (the first n_test; none: all 10,000)",
     )
     dtype: Literal["float32", "float64"] = Field(
@@ -337,277 +327,12 @@ def config_from(
 # --------------------------------------------------------------------------------------------
 
 
-def _options(config: FashionConfig, dynamics: str) -> dict[str, Any]:
-    """The structure options of a GLD dynamics, read from the config by the structure itself."""
-    if not dynamics.startswith("gld_"):
-        return {}
-    return noise_class(dynamics[len("gld_") :]).options_from(config)
-
-
-def _gd_spec(config: FashionConfig, seed: int) -> PhaseSpec:
-    return PhaseSpec(
-        seed=seed,
-        name="gd_phase",
-        dynamics="gd",
-        num_steps=config.gd_iterations,
-        iteration_offset=0,
-        lr=config.gd_lr,
-        batch_size=config.batch_size,
-        refresh_every=1,
-        options={},
-        eval_every=config.gd_eval_every,
-        sharpness_every=config.gd_sharpness_every,
-        indicator_every=config.gd_indicator_every,
-        measure_start=True,
-        sharpness_sigma=config.sharpness_sigma,
-        sharpness_draws=config.sharpness_draws,
-        indicator_samples=config.indicator_samples,
-        indicator_trace_matvecs=config.indicator_trace_matvecs,
-        checkpoint_every=config.checkpoint_every,
-    )
-
-
-def _dynamics_spec(config: FashionConfig, seed: int, dynamics: str) -> PhaseSpec:
-    return PhaseSpec(
-        seed=seed,
-        name=dynamics,
-        dynamics=dynamics,
-        num_steps=config.iterations,
-        iteration_offset=config.gd_iterations,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        refresh_every=int(config.refresh_every.get(dynamics, 1)),
-        options=_options(config, dynamics),
-        eval_every=config.eval_every,
-        sharpness_every=config.sharpness_every,
-        indicator_every=config.indicator_every if dynamics in config.indicator_dynamics else -1,
-        measure_start=False,  # t = 0 is θ*_GD, measured at the end of the GD phase
-        sharpness_sigma=config.sharpness_sigma,
-        sharpness_draws=config.sharpness_draws,
-        indicator_samples=config.indicator_samples,
-        indicator_trace_matvecs=config.indicator_trace_matvecs,
-        checkpoint_every=config.checkpoint_every,
-    )
-
-
-def _check_run_dir(rd: RunDir, config: FashionConfig) -> None:
-    old = rd.read_json_or_quarantine("config.json")
-    if not isinstance(old, dict):
-        return
-    new = config.to_dict()
-    diff = [
-        k
-        for k in new
-        if k not in _SELECTION_FIELDS and _normalise(old.get(k)) != _normalise(new[k])
-    ]
-    if diff:
-        raise ValueError(
-            f"the run directory {str(rd.path)!r} holds a run with different settings "
-            f"({', '.join(diff)}); resuming would mix protocols. Use another --out, or delete "
-            "that directory to start over."
-        )
-
-
-def _data_key(ident: Mapping[str, Any]) -> dict[str, Any]:
-    """What identifies the data of a run: the files' bytes (not the folder they lie in)."""
-    return {k: ident.get(k) for k in ("files", "num_train", "num_test")}
-
-
-def _check_data(rd: RunDir, ident: Mapping[str, Any]) -> None:
-    """Refuse to resume a run directory on other FashionMNIST files than it started with."""
-    old = rd.read_json_or_quarantine("data.json")
-    if not isinstance(old, dict):
-        return
-    if _data_key(old) != _data_key(ident):
-        roles = [
-            role
-            for role in FASHION_FILES
-            if (old.get("files") or {}).get(role) != (ident.get("files") or {}).get(role)
-        ]
-        raise ValueError(
-            f"the run directory {str(rd.path)!r} was started on the FashionMNIST files in "
-            f"{old.get('source')!r}, but the files found now (in {ident.get('source')!r}) differ "
-            f"({', '.join(roles) or 'sizes'}); resuming would mix two data sets. Pass "
-            f"--data-dir {old.get('source')} to resume, or use another --out"
-        )
-
-
-def _normalise(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_normalise(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k): _normalise(x) for k, x in sorted(v.items())}
-    return v
-
-
-#: Cost of one step relative to one full-batch GD step, measured by
-#: ``bench/bench_fashion_steps.py`` (2-core CPU, the quick profile's settings): the parts that do
-#: not depend on the refresh period. A refresh adds :func:`_refresh_cost` / refresh period.
-_STEP_COST: dict[str, float] = {
-    "gd": 1.0,
-    "sgd": 0.05,
-    "gld_const": 1.0,
-    "gld_dynamic": 1.0,
-    "gld_diag": 1.0,
-    "gld_leading": 1.0,
-    "gld_hessian": 1.0,
-    "gld_hessian_top1": 1.0,
-    "gld_full": 1.0,
-    "gld_multiplicative": 1.04,
-}
-_C_PSG = 1.6  # per-sample gradients of the training set (and Σ from them)
-_C_HVP = 2.8  # one Hessian-vector product on the training set
-_C_HVP_BLOCK = 1.8  # one product of a batched block (per column)
-_C_EVAL = 10.0  # one evaluation on 10,000 test + 1,200 training images
-
-
-def _refresh_cost(config: FashionConfig, dynamics: str) -> float:
-    """Cost (GD steps) of one covariance refresh of a GLD structure."""
-    if dynamics in ("gld_dynamic", "gld_diag", "gld_full"):
-        return _C_PSG - 1.0  # the mean gradient comes with the per-sample ones
-    if dynamics == "gld_leading":
-        return 7.0
-    if dynamics == "gld_hessian":
-        m = config.eigen_max_matvecs or 3 * config.k
-        return _C_PSG + m * _C_HVP_BLOCK
-    if dynamics == "gld_hessian_top1":
-        m = config.top1_max_matvecs or 20
-        return _C_PSG + m * _C_HVP
-    return 0.0
-
-
-def _unit_costs(config: FashionConfig, phase: str) -> dict[str, float]:
-    """Cost (GD steps) of one step and of one measurement of each kind, in ``phase``."""
-    dyn = "gd" if phase == "gd_phase" else phase
-    per_step = _STEP_COST.get(dyn, 1.0)
-    if dyn.startswith("gld_"):
-        per_step += _refresh_cost(config, dyn) / int(config.refresh_every.get(dyn, 1))
-    n_test = config.n_test or _NUM_TEST
-    scale = config.n_train / 1200
-    samples = config.indicator_samples or config.n_train
-    return {
-        "step": per_step * scale,
-        "eval": _C_EVAL * (n_test + config.n_train) / 11200,
-        "sharpness": config.sharpness_draws / 3 * scale,
-        "indicator": (_C_PSG + (samples + config.indicator_trace_matvecs) * _C_HVP) * scale,
-    }
-
-
-def _row_cost(costs: Mapping[str, float], row: Mapping[str, Any] | None) -> float:
-    """Cost of the measurements in one metrics row."""
-    if not row:
-        return 0.0
-    return (
-        costs["eval"] * ("test_acc" in row)
-        + costs["sharpness"] * ("sharpness_signed" in row)
-        + costs["indicator"] * ("tr_HS" in row)
-    )
-
-
-def phase_cost(config: FashionConfig, phase: str) -> float:
-    """Estimated cost of a whole phase in GD steps (steps, refreshes and measurements).
-
-    Used to weight the progress bar's ETA; the seconds per unit are measured as the run goes.
-    """
-    if phase == "gd_phase":
-        steps, start = config.gd_iterations, True
-        eval_every, sharp_every, ind_every = (
-            config.gd_eval_every, config.gd_sharpness_every, config.gd_indicator_every
-        )  # fmt: skip
-    else:
-        steps, start = config.iterations, False
-        eval_every, sharp_every = config.eval_every, config.sharpness_every
-        ind_every = config.indicator_every if phase in config.indicator_dynamics else -1
-    costs = _unit_costs(config, phase)
-
-    def count(every: int) -> int:  # measurements in the phase (as fashion_run._due)
-        if every < 0:
-            return 0
-        if every == 0:
-            return 1
-        return steps // every + (steps % every != 0) + start
-
-    return (
-        steps * costs["step"]
-        + count(eval_every) * costs["eval"]
-        + count(sharp_every) * costs["sharpness"]
-        + count(ind_every) * costs["indicator"]
-    )
-
-
-def _load_data(
-    config: FashionConfig, data_dir: str | Path | None, dtype: torch.dtype, dev: torch.device
-) -> tuple[dict[str, Any], PhaseData, str]:
-    """The files' identity, the tensors a phase measures on, and the data source."""
-    ident: dict[str, Any] = fashion_mnist_identity(data_dir)
-    if config.n_test is not None and config.n_test > ident["num_test"]:
-        raise ValueError(
-            f"n_test={config.n_test} test images were asked for, but the test file in "
-            f"{ident['source']} holds only {ident['num_test']}; lower n_test (or leave it unset "
-            "to use them all), or pass --data-dir with the full FashionMNIST files"
-        )
-    if config.n_train > ident["num_train"]:
-        raise ValueError(
-            f"n_train={config.n_train} training images were asked for, but the training file in "
-            f"{ident['source']} holds only {ident['num_train']}; lower n_train or pass --data-dir "
-            "with the full FashionMNIST files"
-        )
-    data = corrupted_fashion_mnist(
-        n_train=config.n_train, n_clean=config.n_clean, seed=config.data_seed,
-        data_dir=data_dir, dtype=dtype, device=dev,
-    )  # fmt: skip
-    n_test = config.n_test or data.y_test.shape[0]
-    pdata = PhaseData(
-        x_train=data.x_train,
-        y_train=data.y_train,
-        corrupted=data.corrupted_mask,
-        y_train_original=data.y_train_original,
-        x_test=data.x_test[:n_test],
-        y_test=data.y_test[:n_test],
-    )
-    return ident, pdata, str(data.source)
-
-
-class _Bar:
-    """The progress bar over every phase, its work weighted by :func:`phase_cost`."""
-
-    def __init__(self, config: FashionConfig, enabled: bool) -> None:
-        phases = ("gd_phase", *config.dynamics)
-        total = len(config.seeds) * (
-            config.gd_iterations + len(config.dynamics) * config.iterations
-        )
-        work = len(config.seeds) * sum(phase_cost(config, p) for p in phases)
-        self.costs = {p: _unit_costs(config, p) for p in phases}
-        self.bar = Progress(total, "fashion", enabled=enabled, work_total=work)
-        self.phase, self.acc, self.key = "", "", "gd_phase"
-
-    def start(self, seed: int, key: str) -> None:
-        """Phase ``key`` of seed ``seed`` begins."""
-        self.key = key
-        name = "GD phase" if key == "gd_phase" else dynamics_label(key)
-        self.phase = f"seed {seed} {name}"
-
-    def advance(
-        self, n: int, row: dict[str, Any] | None, skipped: bool = False, rows: Sequence[Any] = ()
-    ) -> None:
-        """``run_phase``'s progress callback (see :func:`~.fashion_run.run_phase`)."""
-        if row is not None and "test_acc" in row:
-            self.acc = f"test acc {row['test_acc']:.3f}"
-        costs = self.costs[self.key]
-        post = f"{self.phase} {self.acc}"
-        if skipped:  # loaded steps and the measurements made along them
-            loaded = n * costs["step"] + sum(_row_cost(costs, r) for r in rows)
-            self.bar.skip(n, work=loaded, postfix=post)
-        else:  # computed steps, plus the measurements made after them
-            self.bar.update(n, postfix=post, work=n * costs["step"] + _row_cost(costs, row))
-
-
 def _run_seed(
     config: FashionConfig,
     seed: int,
     pdata: PhaseData,
     folder: Path,
-    bar: _Bar,
+    bar: PhaseBar,
     stop_after: int | None,
 ) -> dict[str, dict[str, Any]] | None:
     """Every phase of one seed (``None`` when ``stop_after`` interrupted one)."""
@@ -618,7 +343,7 @@ def _run_seed(
     phases: dict[str, dict[str, Any]] = {}
     for key in ("gd_phase", *config.dynamics):
         bar.start(seed, key)
-        spec = _gd_spec(config, seed) if key == "gd_phase" else _dynamics_spec(config, seed, key)
+        spec = phase_spec(config, seed, key)
         start = theta if key == "gd_phase" else phases["gd_phase"]["theta"]
         res = run_phase(problem, pdata, spec, folder / key, start, advance=bar.advance,
                         stop_after=stop_after)  # fmt: skip
@@ -664,15 +389,15 @@ def run(
     """
     validate(config)
     dev = resolve_device(device)
-    ident, pdata, source = _load_data(config, data_dir, resolve_dtype(config.dtype), dev)
+    ident, pdata, source = load_phase_data(config, data_dir, resolve_dtype(config.dtype), dev)
     rd = RunDir(out)
-    _check_run_dir(rd, config)
-    _check_data(rd, ident)
+    rd.refuse_other_config(config.to_dict(), ignore=_SELECTION_FIELDS)
+    rd.refuse_other_data(ident, what="FashionMNIST")
     rd.clear_complete()
     rd.write_config(config.to_dict())
     rd.write_json("data.json", ident)
     rd.write_env(dev)
-    bar = _Bar(config, progress)
+    bar = PhaseBar(config, progress)
     phases: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in config.seeds:
         per_seed = _run_seed(config, seed, pdata, rd.path / f"seed_{seed}", bar, _stop_after)
@@ -686,51 +411,13 @@ def run(
     rd.write_json("results.json", results)
     rd.write_csv("metrics.csv", _flat_rows(phases))
     rd.write_text("summary.md", summary(results))
-    rd.mark_complete("fashion", config, data=_data_key(ident))
+    rd.mark_complete("fashion", config, data=data_key(ident))
     return results
 
 
 # --------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------
-
-
-def _stat(values: Sequence[float | None]) -> dict[str, Any]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(vals)
-    mean = sum(vals) / n if n else None
-    std = (
-        math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-        if n >= 2 and mean is not None
-        else None
-    )
-    return {
-        "mean": mean,
-        "std": std,
-        "n": n,
-        "values": [float(v) if v is not None else None for v in values],
-    }
-
-
-def _curve(rows_per_seed: list[list[dict[str, Any]]], key: str) -> dict[str, Any]:
-    """Mean/std over seeds of ``key`` along the rows where it was measured."""
-    series = [[r for r in rows if r.get(key) is not None] for rows in rows_per_seed]
-    length = min(len(s) for s in series) if series else 0
-    its = [series[0][i]["iteration"] for i in range(length)]
-    mean, std = [], []
-    for i in range(length):
-        st = _stat([s[i][key] for s in series])
-        mean.append(st["mean"])
-        std.append(st["std"])
-    out: dict[str, Any] = {"iteration": its, "mean": mean, "std": std}
-    err_key = f"{key}_stderr"
-    if length and err_key in series[0][0]:
-        # Monte-Carlo standard error of the seed mean: √(Σ se²)/n.
-        out["stderr"] = [
-            math.sqrt(sum(float(s[i].get(err_key) or 0.0) ** 2 for s in series)) / len(series)
-            for i in range(length)
-        ]
-    return out
 
 
 _CURVE_KEYS = (
@@ -783,7 +470,7 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
 def _curves(rows_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Every curve measured in at least one row."""
     return {
-        k: _curve(rows_per_seed, k)
+        k: curve_over_seeds(rows_per_seed, k)
         for k in _CURVE_KEYS
         if any(r.get(k) is not None for rows in rows_per_seed for r in rows)
     }
@@ -843,16 +530,16 @@ def _dynamics_entry(
     start = [[dict(r, t=0) for r in rows if r["t"] == config.gd_iterations] for rows in gd_rows]
     entry: dict[str, Any] = {"label": dynamics_label(dyn)}
     for out_key, key in _FINAL_KEYS.items():
-        entry[out_key] = _stat([_last(rows, key) for rows in rows_ps])
+        entry[out_key] = stat([_last(rows, key) for rows in rows_ps])
         if out_key == "final_test_acc":
             best = [
                 max((r["test_acc"] for r in rows if r.get("test_acc") is not None), default=None)
                 for rows in rows_ps
             ]
-            entry["max_test_acc"] = _stat(best)
+            entry["max_test_acc"] = stat(best)
     wall = [phases[s][dyn].get("wall_s") for s in seeds]
-    entry["wall_s"] = _stat(wall)
-    entry["seconds_per_step"] = _stat([(w or math.nan) / config.iterations for w in wall])
+    entry["wall_s"] = stat(wall)
+    entry["seconds_per_step"] = stat([(w or math.nan) / config.iterations for w in wall])
     entry["curves"] = _curves([st + rows for st, rows in zip(start, rows_ps, strict=True)])
     return entry
 
@@ -870,10 +557,10 @@ def build_results(
     the curves (see ``meta["definitions"]``)."""
     seeds = list(phases)
     gd_rows = [list(phases[s]["gd_phase"]["rows"]) for s in seeds]
-    n = n_test if n_test is not None else (config.n_test or _NUM_TEST)
+    n = n_test if n_test is not None else (config.n_test or NUM_TEST)
     meta = _meta(config, seeds, device=device, source=source, data_files=data_files, n_test=n)
-    gd_phase: dict[str, Any] = {k: _stat([_last(rows, k) for rows in gd_rows]) for k in _GD_KEYS}
-    gd_phase["wall_s"] = _stat([phases[s]["gd_phase"].get("wall_s") for s in seeds])
+    gd_phase: dict[str, Any] = {k: stat([_last(rows, k) for rows in gd_rows]) for k in _GD_KEYS}
+    gd_phase["wall_s"] = stat([phases[s]["gd_phase"].get("wall_s") for s in seeds])
     gd_phase["curves"] = _curves(gd_rows)
     results: dict[str, Any] = {"meta": meta, "gd_phase": gd_phase}
     for dyn in config.dynamics:
@@ -891,66 +578,3 @@ def _flat_rows(phases: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[Ma
                     {k: (seed if k == "seed" else name if k == "phase" else r.get(k)) for k in keys}
                 )
     return out
-
-
-def _fmt(st: Mapping[str, Any] | None, digits: int = 3) -> str:
-    if not st or st.get("mean") is None:
-        return "—"
-    m = st["mean"]
-    s = st.get("std")
-    fmt = f"{{:.{digits}f}}" if abs(m) >= 1e-3 or m == 0 else f"{{:.{digits}g}}"
-    return fmt.format(m) + (" ± " + fmt.format(s) if s is not None else "")
-
-
-def _ratio_text(gd: Mapping[str, Any]) -> str:
-    """The indicator ratio, unless an estimate ≤ 0 makes it meaningless (then say why)."""
-    iso = (gd.get("tr_HS_iso") or {}).get("values") or []
-    hs = (gd.get("tr_HS") or {}).get("values") or []
-    if any(v is not None and v <= 0 for v in iso):
-        return "ratio not measurable: the Hutch++ estimate of Tr H, hence of Tr(HΣ̄), is ≤ 0"
-    if any(v is not None and v <= 0 for v in hs):
-        return "ratio not measurable: the estimate of Tr(HΣ) is ≤ 0"
-    return f"ratio {_fmt(gd.get('indicator_ratio'), 1)}"
-
-
-def summary(results: Mapping[str, Any]) -> str:
-    """The short summary printed at the end and saved as ``summary.md`` (Markdown tables of
-    mean ± std over seeds)."""
-    meta = results["meta"]
-    gd = results["gd_phase"]
-    lines = [
-        f"# FashionMNIST with corrupted labels — profile `{meta['profile']}`",
-        "",
-        f"Seeds {meta['seeds']} (mean ± sample std; one seed shows the value only). "
-        f"Switch at iteration {meta['switch_iteration']} (GD lr {meta['gd_lr']}, then lr "
-        f"{meta['lr_after_switch']} for every dynamics, GD included). Training set "
-        f"{meta['n_train']} = {meta['n_clean']} clean + {meta['n_train'] - meta['n_clean']} random "
-        f"labels; {meta['n_test']} test images. Sharpness: σ = {meta['sharpness']['sigma']}, "
-        f"{meta['sharpness']['draws']} draws.",
-        "",
-        "## θ*_GD (end of the GD phase)",
-        "",
-        f"- test accuracy {_fmt(gd['test_acc'])} (paper's figure ≈ 0.66; re-implementations ≈ 0.70)",
-        f"- train accuracy: clean {_fmt(gd['train_acc_clean'])}, corrupted (random labels) "
-        f"{_fmt(gd['train_acc_corrupted'])}",
-        f"- expected sharpness signed {_fmt(gd['sharpness_signed'], 4)}, absolute "
-        f"{_fmt(gd['sharpness_abs'], 4)}",
-        f"- Tr(HΣ) {_fmt(gd['tr_HS'], 4)} vs Tr(HΣ̄) {_fmt(gd['tr_HS_iso'], 4)} ({_ratio_text(gd)})",
-        f"- wall time {_fmt(gd['wall_s'], 0)} s",
-        "",
-        "## After the switch",
-        "",
-        "| dynamics | final test acc | max test acc | train acc clean | train acc corrupted | "
-        "sharpness (signed) | sharpness (abs) | s/step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for dyn in meta["dynamics"]:
-        e = results[dyn]
-        lines.append(
-            f"| {e['label']} | {_fmt(e['final_test_acc'])} | {_fmt(e['max_test_acc'])} | "
-            f"{_fmt(e['final_train_acc_clean'])} | {_fmt(e['final_train_acc_corrupted'])} | "
-            f"{_fmt(e['sharpness_signed'], 4)} | {_fmt(e['sharpness_abs'], 4)} | "
-            f"{_fmt(e['seconds_per_step'], 3)} |"
-        )
-    lines.append("")
-    return "\n".join(lines)

@@ -27,21 +27,40 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
+from ..data import corrupted_fashion_mnist, fashion_mnist_identity
 from ..measures import escape_indicator, expected_sharpness
-from ..optim import ProblemOptimizer, make_optimizer
+from ..noise import noise_class
+from ..optim import ProblemOptimizer, dynamics_label, make_optimizer
 from ..problem import Problem
-from ..runs import quarantine
+from ..runs import Progress, quarantine
 
-__all__ = ["PhaseSpec", "derive_seed", "evaluate_accuracy", "load_final", "run_phase"]
+if TYPE_CHECKING:
+    from .fashion import FashionConfig
+
+__all__ = [
+    "NUM_TEST",
+    "PhaseBar",
+    "PhaseSpec",
+    "derive_seed",
+    "evaluate_accuracy",
+    "load_final",
+    "load_phase_data",
+    "phase_cost",
+    "phase_spec",
+    "run_phase",
+]
+
+#: Images in the FashionMNIST test file.
+NUM_TEST = 10000
 
 
 def derive_seed(*parts: object) -> int:
@@ -345,3 +364,201 @@ def run_phase(
     if ckpt_path.exists():
         ckpt_path.unlink()
     return final
+
+
+def load_phase_data(
+    config: FashionConfig, data_dir: str | Path | None, dtype: torch.dtype, dev: torch.device
+) -> tuple[dict[str, Any], PhaseData, str]:
+    """The files' identity, the tensors a phase measures on, and the data source.
+
+    Raises:
+        DataNotFoundError: FashionMNIST is not available (the message says how to get it).
+        ValueError: the files hold fewer images than ``n_train``/``n_test`` ask for.
+    """
+    ident: dict[str, Any] = fashion_mnist_identity(data_dir)
+    if config.n_test is not None and config.n_test > ident["num_test"]:
+        raise ValueError(
+            f"n_test={config.n_test} test images were asked for, but the test file in "
+            f"{ident['source']} holds only {ident['num_test']}; lower n_test (or leave it unset "
+            "to use them all), or pass --data-dir with the full FashionMNIST files"
+        )
+    if config.n_train > ident["num_train"]:
+        raise ValueError(
+            f"n_train={config.n_train} training images were asked for, but the training file in "
+            f"{ident['source']} holds only {ident['num_train']}; lower n_train or pass --data-dir "
+            "with the full FashionMNIST files"
+        )
+    data = corrupted_fashion_mnist(
+        n_train=config.n_train, n_clean=config.n_clean, seed=config.data_seed,
+        data_dir=data_dir, dtype=dtype, device=dev,
+    )  # fmt: skip
+    n_test = config.n_test or data.y_test.shape[0]
+    pdata = PhaseData(
+        x_train=data.x_train,
+        y_train=data.y_train,
+        corrupted=data.corrupted_mask,
+        y_train_original=data.y_train_original,
+        x_test=data.x_test[:n_test],
+        y_test=data.y_test[:n_test],
+    )
+    return ident, pdata, str(data.source)
+
+
+def phase_spec(config: FashionConfig, seed: int, phase: str) -> PhaseSpec:
+    """What ``phase`` (``"gd_phase"`` or a dynamics after the switch) of seed ``seed`` runs.
+
+    The GD phase starts at iteration 0 with ``gd_lr`` and measures t = 0; a dynamics starts at
+    θ*_GD with ``lr``, its t = 0 being the GD phase's last measurement, and its structure reads
+    its own options from the config (:meth:`~sgdnoise.noise.NoiseModel.options_from`).
+    """
+    gd = phase == "gd_phase"
+    dyn = "gd" if gd else phase
+    gld = dyn.startswith("gld_")
+    return PhaseSpec(
+        seed=seed,
+        name=phase,
+        dynamics=dyn,
+        num_steps=config.gd_iterations if gd else config.iterations,
+        iteration_offset=0 if gd else config.gd_iterations,
+        lr=config.gd_lr if gd else config.lr,
+        batch_size=config.batch_size,
+        refresh_every=1 if gd else int(config.refresh_every.get(dyn, 1)),
+        options=noise_class(dyn[len("gld_") :]).options_from(config) if gld else {},
+        eval_every=config.gd_eval_every if gd else config.eval_every,
+        sharpness_every=config.gd_sharpness_every if gd else config.sharpness_every,
+        indicator_every=config.gd_indicator_every if gd
+        else config.indicator_every if dyn in config.indicator_dynamics else -1,
+        measure_start=gd,
+        sharpness_sigma=config.sharpness_sigma,
+        sharpness_draws=config.sharpness_draws,
+        indicator_samples=config.indicator_samples,
+        indicator_trace_matvecs=config.indicator_trace_matvecs,
+        checkpoint_every=config.checkpoint_every,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The progress bar's cost model
+# --------------------------------------------------------------------------------------------
+
+
+#: Cost of one step relative to one full-batch GD step, measured by
+#: ``bench/bench_fashion_steps.py`` (2-core CPU, the quick profile's settings): the parts that do
+#: not depend on the refresh period. A refresh adds :func:`_refresh_cost` / refresh period.
+_STEP_COST: dict[str, float] = {
+    "gd": 1.0,
+    "sgd": 0.05,
+    "gld_const": 1.0,
+    "gld_dynamic": 1.0,
+    "gld_diag": 1.0,
+    "gld_leading": 1.0,
+    "gld_hessian": 1.0,
+    "gld_hessian_top1": 1.0,
+    "gld_full": 1.0,
+    "gld_multiplicative": 1.04,
+}
+_C_PSG = 1.6  # per-sample gradients of the training set (and Σ from them)
+_C_HVP = 2.8  # one Hessian-vector product on the training set
+_C_HVP_BLOCK = 1.8  # one product of a batched block (per column)
+_C_EVAL = 10.0  # one evaluation on 10,000 test + 1,200 training images
+
+
+def _refresh_cost(config: FashionConfig, dynamics: str) -> float:
+    """Cost (GD steps) of one covariance refresh of a GLD structure."""
+    if dynamics in ("gld_dynamic", "gld_diag", "gld_full"):
+        return _C_PSG - 1.0  # the mean gradient comes with the per-sample ones
+    if dynamics == "gld_leading":
+        return 7.0
+    if dynamics == "gld_hessian":
+        m = config.eigen_max_matvecs or 3 * config.k
+        return _C_PSG + m * _C_HVP_BLOCK
+    if dynamics == "gld_hessian_top1":
+        m = config.top1_max_matvecs or 20
+        return _C_PSG + m * _C_HVP
+    return 0.0
+
+
+def _unit_costs(config: FashionConfig, phase: str) -> dict[str, float]:
+    """Cost (GD steps) of one step and of one measurement of each kind, in ``phase``."""
+    dyn = "gd" if phase == "gd_phase" else phase
+    per_step = _STEP_COST.get(dyn, 1.0)
+    if dyn.startswith("gld_"):
+        per_step += _refresh_cost(config, dyn) / int(config.refresh_every.get(dyn, 1))
+    n_test = config.n_test or NUM_TEST
+    scale = config.n_train / 1200
+    samples = config.indicator_samples or config.n_train
+    return {
+        "step": per_step * scale,
+        "eval": _C_EVAL * (n_test + config.n_train) / 11200,
+        "sharpness": config.sharpness_draws / 3 * scale,
+        "indicator": (_C_PSG + (samples + config.indicator_trace_matvecs) * _C_HVP) * scale,
+    }
+
+
+def _row_cost(costs: Mapping[str, float], row: Mapping[str, Any] | None) -> float:
+    """Cost of the measurements in one metrics row."""
+    if not row:
+        return 0.0
+    return (
+        costs["eval"] * ("test_acc" in row)
+        + costs["sharpness"] * ("sharpness_signed" in row)
+        + costs["indicator"] * ("tr_HS" in row)
+    )
+
+
+def phase_cost(config: FashionConfig, phase: str) -> float:
+    """Estimated cost of a whole phase in GD steps (steps, refreshes and measurements).
+
+    Used to weight the progress bar's ETA; the seconds per unit are measured as the run goes.
+    """
+    spec = phase_spec(config, 0, phase)
+    steps, start = spec.num_steps, spec.measure_start
+    costs = _unit_costs(config, phase)
+
+    def count(every: int) -> int:  # measurements in the phase (as _due)
+        if every < 0:
+            return 0
+        if every == 0:
+            return 1
+        return steps // every + (steps % every != 0) + start
+
+    return (
+        steps * costs["step"]
+        + count(spec.eval_every) * costs["eval"]
+        + count(spec.sharpness_every) * costs["sharpness"]
+        + count(spec.indicator_every) * costs["indicator"]
+    )
+
+
+class PhaseBar:
+    """The progress bar over every phase, its work weighted by :func:`phase_cost`."""
+
+    def __init__(self, config: FashionConfig, enabled: bool) -> None:
+        phases = ("gd_phase", *config.dynamics)
+        total = len(config.seeds) * (
+            config.gd_iterations + len(config.dynamics) * config.iterations
+        )
+        work = len(config.seeds) * sum(phase_cost(config, p) for p in phases)
+        self.costs = {p: _unit_costs(config, p) for p in phases}
+        self.bar = Progress(total, "fashion", enabled=enabled, work_total=work)
+        self.phase, self.acc, self.key = "", "", "gd_phase"
+
+    def start(self, seed: int, key: str) -> None:
+        """Phase ``key`` of seed ``seed`` begins."""
+        self.key = key
+        name = "GD phase" if key == "gd_phase" else dynamics_label(key)
+        self.phase = f"seed {seed} {name}"
+
+    def advance(
+        self, n: int, row: dict[str, Any] | None, skipped: bool = False, rows: Sequence[Any] = ()
+    ) -> None:
+        """``run_phase``'s progress callback (see :func:`~.fashion_run.run_phase`)."""
+        if row is not None and "test_acc" in row:
+            self.acc = f"test acc {row['test_acc']:.3f}"
+        costs = self.costs[self.key]
+        post = f"{self.phase} {self.acc}"
+        if skipped:  # loaded steps and the measurements made along them
+            loaded = n * costs["step"] + sum(_row_cost(costs, r) for r in rows)
+            self.bar.skip(n, work=loaded, postfix=post)
+        else:  # computed steps, plus the measurements made after them
+            self.bar.update(n, postfix=post, work=n * costs["step"] + _row_cost(costs, row))

@@ -38,7 +38,6 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,19 +45,15 @@ import pydantic
 import torch
 from pydantic import Field
 
+from .._stats import finite_min, is_finite, loglog_slope, mean_std
+from .._utils import as_generator
 from ..data import one_hidden_layer_data
-from ..figures.indicator import pm, summary_markdown
+from ..figures.indicator import summary_markdown
 from ..linalg import LinearOperator, gauss_newton
 from ..measures import MeasurementContext, alignment, escape_indicator
 from ..models import OneHiddenLayerNet, one_hidden_layer_loss
 from ..problem import Problem
-from ..runs import (
-    Progress,
-    RunDir,
-    num_threads,
-    resolve_device,
-    resolve_dtype,
-)
+from ..runs import Progress, RunDir, config_identity, num_threads, resolve_device, resolve_dtype
 from ._protocol import Distinct, ExperimentConfig, experiment_config
 
 __all__ = [
@@ -67,11 +62,9 @@ __all__ = [
     "learning_rate",
     "measure",
     "run",
-    "summary",
     "train_and_measure",
 ]
 
-OPTIMIZERS = ("adam", "sgd")
 #: Redraws of a dead initialisation (no unclipped sample) before giving up.
 MAX_INIT_REDRAWS = 100
 #: Hessian cross-check: relative error above which a run stops (the two agree to ~1e-15 in float64).
@@ -310,9 +303,7 @@ def measure(
     m = copy.deepcopy(model).to(dtype)
     problem = Problem(m, one_hidden_layer_loss, x.to(dtype), y.to(dtype))
     H = gauss_newton(problem, dense=True)
-    gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
-    if not isinstance(generator, torch.Generator):
-        gen.manual_seed(int(generator))
+    gen = as_generator(generator)
     with torch.no_grad():
         out = m(problem.inputs)
     r = out - problem.targets
@@ -334,14 +325,6 @@ def measure(
         return row
     row.update(_curvature(problem, H, noise_batch_size, replacement, gen, lanczos_tol))
     return row
-
-
-def unclipped(model: OneHiddenLayerNet, x: torch.Tensor) -> torch.Tensor:
-    """Mask ``[N]`` of samples whose output is not clipped, ``δ < f(x) < 1 − δ`` (the only ones
-    with a nonzero gradient)."""
-    with torch.no_grad():
-        out = model(x)
-    return (out > model.delta) & (out < 1.0 - model.delta)
 
 
 def train_and_measure(
@@ -368,14 +351,8 @@ def train_and_measure(
     init_gen = torch.Generator().manual_seed(seed)
     model = OneHiddenLayerNet(width, generator=init_gen, delta=delta, dtype=tdtype, device=dev)
     redraws = 0
-    while config.redraw_dead_init and not bool(unclipped(model, x).any()):
-        if redraws == MAX_INIT_REDRAWS:
-            raise RuntimeError(
-                f"every one of {MAX_INIT_REDRAWS + 1} initialisations of width {width} with δ = "
-                f"{delta} clips all {N} outputs (zero gradient); lower δ or change the seed"
-            )
-        model.reset_parameters(generator=init_gen)
-        redraws += 1
+    if config.redraw_dead_init:
+        redraws = model.redraw_while_dead(x, generator=init_gen, max_redraws=MAX_INIT_REDRAWS)
     params = [model.weight, model.bias]
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -439,26 +416,6 @@ CURVE_KEYS = (
 )
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample std (ddof 1; ``None`` for a single value) of the finite values."""
-    v = [float(a) for a in values if a is not None and math.isfinite(a)]
-    if not v:
-        return float("nan"), None
-    mean = sum(v) / len(v)
-    if len(v) == 1:
-        return mean, None
-    return mean, math.sqrt(sum((a - mean) ** 2 for a in v) / (len(v) - 1))
-
-
-def _finite_min(values: list[float]) -> float:
-    v = [float(a) for a in values if a is not None and math.isfinite(a)]
-    return min(v) if v else float("nan")
-
-
-def _finite(v: Any) -> bool:
-    return v is not None and math.isfinite(v)
-
-
 def _aggregate(rows: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
     """Mean ± std over seeds of one (width, δ) group: final values and per-epoch curves.
 
@@ -469,7 +426,7 @@ def _aggregate(rows: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
     """
     seeds = sorted({r["seed"] for r in rows})
     by = {(r["seed"], r["epoch"]): r for r in rows}
-    live = [s for s in seeds if _finite(by[(s, epochs)]["ratio"])]
+    live = [s for s in seeds if is_finite(by[(s, epochs)]["ratio"])]
     dead = [s for s in seeds if s not in live]
     use = live or seeds
     final = [by[(s, epochs)] for s in use]
@@ -484,7 +441,7 @@ def _aggregate(rows: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
             str(s): min(
                 e
                 for e in range(epochs + 1)
-                if all(not _finite(by[(s, f)]["ratio"]) for f in range(e, epochs + 1))
+                if all(not is_finite(by[(s, f)]["ratio"]) for f in range(e, epochs + 1))
             )
             for s in dead
         },
@@ -493,40 +450,28 @@ def _aggregate(rows: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
         "init_redraws_per_seed": [by[(s, 0)]["init_redraws"] for s in seeds],
     }
     for key in CURVE_KEYS:
-        mean, std = _mean_std([r[key] for r in final])
+        mean, std = mean_std([r[key] for r in final], empty=math.nan)
         out[f"{key}_final"] = mean
         out[f"{key}_final_std"] = std
         out[f"{key}_final_per_seed"] = [r[key] for r in final]
     out["ratio_over_dim_final"] = out["ratio_final"] / out["dim"]
     use_rows = [r for r in rows if r["seed"] in use]
-    out["alignment_min"] = _finite_min([r["alignment"] for r in use_rows])
-    out["alignment_min_trained"] = _finite_min(
-        [r["alignment"] for r in use_rows if r["epoch"] >= 1]
-    )
-    out["a_bound_min"] = _finite_min([r["a_bound"] for r in use_rows])
+    out["alignment_min"] = finite_min([r["alignment"] for r in use_rows])
+    out["alignment_min_trained"] = finite_min([r["alignment"] for r in use_rows if r["epoch"] >= 1])
+    out["a_bound_min"] = finite_min([r["a_bound"] for r in use_rows])
     checks = [r["hessian_check_rel_err"] for r in rows]
-    out["hessian_check_max_rel_err"] = max((c for c in checks if _finite(c)), default=None)
+    out["hessian_check_max_rel_err"] = max((c for c in checks if is_finite(c)), default=None)
     curves: dict[str, list[Any]] = {"epoch": list(range(epochs + 1))}
     for key in CURVE_KEYS:
         means, stds = [], []
         for e in range(epochs + 1):
-            m, sd = _mean_std([by[(s, e)][key] for s in use])
+            m, sd = mean_std([by[(s, e)][key] for s in use], empty=math.nan)
             means.append(m)
             stds.append(sd)
         curves[f"{key}_mean"] = means
         curves[f"{key}_std"] = stds
     out["curves"] = curves
     return out
-
-
-def _loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys, strict=True) if a > 0 and b > 0]
-    if len(pts) < 2:
-        return None
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,18 +489,6 @@ def _units(config: IndicatorConfig) -> list[tuple[str, int, float, int]]:
                 units.append(("delta_sweep", config.delta_sweep_width, d, s))
                 have.add((config.delta_sweep_width, d, s))
     return units
-
-
-def _kept_rows(rd: RunDir, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of an earlier run in ``rd`` with the same config (device and profile aside)."""
-    old = rd.read_json_or_quarantine("config.json") if rd.exists("metrics.jsonl") else None
-    if not isinstance(old, dict):
-        return []
-    ignore = ("device", "preset")
-    same = {k: v for k, v in old.items() if k not in ignore} == {
-        k: v for k, v in _json_roundtrip(cfg).items() if k not in ignore
-    }
-    return rd.read_jsonl("metrics.jsonl") if same else []
 
 
 def _train_all(
@@ -623,7 +556,9 @@ def run(
     rd.clear_complete()
     t0 = time.perf_counter()
     cfg = {**dataclasses.asdict(config), "device": str(dev), "preset": profile}
-    rows = _kept_rows(rd, cfg)
+    # An earlier run here with the same config (device and label aside) keeps its training runs.
+    keep = rd.exists("metrics.jsonl") and rd.config_changes(cfg, ignore=("device", "preset")) == []
+    rows = rd.read_jsonl("metrics.jsonl") if keep else []
     rd.write_config(cfg)
     rd.write_env(dev)
     timings = _train_all(config, rows, rd, dev, progress)
@@ -634,40 +569,23 @@ def run(
     meta = {"seconds": time.perf_counter() - t0, "runs_computed": len(timings),
             "runs_total": len(_units(config)), "unit_seconds": timings, "device": str(dev)}  # fmt: skip
     rd.write_json("meta.json", meta)
-    rd.write_text("summary.md", summary_markdown(_json_roundtrip(cfg), results, analysis, meta))
+    rd.write_text("summary.md", summary_markdown(config_identity(cfg), results, analysis, meta))
     rd.mark_complete("indicator", config)
     return results
-
-
-def _json_roundtrip(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples → lists), to compare configs."""
-    import json
-
-    from .._utils import _jsonable
-
-    return json.loads(json.dumps(_jsonable(obj)))
 
 
 def _collect(
     config: IndicatorConfig, rows: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    results: dict[str, Any] = {}
-    for w in config.widths:
-        grp = [r for r in rows if r["width"] == w and r["delta"] == config.delta]
-        grp = [r for r in grp if r["seed"] in config.seeds]
-        results[str(w)] = _aggregate(grp, config.epochs)
+    def group(width: int, delta: float, seeds: tuple[int, ...]) -> dict[str, Any]:
+        sel = [r for r in rows if (r["width"], r["delta"]) == (width, delta) and r["seed"] in seeds]
+        return _aggregate(sel, config.epochs)
+
+    results = {str(w): group(w, config.delta, config.seeds) for w in config.widths}
     dims = [results[str(w)]["dim"] for w in config.widths]
-    slope = _loglog_slope(dims, [results[str(w)]["ratio_final"] for w in config.widths])
-    sweep: dict[str, Any] = {}
-    for d in config.delta_sweep:
-        grp = [
-            r
-            for r in rows
-            if r["width"] == config.delta_sweep_width
-            and r["delta"] == d
-            and r["seed"] in config.sweep_seeds
-        ]
-        sweep[f"{d:g}"] = _aggregate(grp, config.epochs)
+    slope = loglog_slope(dims, [results[str(w)]["ratio_final"] for w in config.widths])
+    width = config.delta_sweep_width
+    sweep = {f"{d:g}": group(width, d, config.sweep_seeds) for d in config.delta_sweep}
     analysis = {
         "ratio_vs_dim_loglog_slope": slope,
         "dims": dims,
@@ -675,26 +593,3 @@ def _collect(
         "delta_sweep": sweep,
     }
     return results, analysis
-
-
-# --------------------------------------------------------------------------------------------
-# Summary
-# --------------------------------------------------------------------------------------------
-
-
-def summary(results: dict[str, Any]) -> str:
-    """The short table printed at the end of a run: one line per width.
-
-    Args:
-        results: what :func:`run` returned (``results.json``).
-
-    Returns:
-        Lines ``h = … (D = …): Tr(HΣ)/Tr(HΣ̄) = mean ± std, a = …, train acc …``.
-    """
-    return "\n".join(
-        f"h = {w:>4} (D = {r['dim']:>5}): Tr(HΣ)/Tr(HΣ̄) = "
-        f"{pm(r['ratio_final'], r['ratio_final_std'])}, a = "
-        f"{pm(r['alignment_final'], r['alignment_final_std'])}, "
-        f"train acc {r['train_accuracy_final']:.3f}"
-        for w, r in results.items()
-    )

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,6 +46,7 @@ import pydantic
 import torch
 from pydantic import Field
 
+from .._stats import loglog_slope
 from ..figures.prop1 import summary_markdown
 from ..linalg import LinearOperator, top_eigenpairs
 from ..runs import Progress, RunDir, num_threads
@@ -65,7 +65,6 @@ __all__ = [
     "measure_instance",
     "noise_spectrum",
     "run",
-    "summary",
 ]
 
 NOISE_RESTS = ("isotropic", "hessian", "tail")
@@ -392,14 +391,6 @@ def measure_instance(
 # --------------------------------------------------------------------------------------------
 
 
-def _loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    lx = [math.log(x) for x in xs]
-    ly = [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    sxx = sum((x - mx) ** 2 for x in lx)
-    return sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / sxx
-
-
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
 
@@ -513,10 +504,10 @@ def _collect(config: Prop1Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "d": d,
             "asymptotic_slope": 2 * d - 1,
-            "bound_slope": _loglog_slope(dims, bounds),
+            "bound_slope": loglog_slope(dims, bounds),
             "bound_local_slope_at_max_dim": 1
             - 2 * (1 - d) * max(dims) ** (1 - d) / (config.k + max(dims) ** (1 - d)),
-            "spectral_bound_slope": _loglog_slope(dims, spectral),
+            "spectral_bound_slope": loglog_slope(dims, spectral),
             "bounds": bounds,
             "spectral_bounds": spectral,
             "rests": {},
@@ -527,7 +518,7 @@ def _collect(config: Prop1Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["rests"][rest] = {
                 "ratios": ratios,
                 "ratios_numeric": [r["ratio_numeric"] for r in rr],
-                "slope": _loglog_slope(dims, ratios),
+                "slope": loglog_slope(dims, ratios),
                 "ratio_over_bound": [x / b for x, b in zip(ratios, bounds, strict=True)],
                 "bound_holds": all(r["bound_holds"] for r in rr),
                 "a_numeric": [r["a_numeric"] for r in rr],
@@ -546,22 +537,3 @@ def _collect(config: Prop1Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "num_instances": len(rows),
         "exponents": per_d,
     }
-
-
-def summary(results: dict[str, Any]) -> str:
-    """The short table printed at the end of a run: one line per exponent d, then the bound.
-
-    Args:
-        results: what :func:`run` returned (``results.json``).
-
-    Returns:
-        Lines ``d = …: slope … (Σ rest …), bound slope …, 2d − 1 = …`` and whether the bound
-        holds for every instance.
-    """
-    main = results["noise_rests"][0]
-    lines = [
-        f"d = {key}: slope {e['rests'][main]['slope']:.3f} (Σ rest {main}), bound slope "
-        f"{e['bound_slope']:.3f}, 2d − 1 = {e['asymptotic_slope']:.2f}"
-        for key, e in results["exponents"].items()
-    ]
-    return "\n".join([*lines, f"bound holds everywhere: {results['all_bounds_hold']}"])

@@ -23,8 +23,6 @@ structures (:func:`sgdnoise.noise_model`) on single runs.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import time
 import zlib
 from collections.abc import Mapping
@@ -37,7 +35,9 @@ import torch
 from pydantic import Field
 
 from ..data import toy2d_data
+from ..figures.toy import summary_markdown
 from ..models import toy2d_sample_loss
+from ..models import toy2d_statistics as toy_statistics
 from ..noise import BatchedStatistics, NoiseModel, noise_class
 from ..optim import dynamics_label, dynamics_names, factor_noise, gld_step
 from ..runs import (
@@ -58,9 +58,7 @@ __all__ = [
     "noise_factor",
     "run",
     "simulate",
-    "summary",
     "toy_dynamics",
-    "toy_statistics",
 ]
 
 
@@ -161,37 +159,6 @@ PRESETS: dict[str, ToyConfig] = {
 # --------------------------------------------------------------------------------------------
 # Batched statistics and noise factors
 # --------------------------------------------------------------------------------------------
-
-
-_C = math.cos(math.pi / 4)
-
-
-def toy_statistics(
-    w: torch.Tensor, X: torch.Tensor, *, need_hessian: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Mean gradient ``[R, 2]``, centred per-sample gradients ``[R, N, 2]``, mean Hessian ``[R, 2, 2]``.
-
-    ``w`` ``[R, 2]`` (one point per run), ``X`` ``[R, N, 2]`` (each run's data). A fused version
-    of :func:`~sgdnoise.models.toy2d_sample_grad` / ``toy2d_sample_hessian`` (same branch rule:
-    the sharp branch where ``q_s ≤ q_f``): each per-sample Hessian is ``H_s = [[110, 90],
-    [90, 110]]`` or ``2I``, so the mean Hessian is ``f H_s + (1 − f) 2I`` with f the fraction of
-    samples on the sharp branch — no ``[R, N, 2, 2]`` tensor.
-    """
-    d = w[:, None, :] - X
-    d0, d1 = d[..., 0], d[..., 1]
-    a, b = d0 - 1.0, d1 - 1.0
-    u = _C * (a - b)
-    v = _C * (a + b)
-    sharp = 10.0 * u * u + 100.0 * v * v <= (d0 + 1.0) ** 2 + (d1 + 1.0) ** 2
-    g_sharp = torch.stack((20.0 * _C * u + 200.0 * _C * v, -20.0 * _C * u + 200.0 * _C * v), -1)
-    G = torch.where(sharp[..., None], g_sharp, 2.0 * (d + 1.0))
-    gbar = G.mean(1)
-    H = None
-    if need_hessian:
-        f = sharp.to(X.dtype).mean(1)[:, None, None]
-        h_s = torch.tensor([[110.0, 90.0], [90.0, 110.0]], dtype=X.dtype, device=X.device)
-        H = f * h_s + (1 - f) * 2.0 * torch.eye(2, dtype=X.dtype, device=X.device)
-    return gbar, G - gbar[:, None, :], H
 
 
 def _structure(dynamics: str, settings: Any = None) -> tuple[type[NoiseModel], dict[str, Any]]:
@@ -434,66 +401,6 @@ def run(
     )
     rd.write_json("surface.json", _surface(data[0][1][config.trajectory_run]))
     rd.write_json("meta.json", {"simulation_seconds": elapsed, "device": str(dev)})
-    rd.write_text("summary.md", _summary_markdown(config, results, elapsed))
+    rd.write_text("summary.md", summary_markdown(config.to_dict(), results, elapsed))
     rd.mark_complete("toy", config)
     return results
-
-
-def summary(results: dict[str, Any]) -> str:
-    """The short table printed at the end: success counts, 95% Wilson intervals and Tr(HΣ)."""
-    width = max(len(r["label"]) for r in results.values())
-    return "\n".join(
-        f"{r['label']:<{width}}  {r['successes']:>4}/{r['runs']:<4} "
-        f"[{100 * r['ci_low']:5.1f}%, {100 * r['ci_high']:5.1f}%]  Tr(HΣ) = {r['tr_HS']:.3f}"
-        for r in results.values()
-    )
-
-
-def _ordering_note(results: dict[str, Any]) -> str:
-    """Rank by Tr(HΣ) (values within 1% joined by ≈) and by success rate."""
-    label = {n: r["label"] for n, r in results.items()}
-    names = sorted(results, key=lambda n: -results[n]["tr_HS"])
-    parts = [label[names[0]]]
-    for prev, cur in itertools.pairwise(names):
-        a, b = results[prev]["tr_HS"], results[cur]["tr_HS"]
-        sep = " ≈ " if abs(a - b) <= 0.01 * max(abs(a), abs(b), 1e-12) else " > "
-        parts.append(sep + label[cur])
-    by_rate = sorted(results, key=lambda n: -results[n]["success_rate"])
-    return (
-        "Predicted order (Tr(HΣ) at the start): "
-        + "".join(parts)
-        + "\n\nObserved order (success rate): "
-        + ", ".join(f"{label[n]} {100 * results[n]['success_rate']:.0f}%" for n in by_rate)
-    )
-
-
-def _summary_markdown(config: ToyConfig, results: dict[str, Any], elapsed: float) -> str:
-    lines = [
-        "# 2-D escape experiment (poster Fig. 1)",
-        "",
-        f"{config.runs} runs × {config.steps} steps, lr {config.lr}, parameter-level noise trace "
-        f"{config.noise_trace} per step, N = {config.num_points} fresh points per run, start "
-        f"{tuple(config.start)}, success = final w₁ < {config.threshold} and w₂ < "
-        f"{config.threshold}; seeds {', '.join(map(str, config.seeds))}. Simulation time {elapsed:.1f} s.",
-        "",
-        "| dynamics | success | 95% Wilson CI | Tr(HΣ) at start (mean ± sd over runs) |",
-        "|---|---|---|---|",
-    ]
-    for r in results.values():
-        lines.append(
-            f"| {r['label']} | {r['successes']}/{r['runs']} ({100 * r['success_rate']:.0f}%) | "
-            f"[{100 * r['ci_low']:.0f}%, {100 * r['ci_high']:.0f}%] | "
-            f"{r['tr_HS']:.3f} ± {r['tr_HS_std']:.3f} |"
-        )
-    lines += [
-        "",
-        _ordering_note(results),
-        "",
-        "Reference (a re-simulation of the released code, 3 seeds × 100 runs of its settings): GD 0, "
-        "const 0–2, diag 0–1, leading 31–36, Hessian 24–31, 1st eigvec(H) 37–41 (per 100). "
-        "Tr(HΣ) at the exact sharp minimum: 1st eigvec 2.00 > Hessian = leading 1.84 > "
-        "const = diag 1.10 > GD 0. GLD leading (k = 2 = D) and GLD full have the same covariance "
-        "in 2-D (different samplers).",
-        "",
-    ]
-    return "\n".join(lines)

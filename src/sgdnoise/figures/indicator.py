@@ -14,7 +14,7 @@ from typing import Any
 from ..runs import RunDir
 from ._style import save_figure
 
-__all__ = ["band", "colors", "plain_log_ticks", "plot", "pm", "summary_markdown"]
+__all__ = ["band", "colors", "plain_log_ticks", "plot", "pm", "summary", "summary_markdown"]
 
 SIGMA_BAR = "$\\bar{\\Sigma}$"
 
@@ -180,6 +180,24 @@ def pm(mean: float, std: float | None, fmt: str = ".3g") -> str:
     if mean is None or not math.isfinite(mean):
         return "n/a"
     return f"{mean:{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The short table printed at the end of a run: one line per width.
+
+    Args:
+        results: what :func:`run` returned (``results.json``).
+
+    Returns:
+        Lines ``h = … (D = …): Tr(HΣ)/Tr(HΣ̄) = mean ± std, a = …, train acc …``.
+    """
+    return "\n".join(
+        f"h = {w:>4} (D = {r['dim']:>5}): Tr(HΣ)/Tr(HΣ̄) = "
+        f"{pm(r['ratio_final'], r['ratio_final_std'])}, a = "
+        f"{pm(r['alignment_final'], r['alignment_final_std'])}, "
+        f"train acc {r['train_accuracy_final']:.3f}"
+        for w, r in results.items()
+    )
 
 
 def _dead_notes(groups: dict[str, dict[str, Any]]) -> list[str]:

@@ -12,7 +12,7 @@ from ..runs import RunDir
 from ._style import save_figure
 from .indicator import colors, plain_log_ticks
 
-__all__ = ["plot", "summary_markdown"]
+__all__ = ["plot", "summary", "summary_markdown"]
 
 #: Marker per way Σ spreads the weight not on u₁ (``x`` for others).
 MARKERS = {"isotropic": "o", "hessian": "s", "tail": "^"}
@@ -90,6 +90,25 @@ def plot(run_dir: str | Path) -> list[Path]:
     a3.axhline(1.0, color="gray", lw=0.8)
     fig.tight_layout()
     return save_figure(fig, rd / "prop1")
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The short table printed at the end of a run: one line per exponent d, then the bound.
+
+    Args:
+        results: what :func:`run` returned (``results.json``).
+
+    Returns:
+        Lines ``d = …: slope … (Σ rest …), bound slope …, 2d − 1 = …`` and whether the bound
+        holds for every instance.
+    """
+    main = results["noise_rests"][0]
+    lines = [
+        f"d = {key}: slope {e['rests'][main]['slope']:.3f} (Σ rest {main}), bound slope "
+        f"{e['bound_slope']:.3f}, 2d − 1 = {e['asymptotic_slope']:.2f}"
+        for key, e in results["exponents"].items()
+    ]
+    return "\n".join([*lines, f"bound holds everywhere: {results['all_bounds_hold']}"])
 
 
 def summary_markdown(config: dict[str, Any], results: dict[str, Any], elapsed: float) -> str:

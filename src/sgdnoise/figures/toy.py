@@ -3,16 +3,19 @@
 Reads ``results.json`` (per dynamics: label, success rate, Wilson interval, Tr(HΣ)) and the two
 files the run writes for drawing, ``trajectories.json`` (one run's path per dynamics) and
 ``surface.json`` (the loss surface of that run's data on a grid); recomputes nothing.
+:func:`summary` and :func:`summary_markdown` render the printed table and ``summary.md``.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ._style import colors, pyplot, read_json, save_figure
 
-__all__ = ["plot"]
+__all__ = ["plot", "summary", "summary_markdown"]
 
 
 def _trajectories(run_dir: Path, results: dict[str, Any], color: dict[str, Any]) -> list[Path]:
@@ -82,3 +85,74 @@ def plot(run_dir: str | Path) -> list[Path]:
     results = read_json(rd, "results.json", "toy")
     color = colors(list(results))
     return _trajectories(rd, results, color) + _success(rd, results, color)
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The short table printed at the end: success counts, 95% Wilson intervals and Tr(HΣ)."""
+    width = max(len(r["label"]) for r in results.values())
+    return "\n".join(
+        f"{r['label']:<{width}}  {r['successes']:>4}/{r['runs']:<4} "
+        f"[{100 * r['ci_low']:5.1f}%, {100 * r['ci_high']:5.1f}%]  Tr(HΣ) = {r['tr_HS']:.3f}"
+        for r in results.values()
+    )
+
+
+def _ordering_note(results: dict[str, Any]) -> str:
+    """Rank by Tr(HΣ) (values within 1% joined by ≈) and by success rate."""
+    label = {n: r["label"] for n, r in results.items()}
+    names = sorted(results, key=lambda n: -results[n]["tr_HS"])
+    parts = [label[names[0]]]
+    for prev, cur in itertools.pairwise(names):
+        a, b = results[prev]["tr_HS"], results[cur]["tr_HS"]
+        sep = " ≈ " if abs(a - b) <= 0.01 * max(abs(a), abs(b), 1e-12) else " > "
+        parts.append(sep + label[cur])
+    by_rate = sorted(results, key=lambda n: -results[n]["success_rate"])
+    return (
+        "Predicted order (Tr(HΣ) at the start): "
+        + "".join(parts)
+        + "\n\nObserved order (success rate): "
+        + ", ".join(f"{label[n]} {100 * results[n]['success_rate']:.0f}%" for n in by_rate)
+    )
+
+
+def summary_markdown(config: Mapping[str, Any], results: dict[str, Any], elapsed: float) -> str:
+    """The text of a toy run's ``summary.md``.
+
+    Args:
+        config: the run's configuration (as in ``config.json``). results: its ``results.json``.
+        elapsed: simulation seconds.
+
+    Returns:
+        Markdown: the setting, one table row per dynamics, the predicted and observed orders and
+        the released code's reference numbers.
+    """
+    lines = [
+        "# 2-D escape experiment (poster Fig. 1)",
+        "",
+        f"{config['runs']} runs × {config['steps']} steps, lr {config['lr']}, parameter-level noise "
+        f"trace {config['noise_trace']} per step, N = {config['num_points']} fresh points per run, "
+        f"start {tuple(config['start'])}, success = final w₁ < {config['threshold']} and w₂ < "
+        f"{config['threshold']}; seeds {', '.join(map(str, config['seeds']))}. Simulation time "
+        f"{elapsed:.1f} s.",
+        "",
+        "| dynamics | success | 95% Wilson CI | Tr(HΣ) at start (mean ± sd over runs) |",
+        "|---|---|---|---|",
+    ]
+    for r in results.values():
+        lines.append(
+            f"| {r['label']} | {r['successes']}/{r['runs']} ({100 * r['success_rate']:.0f}%) | "
+            f"[{100 * r['ci_low']:.0f}%, {100 * r['ci_high']:.0f}%] | "
+            f"{r['tr_HS']:.3f} ± {r['tr_HS_std']:.3f} |"
+        )
+    lines += [
+        "",
+        _ordering_note(results),
+        "",
+        "Reference (a re-simulation of the released code, 3 seeds × 100 runs of its settings): GD 0, "
+        "const 0–2, diag 0–1, leading 31–36, Hessian 24–31, 1st eigvec(H) 37–41 (per 100). "
+        "Tr(HΣ) at the exact sharp minimum: 1st eigvec 2.00 > Hessian = leading 1.84 > "
+        "const = diag 1.10 > GD 0. GLD leading (k = 2 = D) and GLD full have the same covariance "
+        "in 2-D (different samplers).",
+        "",
+    ]
+    return "\n".join(lines)

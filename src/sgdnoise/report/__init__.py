@@ -88,7 +88,7 @@ def _part_claims(out: Path, name: str, exp: Any, profile: str | None) -> list[Cl
         )
         return [Claim(name, exp.title, "", "", "not run", why)]
     try:
-        got = exp.claims(r)
+        got = exp.claims_of(r)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         got = [Claim(name, exp.title, "", f"could not read results: {exc}", "not run", "")]
     got = got or [Claim(name, exp.title, "", "no comparable numbers", "not run", "")]
