@@ -17,6 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sgdnoise"
 #: layer number of each top-level part of the package (a module or a sub-package).
 LAYERS: dict[str, int] = {
     "_utils": 0,
+    "_stats": 0,
     "results": 0,
     "_check_results": 0,
     "_data": 0,
@@ -38,6 +39,7 @@ LAYERS: dict[str, int] = {
     "monitor": 5,
     "measure_cli": 6,
     "runs": 5,
+    "config": 5,
     "_user_code": 5,
     "figures": 6,
     "experiments": 6,

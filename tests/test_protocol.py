@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from sgdnoise import cli
+from sgdnoise.config import ConfigError
 from sgdnoise.experiments import EXPERIMENTS
-from sgdnoise.experiments._protocol import ConfigError
 
 COMMON = ("--profile", "--config", "--out", "--device", "--no-progress")
 

@@ -20,9 +20,9 @@ from fake_fashion import write_fashion
 from sgdnoise import cli
 from sgdnoise._utils import atomic_write_text, sweep_temp
 from sgdnoise.commands import reproduce
+from sgdnoise.config import replace_config
 from sgdnoise.data import FASHION_MNIST_FILES
 from sgdnoise.experiments import fashion, toy
-from sgdnoise.experiments._protocol import replace_config
 from sgdnoise.runs import COMPLETE, RunDir, wilson_interval
 
 

@@ -1,5 +1,5 @@
 """The ``sgdnoise`` command line: one sub-command per registered experiment, generated from its
-configuration's declaration (:mod:`sgdnoise.experiments._protocol`), plus the commands of
+configuration's declaration (:mod:`sgdnoise.config`), plus the commands of
 :mod:`sgdnoise.commands`."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._utils import OutputError
-from .experiments._protocol import OneOf
+from .config import OneOf
 
 __all__ = ["add_experiment_parser", "build_parser", "main"]
 
@@ -210,8 +210,7 @@ def add_experiment_parser(sub: Any, exp: Any) -> argparse.ArgumentParser:
 
 
 def _run_experiment(exp: Any, args: argparse.Namespace) -> int:
-    from .experiments._protocol import load_toml_config
-    from .runs import resolve_device
+    from .runs import load_toml_config, resolve_device
 
     out = Path(args.out or f"results/{exp.name}_{args.profile}")
     if args.plot_only:

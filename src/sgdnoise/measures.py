@@ -272,18 +272,8 @@ def alignment(
     """
     if isinstance(H, Problem):
         b = batch_size if batch_size is not None else (1 if S is None else S)
-        return _problem_alignment(
-            H,
-            b,
-            k,
-            replacement,
-            tol,
-            exact_trace_max_dim,
-            trace_matvecs,
-            context,
-            seed=seed,
-            generator=generator,
-        )
+        opts = (replacement, tol, exact_trace_max_dim, trace_matvecs, context)
+        return _problem_alignment(H, b, k, *opts, seed=seed, generator=generator)
     if not isinstance(S, LinearOperator):
         raise TypeError(
             f"alignment(H, S, k): S must be a LinearOperator like H, got {type(S).__name__}; "

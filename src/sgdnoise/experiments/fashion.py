@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .._stats import curve_over_seeds, stat
+from ..config import Distinct, ExperimentConfig, OneOf, configure, experiment_config
 from ..figures.fashion import summary
 from ..models import FashionCNN
 from ..optim import default_refresh, dynamics_label, dynamics_names
 from ..problem import Problem
 from ..runs import RunDir, data_key, resolve_device, resolve_dtype
-from ._protocol import Distinct, ExperimentConfig, OneOf, configure, experiment_config
 from .fashion_run import NUM_TEST, PhaseBar, PhaseData, load_phase_data, phase_spec, run_phase
 
 __all__ = [

@@ -47,6 +47,7 @@ from pydantic import Field
 
 from .._stats import finite_min, is_finite, loglog_slope, mean_std
 from .._utils import as_generator
+from ..config import Distinct, ExperimentConfig, experiment_config
 from ..data import one_hidden_layer_data
 from ..figures.indicator import summary_markdown
 from ..linalg import LinearOperator, gauss_newton
@@ -54,7 +55,6 @@ from ..measures import MeasurementContext, alignment, escape_indicator
 from ..models import OneHiddenLayerNet, one_hidden_layer_loss
 from ..problem import Problem
 from ..runs import Progress, RunDir, config_identity, num_threads, resolve_device, resolve_dtype
-from ._protocol import Distinct, ExperimentConfig, experiment_config
 
 __all__ = [
     "PRESETS",

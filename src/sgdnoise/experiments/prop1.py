@@ -47,10 +47,10 @@ import torch
 from pydantic import Field
 
 from .._stats import loglog_slope
+from ..config import Distinct, ExperimentConfig, OneOf, experiment_config
 from ..figures.prop1 import summary_markdown
-from ..linalg import LinearOperator, top_eigenpairs
+from ..linalg import HouseholderBasis, RotatedDiagonalOperator, top_eigenpairs
 from ..runs import Progress, RunDir, num_threads
-from ._protocol import Distinct, ExperimentConfig, OneOf, experiment_config
 
 __all__ = [
     "NOISE_RESTS",
@@ -176,52 +176,6 @@ PRESETS: dict[str, Prop1Config] = {
 # --------------------------------------------------------------------------------------------
 # The construction
 # --------------------------------------------------------------------------------------------
-
-
-class HouseholderBasis:
-    """An orthogonal ``Q = P_1 P_2 ⋯ P_m`` with reflections ``P_j = I − 2 v_j v_jᵀ`` (‖v_j‖ = 1).
-
-    Applying Q or Qᵀ to ``[D, k]`` costs O(m·D·k); column ``j`` of Q is ``Q e_j``.
-    """
-
-    def __init__(self, dim: int, reflections: int, *, generator: torch.Generator) -> None:
-        V = torch.randn(dim, reflections, generator=generator, dtype=F64)
-        self.vectors = V / V.norm(dim=0, keepdim=True)
-
-    def apply(self, X: torch.Tensor) -> torch.Tensor:
-        """``Q X`` (a new tensor; ``X`` is not modified)."""
-        X = X.clone()
-        for j in reversed(range(self.vectors.shape[1])):
-            v = self.vectors[:, j : j + 1]
-            X.addmm_(v, v.T @ X, alpha=-2.0)
-        return X
-
-    def apply_t(self, X: torch.Tensor) -> torch.Tensor:
-        """``Qᵀ X`` (a new tensor; ``X`` is not modified)."""
-        X = X.clone()
-        for j in range(self.vectors.shape[1]):
-            v = self.vectors[:, j : j + 1]
-            X.addmm_(v, v.T @ X, alpha=-2.0)
-        return X
-
-    def column(self, j: int) -> torch.Tensor:
-        """``Q e_j`` ``[D]``."""
-        e = torch.zeros(self.vectors.shape[0], 1, dtype=F64)
-        e[j] = 1.0
-        return self.apply(e)[:, 0]
-
-
-class RotatedDiagonalOperator(LinearOperator):
-    """``Q diag(s) Qᵀ`` with a :class:`HouseholderBasis` Q (symmetric; PSD when s ≥ 0)."""
-
-    def __init__(self, basis: HouseholderBasis, diag: torch.Tensor) -> None:
-        super().__init__(diag.shape[0], F64, "cpu")
-        self.basis = basis
-        self.diag = diag
-        self.psd = bool((diag >= 0).all())
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.basis.apply(self.diag[:, None] * self.basis.apply_t(V))
 
 
 def hessian_spectrum(

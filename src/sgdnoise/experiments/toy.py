@@ -34,6 +34,7 @@ import pydantic
 import torch
 from pydantic import Field
 
+from ..config import Distinct, ExperimentConfig, OneOf, experiment_config
 from ..data import toy2d_data
 from ..figures.toy import summary_markdown
 from ..models import toy2d_sample_loss
@@ -48,7 +49,6 @@ from ..runs import (
     resolve_dtype,
     wilson_interval,
 )
-from ._protocol import Distinct, ExperimentConfig, OneOf, experiment_config
 
 __all__ = [
     "ALL_DYNAMICS",

@@ -46,15 +46,16 @@ def read_json(run_dir: str | Path, name: str, experiment: str) -> Any:
 
     Raises:
         FileNotFoundError: the file is missing (the message says which command writes it).
+        ValueError: the file is not valid JSON (the message names it).
     """
-    import json
+    from ..runs import RunDir
 
     path = Path(run_dir) / name
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing; run `sgdnoise {experiment} --out {Path(run_dir)}` first"
         )
-    return json.loads(path.read_text())
+    return RunDir(run_dir).read_json(name)
 
 
 def colors(names: list[str]) -> dict[str, Any]:

@@ -7,8 +7,10 @@ from .lanczos import ConvergenceError, EigenPairs, top_eigenpairs
 from .operators import (
     DenseOperator,
     DiagonalOperator,
+    HouseholderBasis,
     LinearOperator,
     LowRankOperator,
+    RotatedDiagonalOperator,
     ScaledIdentityOperator,
     SumOperator,
 )
@@ -22,8 +24,10 @@ __all__ = [
     "GaussNewtonOperator",
     "GradientNoiseCovariance",
     "HessianOperator",
+    "HouseholderBasis",
     "LinearOperator",
     "LowRankOperator",
+    "RotatedDiagonalOperator",
     "ScaledIdentityOperator",
     "SumOperator",
     "TraceEstimate",

@@ -16,8 +16,10 @@ import torch
 __all__ = [
     "DenseOperator",
     "DiagonalOperator",
+    "HouseholderBasis",
     "LinearOperator",
     "LowRankOperator",
+    "RotatedDiagonalOperator",
     "ScaledIdentityOperator",
     "SumOperator",
 ]
@@ -286,3 +288,62 @@ class SumOperator(LinearOperator):
 
     def trace(self) -> torch.Tensor:
         return sum(w * op.trace() for w, op in zip(self.weights, self.operators, strict=True))  # type: ignore[return-value]
+
+
+class HouseholderBasis:
+    """An orthogonal ``Q = P_1 P_2 ⋯ P_m`` with reflections ``P_j = I − 2 v_j v_jᵀ`` (‖v_j‖ = 1).
+
+    Applying Q or Qᵀ to ``[D, k]`` costs O(m·D·k); column ``j`` of Q is ``Q e_j``. A random
+    orthogonal basis without a D×D matrix (used to build test Hessians and covariances with a
+    chosen spectrum, e.g. Proposition 1 of Zhu et al., ICML 2019).
+
+    Args:
+        dim: D. reflections: m (random unit vectors v_j from ``generator``).
+        generator: the random stream. dtype: of the vectors (default float64).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        reflections: int,
+        *,
+        generator: torch.Generator,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        V = torch.randn(dim, reflections, generator=generator, dtype=dtype)
+        self.vectors = V / V.norm(dim=0, keepdim=True)
+
+    def apply(self, X: torch.Tensor) -> torch.Tensor:
+        """``Q X`` (a new tensor; ``X`` is not modified)."""
+        X = X.clone()
+        for j in reversed(range(self.vectors.shape[1])):
+            v = self.vectors[:, j : j + 1]
+            X.addmm_(v, v.T @ X, alpha=-2.0)
+        return X
+
+    def apply_t(self, X: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ X`` (a new tensor; ``X`` is not modified)."""
+        X = X.clone()
+        for j in range(self.vectors.shape[1]):
+            v = self.vectors[:, j : j + 1]
+            X.addmm_(v, v.T @ X, alpha=-2.0)
+        return X
+
+    def column(self, j: int) -> torch.Tensor:
+        """``Q e_j`` ``[D]``."""
+        e = torch.zeros(self.vectors.shape[0], 1, dtype=self.vectors.dtype)
+        e[j] = 1.0
+        return self.apply(e)[:, 0]
+
+
+class RotatedDiagonalOperator(LinearOperator):
+    """``Q diag(s) Qᵀ`` with a :class:`HouseholderBasis` Q (symmetric; PSD when s ≥ 0)."""
+
+    def __init__(self, basis: HouseholderBasis, diag: torch.Tensor) -> None:
+        super().__init__(diag.shape[0], diag.dtype, diag.device)
+        self.basis = basis
+        self.diag = diag
+        self.psd = bool((diag >= 0).all())
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.basis.apply(self.diag[:, None] * self.basis.apply_t(V))
