@@ -16,8 +16,9 @@ import torch
 
 from sgdnoise.data import DataNotFoundError, find_fashion_mnist
 from sgdnoise.experiments import fashion
-from sgdnoise.experiments.fashion import ALL_DYNAMICS, config_from, plot, run, validate
+from sgdnoise.experiments.fashion import ALL_DYNAMICS, config_from, run, validate
 from sgdnoise.experiments.fashion_run import derive_seed, load_final
+from sgdnoise.figures.fashion import plot
 
 try:
     find_fashion_mnist()
@@ -144,7 +145,10 @@ def smoke_run(tmp_path_factory):
     cfg = config_from("smoke")
     t0 = time.perf_counter()
     results = run(cfg, out, device="cpu", progress=False)
-    return out, cfg, results, time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    assert not list(out.glob("*.png")), "run() draws nothing"
+    plot(out)
+    return out, cfg, results, elapsed
 
 
 @needs_data

@@ -50,7 +50,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 def _figures(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Redraw the figures of ``path``, keeping each matplotlib figure (name → figure)."""
     figs: dict[str, Any] = {}
-    real = fashion.save_figure
+    real = sgdnoise.figures.fashion.save_figure
 
     def keep(fig: Any, stem: Any) -> list[Path]:
         fig.canvas.draw()
@@ -65,7 +65,7 @@ def _figures(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         figs[Path(stem).name] = fig
         return real(fig, stem)
 
-    monkeypatch.setattr(fashion, "save_figure", keep)
+    monkeypatch.setattr(sgdnoise.figures.fashion, "save_figure", keep)
     sgdnoise.figures.fashion.plot(path)
     return figs
 

@@ -333,7 +333,11 @@ def test_errors_say_what_is_valid():
         sgdnoise.GLD(params(), LR, noise="diag", problem=problem, generator=0, batch_size=31)
     with pytest.raises(ValueError, match="exactly the problem's trainable parameters"):
         sgdnoise.GD(list(params())[:1], LR, problem=problem)
-    with pytest.raises(TypeError, match="is random: pass generator"):
-        sgdnoise.make_optimizer("sgd", problem, LR)
+    # one randomness rule: no generator means seed 0, so the default is reproducible
+    a, b = (
+        sgdnoise.make_optimizer("sgd", problem, LR),
+        sgdnoise.make_optimizer("sgd", problem, LR, seed=0),
+    )
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
     with pytest.raises(TypeError, match="takes no closure"):
         sgdnoise.GD(params(), LR, problem=problem).step(lambda: 0.0)

@@ -68,7 +68,7 @@ def test_html_escapes_results_text_and_embeds_only_pngs_of_the_run_folder(tmp_pa
 def test_smoke_report_says_it_checks_plumbing_in_its_first_line(tmp_path: Path) -> None:
     out = tmp_path / "R"
     _write_part(out, "toy", _toy_results(gd=(0.0, 0.0), gld_const=(0.0, 1.1), gld_diag=(0, 1.1),
-                                          gld_leading=(0.0, 1.8)), profile="smoke")  # fmt: skip
+                                          gld_leading=(0.0, 1.8)), preset="smoke")  # fmt: skip
     md_path, html_path = write_report(out, profile="smoke")
     md = md_path.read_text()
     first = md.splitlines()[0]

@@ -104,7 +104,9 @@ def _float64_reference(
         local = torch.arange(len(few), device=ref.device)
         if ref.dim != p.dim or ref.param_names != p.param_names:
             raise ValueError("the float64 copy has other parameters")
-        loss, _ = ref.loss_and_gradient(theta.double(), local[:1])  # it runs
+        x1, y1 = ref.take(local[:1])
+        with torch.no_grad():
+            loss = ref.batch_loss(theta.double(), x1, y1)  # it runs, in the loss's own dtype
         if loss.dtype != torch.float64:
             raise TypeError(f"its loss is {loss.dtype}: the model casts inside its forward")
     except Exception as exc:  # any failure: finite differences in the model's own dtype

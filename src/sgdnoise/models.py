@@ -9,6 +9,7 @@ a seed gives the same initial weights on every device.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -260,7 +261,8 @@ class OneHiddenLayerNet(nn.Module):
             raise ValueError(
                 f"OneHiddenLayerNet expects inputs of shape [n, 2], got {list(x.shape)}."
             )
-        f = F.relu(F.linear(x, self.weight, self.bias)) @ self.output_weight
+        out_w = cast(torch.Tensor, self.output_weight)  # a buffer
+        f = F.relu(F.linear(x, self.weight, self.bias)) @ out_w
         return torch.clamp(f, self.delta, 1.0 - self.delta)
 
     def unclipped(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ._optim_params import check_lr, is_int, materializes, split_parameters
-from ._utils import as_generator
+from ._utils import as_generator, resolve_generator
 from .linalg.covariance import batch_scale
 from .noise import (
     NoiseModel,
@@ -180,13 +180,13 @@ class ProblemOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
     def _extra_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps}
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus ``"sgdnoise"``: the step counter and generator state."""
         state = super().state_dict()
         state["sgdnoise"] = self._extra_state()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("sgdnoise", {})
         super().load_state_dict(state_dict)
@@ -221,7 +221,8 @@ class MinibatchSGD(ProblemOptimizer):
     Args:
         params, lr, problem: see :class:`ProblemOptimizer`.
         batch_size: b in ``[1, N]``.
-        generator: source of the batch indices (a ``torch.Generator`` or an int seed).
+        seed, generator: source of the batch indices (the generator wins, else a fresh one
+            seeded with ``seed``, default 0).
         replacement: see above.
     """
 
@@ -232,7 +233,8 @@ class MinibatchSGD(ProblemOptimizer):
         *,
         problem: Problem,
         batch_size: int,
-        generator: torch.Generator | int,
+        seed: int | None = 0,
+        generator: torch.Generator | int | None = None,
         replacement: bool = True,
     ) -> None:
         super().__init__(params, lr, problem=problem)
@@ -243,7 +245,7 @@ class MinibatchSGD(ProblemOptimizer):
             )
         self.batch_size = batch_size
         self.replacement = bool(replacement)
-        self.generator = as_generator(generator)
+        self.generator = resolve_generator(seed, generator)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "generator_state": self.generator.get_state()}
@@ -292,7 +294,8 @@ class GLD(ProblemOptimizer):
         problem: model, loss and data.
         batch_size: b, the mini-batch size whose SGD noise Σ_b the structure imitates.
         refresh_every: covariance refresh period in steps (≥ 1).
-        generator: source of the noise (``torch.Generator`` or int seed).
+        seed, generator: source of the noise (the generator wins, else a fresh one seeded with
+            ``seed``, default 0).
         replacement: Σ_b for mini-batches with (default) or without replacement.
         noise_only_on_refresh: the released code's GLD-leading quirk (see above).
         **options: options of the structure (e.g. ``k=20``, ``sigma=1e-3``).
@@ -321,7 +324,8 @@ class GLD(ProblemOptimizer):
         problem: Problem,
         batch_size: int = 1,
         refresh_every: int = 1,
-        generator: torch.Generator | int,
+        seed: int | None = 0,
+        generator: torch.Generator | int | None = None,
         replacement: bool = True,
         noise_only_on_refresh: bool = False,
         **options: Any,
@@ -336,7 +340,7 @@ class GLD(ProblemOptimizer):
             raise ValueError(
                 f"noise_only_on_refresh must be True or False, got {noise_only_on_refresh!r}"
             )
-        self.generator = as_generator(generator)
+        self.generator = resolve_generator(seed, generator)
         self.refresh_every = refresh_every
         self.noise_only_on_refresh = noise_only_on_refresh
         self._force_refresh = False
@@ -378,7 +382,7 @@ class GLD(ProblemOptimizer):
             "noise_warm_state": {k: v.cpu() for k, v in warm.items()},
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         warm = dict(state_dict.get("sgdnoise", {}).get("noise_warm_state") or {})
         super().load_state_dict(state_dict)
         self._force_refresh = True  # the cached covariance is not part of the state
@@ -505,6 +509,7 @@ def make_optimizer(
     problem: Problem,
     lr: float,
     *,
+    seed: int | None = 0,
     generator: torch.Generator | int | None = None,
     batch_size: int = 1,
     replacement: bool = True,
@@ -519,7 +524,8 @@ def make_optimizer(
         problem: model, loss and data (the optimizer trains the parameters in the problem's θ;
             frozen ones are skipped and listed in ``frozen_parameter_names``).
         lr: step size η.
-        generator: randomness for SGD batches and GLD noise (required for those).
+        seed, generator: randomness of SGD's batches and GLD's noise (the package's rule: the
+            generator wins, else a fresh generator seeded with ``seed``, default 0).
         batch_size: b — SGD's batch size, or the b whose Σ_b the GLD structure imitates.
         replacement, refresh_every, noise_only_on_refresh, options: see :class:`GLD`.
     """
@@ -534,10 +540,7 @@ def make_optimizer(
         raise TypeError(f"{dynamics!r} takes no noise options, got {sorted(options)}")
     if dynamics == "gd":
         return GD(params, lr, problem=problem)
-    if generator is None:
-        raise TypeError(
-            f"dynamics {dynamics!r} is random: pass generator=torch.Generator().manual_seed(s) or an int"
-        )
+    generator = resolve_generator(seed, generator)
     if dynamics == "sgd":
         return MinibatchSGD(params, lr, problem=problem, batch_size=batch_size,
                             generator=generator, replacement=replacement)  # fmt: skip

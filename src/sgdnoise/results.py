@@ -91,13 +91,18 @@ class EscapeIndicator(_Result):
 
     def __str__(self) -> str:
         how = "exact" if self.exact else f"{self.num_samples} sampled examples"
+        h_se = None if self.tr_H_exact else self.tr_H_stderr  # no "± 0" for exact quantities
         return format_table(
             "EscapeIndicator",
             [
-                ("Tr(HΣ_b)", self.tr_HS, self.stderr),
-                ("Tr(H)Tr(Σ_b)/D", self.tr_HS_iso, self.tr_HS_iso_stderr),
-                ("ratio", self.ratio, self.ratio_stderr),
-                ("Tr(H)", self.tr_H, self.tr_H_stderr),
+                ("Tr(HΣ_b)", self.tr_HS, None if self.exact else self.stderr),
+                (
+                    "Tr(HΣ̄) isotropic",
+                    self.tr_HS_iso,
+                    None if h_se is None else self.tr_HS_iso_stderr,
+                ),
+                ("ratio", self.ratio, None if self.exact and h_se is None else self.ratio_stderr),
+                ("Tr(H)", self.tr_H, h_se),
                 ("Tr(Σ_b)", self.tr_S, None),
             ],
             f"D={self.dim}, b={self.batch_size}, {how}",

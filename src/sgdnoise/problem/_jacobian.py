@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import jvp, vjp, vmap
 
-from .._utils import check_finite
 from ._base import ProblemBase
 from ._helpers import _math_attention
 
@@ -132,53 +131,3 @@ class OutputJacobian(ProblemBase):
                 except (RuntimeError, NotImplementedError):
                     total += torch.stack([pullback(u)[0] for u in Uc], dim=1)
         return total
-
-    def weighted_gradients(
-        self, weights: torch.Tensor, theta: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(1/N) Σ_i W[j, i] ∇ℓ(x_i; θ)`` for each row j of ``W`` ``[m, N]``, plus the losses.
-
-        The transposed Jacobian of the per-sample losses times ``W``ᵀ (the gradient of the
-        re-weighted loss ``(1/N) Σ_i W[j, i] ℓ_i``): one forward pass per chunk and one
-        vector-Jacobian product per weight row (vmapped), never the ``[N, D]`` matrix. ``W = 1``
-        gives ``∇L``; rows ``1 + ε`` give ``∇L + (1/N) Σ_i ε_i g_i`` (multiplicative noise).
-
-        Args:
-            weights: ``[m, N]`` (or ``[N]``, treated as one row).
-            theta: the flat parameters (default: the model's current θ).
-
-        Returns:
-            ``(grads [m, D], losses [N])`` (``grads`` is ``[D]`` when ``weights`` was ``[N]``).
-
-        Raises:
-            ValueError: ``weights`` is not ``[m, N]`` or ``[N]``. RuntimeError: coupled samples
-            (:meth:`check_decoupled`) or a non-finite result.
-        """
-        self.check_decoupled("weighted_gradients")
-        N = self.num_samples
-        squeeze = weights.ndim == 1
-        W = weights[None, :] if squeeze else weights
-        if W.ndim != 2 or W.shape[1] != N:
-            raise ValueError(
-                f"weights must have shape [m, {N}] or [{N}], got {list(weights.shape)}"
-            )
-        W = W.to(device=self.device, dtype=self.dtype)
-        theta = (self.theta() if theta is None else theta).detach()
-        total = torch.zeros(W.shape[0], self.dim, dtype=self.dtype, device=self.device)
-        losses = []
-        for x, y, pos in self.chunks(None, self.plan_rows("hvp", W.shape[0])):
-
-            def f(th: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                return self.sample_losses(th, x, y)
-
-            l, pullback = vjp(f, theta)[:2]
-            Wc = W[:, pos]
-            if Wc.shape[0] == 1:
-                g = pullback(Wc[0])[0][None, :]
-            else:
-                g = vmap(lambda w, pb=pullback: pb(w)[0])(Wc)
-            total = total + g
-            losses.append(l.detach())
-        total = total / N
-        check_finite(total, "the weighted gradient")
-        return (total[0] if squeeze else total), torch.cat(losses)
