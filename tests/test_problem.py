@@ -272,10 +272,3 @@ def test_output_jacobian_products_match_dense_jacobian() -> None:
     torch.testing.assert_close(
         problem.output_jvp(V, indices=idx), (J @ V)[idx], rtol=1e-10, atol=1e-12
     )
-    # the public names and their private aliases are the same methods
-    assert problem.trainable_parameters() == problem._trainable()
-    assert problem.per_sample_chunk_size() == problem._per_sample_chunk_size()
-    assert torch.equal(
-        problem.batch_loss(theta, *problem.take([0, 1])),
-        problem._batch_loss(theta, *problem.take([0, 1])),
-    )

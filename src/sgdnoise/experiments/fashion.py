@@ -58,9 +58,8 @@ __all__ = [
     "validate",
 ]
 
-# ISSUE11-MERGE: the config (H4) should read dynamics_names() / default_refresh() at validation
-# time, so that structures registered after this import are accepted; these names keep today's
-# config working. Every name comes from the noise-structure registry (sgdnoise.optim).
+# Every name comes from the noise-structure registry (sgdnoise.optim). The config validates
+# against dynamics_names() when it is built, so structures registered after this import count.
 #: Every dynamics compared after the switch, in the order they are run and plotted.
 ALL_DYNAMICS: tuple[str, ...] = dynamics_names()
 

@@ -12,7 +12,7 @@ the released script. ``optimizer="sgd"`` swaps in plain (mini-batch) SGD with th
 Measurement, at initialisation and after every epoch, in ``measure_dtype`` (float64 by default,
 on a copy of the float32 model):
 
-* ``Tr(H Σ_b)`` and ``Tr(H Σ̄_b) = Tr(H) Tr(Σ_b)/D`` with :func:`sgdnoise.escape_indicator`, exactly.
+* ``Tr(H Σ_b)`` and ``Tr(H Σ̄_b) = Tr(H) Tr(Σ_b)/D`` with :func:`sgdnoise.tr_HS` on the operators, exactly.
   ``Σ_b = Σ_1 (N − b)/(b (N − 1))`` is the covariance of the mean gradient of a mini-batch of
   b = 10 samples drawn without replacement, ``Σ_1 = (1/N) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ`` (the released
   code estimates Σ from 100 mini-batch gradients; we use the population covariance, which that
@@ -50,8 +50,8 @@ from .._utils import as_generator
 from ..config import Distinct, ExperimentConfig, experiment_config
 from ..data import one_hidden_layer_data
 from ..figures.indicator import summary_markdown
-from ..linalg import LinearOperator, gauss_newton
-from ..measures import MeasurementContext, alignment, escape_indicator
+from ..linalg import LinearOperator, gauss_newton, gradient_noise_covariance, tr_HS
+from ..measures import alignment
 from ..models import OneHiddenLayerNet, one_hidden_layer_loss
 from ..problem import Problem
 from ..runs import Progress, RunDir, config_identity, num_threads, resolve_device, resolve_dtype
@@ -251,17 +251,12 @@ def _curvature(
 ) -> dict[str, float]:  # fmt: skip
     """Tr(HΣ_b), Tr(HΣ̄_b), their ratio, Tr H, Tr Σ_b and the alignment (λ₁, u₁ᵀΣu₁, overlap)."""
     D = problem.dim
-    # ISSUE11-MERGE: with H1's measures on operators this is tr_HS(H, S) and alignment(H, S, 1)
-    # for S = gradient_noise_covariance(problem, b, replacement=...); until then the context's
-    # Hessian is swapped for the Gauss–Newton operator (same products, shared Σ_b and Tr H).
-    ctx = MeasurementContext(problem)
-    ctx._hessian = H  # type: ignore[assignment]
-    ei = escape_indicator(problem, b, replacement=replacement, block_size=256,
-                          exact_trace_max_dim=D, generator=gen, context=ctx)  # fmt: skip
-    al = alignment(problem, b, 1, generator=gen, replacement=replacement, tol=tol,
-                   exact_trace_max_dim=D, context=ctx)  # fmt: skip
-    return {"tr_HS": ei.tr_HS, "tr_HS_iso": ei.tr_HS_iso, "ratio": ei.ratio, "tr_H": ei.tr_H,
-            "tr_S": ei.tr_S, "alignment": al.a, "lambda_1": al.lambda_1, "u1_S_u1": al.u1_S_u1,
+    S = gradient_noise_covariance(problem, b, replacement=replacement)
+    al = alignment(H, S, 1, generator=gen, tol=tol, exact_trace_max_dim=D)  # Tr H exact (D ≤ max)
+    tr = float(tr_HS(H, S, block_size=256, generator=gen))  # exact: Σ_b's N centred rows
+    iso = al.tr_H * al.tr_S / D
+    return {"tr_HS": tr, "tr_HS_iso": iso, "ratio": tr / iso, "tr_H": al.tr_H, "tr_S": al.tr_S,
+            "alignment": al.a, "lambda_1": al.lambda_1, "u1_S_u1": al.u1_S_u1,
             "overlap": al.overlap}  # fmt: skip
 
 

@@ -49,7 +49,13 @@ from pydantic import Field
 from .._stats import loglog_slope
 from ..config import Distinct, ExperimentConfig, OneOf, experiment_config
 from ..figures.prop1 import summary_markdown
-from ..linalg import HouseholderBasis, RotatedDiagonalOperator, top_eigenpairs
+from ..linalg import (
+    HouseholderBasis,
+    RotatedDiagonalOperator,
+    hessian_trace,
+    top_eigenpairs,
+    tr_HS,
+)
 from ..runs import Progress, RunDir, num_threads
 
 __all__ = [
@@ -312,30 +318,28 @@ def measure_instance(
 
     λ₁ and u₁ come from :func:`sgdnoise.top_eigenpairs` (Lanczos on ``H``, O(D) per product), and
     ``a = u₁ᵀ(Σ u₁) · Tr H / (λ₁ Tr Σ)``. With ``dense=True`` the traces ``Tr H``, ``Tr Σ`` and
-    ``Tr(HΣ) = Σ_ij H_ij Σ_ij`` come from the dense matrices built by ``to_dense()`` (D products
-    each; small D only); otherwise the (basis-invariant) traces of the spectra are used and only
+    ``Tr(HΣ)`` come from :func:`sgdnoise.hessian_trace` and :func:`sgdnoise.tr_HS` on the
+    operators (exact, D products each; small D only); otherwise the (basis-invariant) traces of the spectra are used and only
     λ₁, u₁ and ``u₁ᵀΣu₁`` are measured. ``cache`` (a dict) shares the H-only work between Σ's
     with the same H.
     """
-    # ISSUE11-MERGE: with H1's measures on operators, Tr(HΣ) and a come from sgdnoise.tr_HS(H, Σ)
-    # and sgdnoise.alignment(H, Σ, 1) on inst.H, inst.Sigma (check bits against this dense route).
     cache = {} if cache is None else cache
     if "top" not in cache:
         vals, vecs = top_eigenpairs(inst.H, 1, generator=generator, tol=tol)
         cache["top"] = (float(vals[0]), vecs[:, 0])
     lam1, u1 = cache["top"]
     out: dict[str, Any] = {"lambda_1": lam1, "dense": dense}
-    if dense:
-        if "H" not in cache:
-            cache["H"] = inst.H.to_dense(max_dim=inst.dim)
-        Hd, Sd = cache["H"], inst.Sigma.to_dense(max_dim=inst.dim)
-        tr_H, tr_S = float(Hd.diagonal().sum()), float(Sd.diagonal().sum())
-        tr_HS = float((Hd * Sd).sum())  # Tr(HΣ) = Σ_ij H_ij Σ_ji, both symmetric
+    if dense:  # the library's exact routes on the operators (D products each)
+        if "tr_H" not in cache:
+            cache["tr_H"] = hessian_trace(inst.H, exact_max_dim=inst.dim)[0]
+        tr_H, tr_S = cache["tr_H"], hessian_trace(inst.Sigma, exact_max_dim=inst.dim)[0]
+        tr = float(tr_HS(inst.H, inst.Sigma, exact_max_dim=inst.dim))
         tr_HS_iso = tr_H * tr_S / inst.dim
-        out.update(tr_HS=tr_HS, tr_HS_iso=tr_HS_iso, ratio=tr_HS / tr_HS_iso, tr_H=tr_H, tr_S=tr_S)
+        out.update(tr_HS=tr, tr_HS_iso=tr_HS_iso, ratio=tr / tr_HS_iso, tr_H=tr_H, tr_S=tr_S)
     else:
         tr_H = float(inst.eigenvalues.sum())
         tr_S = float(inst.noise_eigenvalues.sum())
+    # Proposition 1, condition 2: u₁ᵀΣu₁ ≥ a λ₁ Tr Σ / Tr H.
     out["a"] = float(u1 @ (inst.Sigma @ u1)) * tr_H / (lam1 * tr_S)
     return out
 

@@ -14,7 +14,7 @@ from .operators import (
     ScaledIdentityOperator,
     SumOperator,
 )
-from .trace import TraceEstimate, trace_estimate
+from .trace import TraceEstimate, hessian_trace, tr_HS, trace_estimate
 
 __all__ = [
     "ConvergenceError",
@@ -35,6 +35,8 @@ __all__ = [
     "gauss_newton",
     "gradient_noise_covariance",
     "hessian",
+    "hessian_trace",
     "top_eigenpairs",
+    "tr_HS",
     "trace_estimate",
 ]

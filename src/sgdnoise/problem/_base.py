@@ -471,13 +471,3 @@ class ProblemBase:
                 break
             cols //= 2
         return cols, self.plan_rows(kind, cols)
-
-    # Private names of the public methods above, kept for code written against them.
-    # ISSUE11-MERGE: optim.py (_trainable), noise/_gradients.py (_check_decoupled) and
-    # experiments/indicator.py (_outputs, _per_sample_chunk_size) still use these; rename them to
-    # trainable_parameters / check_decoupled / outputs / per_sample_chunk_size and drop the aliases.
-    _trainable = trainable_parameters
-    _per_sample_chunk_size = per_sample_chunk_size
-    _check_decoupled = check_decoupled
-    _outputs = outputs
-    _batch_loss = batch_loss
