@@ -252,8 +252,20 @@ class MeasurementContext:
 def at_theta(
     problem: Problem, batch_size: int = 1, *, replacement: bool = True
 ) -> MeasurementContext:
-    """A :class:`MeasurementContext` at the problem's current θ:
-    ``with at_theta(problem, 32) as m: m.escape_indicator(); m.alignment(k=5)``."""
+    """A :class:`MeasurementContext` at the problem's current θ, so that several measurements
+    share H, Σ_b, their eigenpairs and traces:
+    ``with at_theta(problem, 32) as m: m.escape_indicator(); m.alignment(k=5)``.
+
+    Args:
+        problem: model, loss and data (θ is read now; change it and build a new context).
+        batch_size: b of Σ_b. replacement: SGD's mini-batch sampling.
+
+    Returns:
+        A :class:`MeasurementContext` (a context manager; its measures share products).
+
+    Raises:
+        ValueError: ``batch_size`` outside ``[1, N]`` (``[1, N − 1]`` without replacement).
+    """
     return MeasurementContext(problem, batch_size, replacement=replacement)
 
 

@@ -45,6 +45,7 @@ class LayerTable:
         return float(sum((float(cast(Any, r[key])) for r in self.rows), 0.0))
 
     def to_markdown(self) -> str:
+        """The table as Markdown: one row per layer, one column per quantity."""
         head = "| layer | type | D | " + " | ".join(self.columns) + " |"
         sep = "|" + "---|" * (3 + len(self.columns))
         lines = [head, sep]

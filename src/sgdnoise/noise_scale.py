@@ -76,6 +76,7 @@ class GradientNoiseScale:
         return format_table("GradientNoiseScale", rows, how)
 
     def to_dict(self) -> dict[str, object]:
+        """The fields as a dict (JSON-ready)."""
         return asdict(self)
 
 

@@ -29,13 +29,8 @@ import torch
 from ._optim_params import check_lr, is_int, materializes, split_parameters
 from ._utils import as_generator, resolve_generator
 from .linalg.covariance import batch_scale
-from .noise import (
-    NoiseModel,
-    noise_class,
-    noise_model,
-    noise_structures,
-    per_sample_gradients_and_losses,
-)
+from .noise import NoiseModel, noise_class, noise_model, per_sample_gradients_and_losses
+from .noise.dynamics import default_refresh, dynamics_family, dynamics_label, dynamics_names
 from .problem import Problem
 
 __all__ = [
@@ -69,6 +64,18 @@ def gld_step(
     Shapes broadcast, so ``theta`` ``[R, D]`` advances R independent runs at once. ``noise=None``
     is GD (or SGD when ``grad`` is a mini-batch gradient). ``n`` is gradient-level: the parameter
     perturbation is ``−η n`` with covariance ``η² Cov(n)``.
+
+    Args:
+        theta: parameters ``[..., D]``. grad: the gradient g, broadcastable to ``theta``.
+        lr: step size η. noise: gradient-level noise n (``None``: none).
+
+    Returns:
+        ``θ − η (g + n)``, the broadcast shape of the inputs.
+
+    Raises:
+        RuntimeError: shapes that do not broadcast (torch's error).
+
+    Source: Zhu et al. (ICML 2019), Eq. 2 (GD with unbiased noise).
     """
     step = grad if noise is None else grad + noise
     return theta - lr * step
@@ -200,7 +207,13 @@ class ProblemOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
 
 
 class GD(ProblemOptimizer):
-    """Full-batch gradient descent ``θ ← θ − η ∇L(θ)``."""
+    """Full-batch gradient descent ``θ ← θ − η ∇L(θ)`` over the problem's data (the poster's GD).
+
+    Args:
+        params: exactly the problem's trainable parameters (frozen ones are skipped).
+        lr: step size η.
+        problem: the :class:`~sgdnoise.Problem` whose full-batch gradient is used.
+    """
 
     def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
         theta = self.problem.theta()
@@ -444,66 +457,6 @@ class GLD(ProblemOptimizer):
         return loss, StepInfo(t, float(loss), float(grad.norm()), noise_norm, refresh, True)
 
 
-# --------------------------------------------------------------------------------------------
-# Names and the shared runner
-# --------------------------------------------------------------------------------------------
-
-
-def dynamics_names() -> tuple[str, ...]:
-    """``("gd", "sgd", "gld_const", "gld_dynamic", …)`` — every name :func:`make_optimizer` accepts.
-
-    Read from the noise-structure registry at call time: a structure registered later appears.
-    """
-    return ("gd", "sgd", *(f"gld_{s}" for s in noise_structures()))
-
-
-def _structure(dynamics: str) -> type[NoiseModel] | None:
-    """The structure class of ``gld_<name>``; ``None`` for gd/sgd; ``ValueError`` otherwise."""
-    if dynamics in ("gd", "sgd"):
-        return None
-    if not isinstance(dynamics, str) or not dynamics.startswith("gld_"):
-        names = ", ".join(dynamics_names())
-        raise ValueError(f"unknown dynamics {dynamics!r}; valid names: {names}")
-    return noise_class(dynamics[len("gld_") :])
-
-
-def dynamics_label(dynamics: str) -> str:
-    """The legend / report label: ``"GD"``, ``"SGD"`` or the structure's ``label``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the valid ones).
-    """
-    cls = _structure(dynamics)
-    return {"gd": "GD", "sgd": "SGD"}[dynamics] if cls is None else cls.label
-
-
-def dynamics_family(dynamics: str) -> str:
-    """Which side of the poster's claim a dynamics is on.
-
-    Returns:
-        ``"none"`` for GD (no noise), ``"aligned"`` for SGD (its own noise) and the structure's
-        ``family`` (``"aligned"`` or ``"isotropic"``) for ``gld_<structure>``.
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    cls = _structure(dynamics)
-    if cls is None:
-        return "none" if dynamics == "gd" else "aligned"
-    return cls.family
-
-
-def default_refresh(dynamics: str) -> int:
-    """The covariance refresh period (steps) a dynamics starts from: 0 for gd/sgd (nothing to
-    refresh), else the structure's ``default_refresh`` (the released code's periods).
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    cls = _structure(dynamics)
-    return 0 if cls is None else cls.default_refresh
-
-
 def make_optimizer(
     dynamics: str,
     problem: Problem,
@@ -528,6 +481,14 @@ def make_optimizer(
             generator wins, else a fresh generator seeded with ``seed``, default 0).
         batch_size: b — SGD's batch size, or the b whose Σ_b the GLD structure imitates.
         replacement, refresh_every, noise_only_on_refresh, options: see :class:`GLD`.
+
+    Returns:
+        A :class:`GD`, :class:`MinibatchSGD` or :class:`GLD` training the problem's parameters.
+
+    Raises:
+        ValueError: an unknown dynamics name (the valid ones are listed), or a bad batch size,
+            refresh period or structure option. TypeError: noise options for gd/sgd, or an
+            option the structure does not have.
     """
     names = dynamics_names()
     if dynamics not in names:
@@ -571,6 +532,14 @@ def run_dynamics(
     :class:`StepInfo` of that step (``step`` t, ``loss`` at θ_t, …) plus whatever ``callback``
     returns, called *after* the step (so it sees θ_{t+1}; e.g. test accuracy). The callback may
     return ``{"stop": True}`` to end the run early.
+
+    Args:
+        optimizer: GD, mini-batch SGD or GLD (see :func:`make_optimizer`).
+        num_steps: steps to take (≥ 0). callback: called after each recorded step.
+        record_every: record every k-th step (≥ 1).
+
+    Raises:
+        ValueError: a negative ``num_steps`` or ``record_every`` < 1; errors of the steps.
 
     Returns:
         The list of records (plain dicts, JSON-ready).

@@ -183,7 +183,7 @@ class DenseOperator(LinearOperator):
 
 
 class DiagonalOperator(LinearOperator):
-    """``diag(d)``."""
+    """``diag(d)`` for a vector ``d`` ``[D]`` (exact ``trace``, ``diagonal`` and products)."""
 
     def __init__(self, diag: torch.Tensor) -> None:
         if diag.ndim != 1:
@@ -203,7 +203,7 @@ class DiagonalOperator(LinearOperator):
 
 
 class ScaledIdentityOperator(LinearOperator):
-    """``c · I`` on R^D."""
+    """``c · I`` on R^D (e.g. the isotropic equivalent Σ̄ = (Tr Σ / D) I of Zhu et al., Prop. 1)."""
 
     def __init__(
         self,
@@ -259,7 +259,7 @@ class LowRankOperator(LinearOperator):
 
 
 class SumOperator(LinearOperator):
-    """``Σ_j w_j A_j`` of operators with the same shape, dtype and device."""
+    """``Σ_j w_j A_j`` of operators with the same shape, dtype and device (weights default 1)."""
 
     def __init__(self, operators: list[LinearOperator], weights: list[float] | None = None) -> None:
         if not operators:

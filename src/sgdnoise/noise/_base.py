@@ -431,7 +431,13 @@ _CANONICAL_ORDER = (
 
 
 def noise_structures() -> tuple[str, ...]:
-    """The names of the registered noise structures (built-ins first, then in registration order)."""
+    """The names of the registered noise structures (built-ins first, then in registration order).
+
+    Returns:
+        A tuple of names, e.g. ``("const", "dynamic", "diag", …)``; each is a valid ``name`` of
+        :func:`noise_model` and, prefixed with ``gld_``, a dynamics of :func:`make_optimizer`.
+        Never raises.
+    """
     first = [n for n in _CANONICAL_ORDER if n in _REGISTRY]
     return tuple(first + [n for n in _REGISTRY if n not in _CANONICAL_ORDER])
 
@@ -468,6 +474,13 @@ def noise_model(
         per_sample: precomputed per-sample gradients ``[N, D]`` at the current θ (optional).
         warm_state: a :meth:`NoiseModel.warm_state` to start the first refresh from (resuming).
         **options: structure options (see each class; unknown ones raise ``TypeError``).
+
+    Returns:
+        The structure (a :class:`NoiseModel`), refreshed at the problem's current θ.
+
+    Raises:
+        ValueError: an unknown name (the registered ones are listed), a bad batch size or option
+            value. TypeError: an option the structure does not have, or not a Problem.
 
     Example:
         >>> import torch

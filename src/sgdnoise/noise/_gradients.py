@@ -33,6 +33,13 @@ def per_sample_gradients_and_losses(
         problem: model, loss and data.
         theta: the flat parameters (default: the model's current θ).
         out: an ``[N, D]`` buffer to fill (see :meth:`Problem.per_sample_gradients_and_losses`).
+
+    Returns:
+        ``(G [N, D], losses [N])`` in the problem's dtype and device.
+
+    Raises:
+        RuntimeError: BatchNorm/dropout in training mode, or a non-finite result; ValueError:
+            a loss that is not the mean of per-sample losses.
     """
     theta = (problem.theta() if theta is None else theta).detach()
     return problem.per_sample_gradients_and_losses(theta=theta, out=out)
@@ -54,5 +61,8 @@ def weighted_gradients(
 
     Returns:
         ``(grads [m, D], losses [N])`` (``grads`` is ``[D]`` when ``weights`` was ``[N]``).
+
+    Raises:
+        ValueError, RuntimeError: as :meth:`Problem.weighted_gradients`.
     """
     return problem.weighted_gradients(weights, theta)
