@@ -14,14 +14,24 @@ import sgdnoise
 from sgdnoise.linalg import covariance
 
 N = 23
-STRUCTURES = ("const", "dynamic", "diag", "leading", "hessian", "hessian_top1", "full",
-              "multiplicative")
+STRUCTURES = (
+    "const",
+    "dynamic",
+    "diag",
+    "leading",
+    "hessian",
+    "hessian_top1",
+    "full",
+    "multiplicative",
+)
 OPTIONS: dict[str, dict[str, Any]] = {"leading": {"k": 2}, "hessian": {"k": 2}}
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    return torch.randn(N, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g)
+    return torch.randn(N, 4, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (N,), generator=g
+    )
 
 
 def shard_bounds(world: int) -> list[int]:
@@ -35,8 +45,13 @@ def problem(rank: int, world: int, chunk_size: int | None = 8) -> sgdnoise.Probl
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     x, y = data()
     b = shard_bounds(world)
-    return sgdnoise.Problem(model, F.cross_entropy, x[b[rank] : b[rank + 1]],
-                            y[b[rank] : b[rank + 1]], chunk_size=chunk_size)
+    return sgdnoise.Problem(
+        model,
+        F.cross_entropy,
+        x[b[rank] : b[rank + 1]],
+        y[b[rank] : b[rank + 1]],
+        chunk_size=chunk_size,
+    )
 
 
 def _floats(result: Any, prefix: str) -> dict[str, torch.Tensor]:
@@ -57,29 +72,37 @@ def measurements(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
     loss, grad = p.loss_and_gradient()
     H = sgdnoise.hessian(p)
     pairs = sgdnoise.top_eigenpairs(H, 3, generator=7)
-    out = {"loss": loss.reshape(1), "gradient": grad, "hvp": H @ V,
-           "hvp_subset": p.hvp(V, indices=torch.tensor([0, 3, 12, 20, 22, 12])),
-           "per_sample": p.per_sample_gradients(torch.tensor([22, 1, 9, 1])),
-           "per_sample_losses": p.per_sample_losses(),
-           "weighted": p.weighted_gradients(torch.randn(2, N, generator=g, dtype=torch.float64))[0],
-           "batched_loss": p.batched_loss(p.theta() + 0.1 * V.T),
-           "eigenvalues": pairs.eigenvalues, "eigenvectors": pairs.eigenvectors,
-           "trace_estimate": torch.tensor(float(sgdnoise.trace_estimate(H, 12, generator=2)))}
+    out = {
+        "loss": loss.reshape(1),
+        "gradient": grad,
+        "hvp": H @ V,
+        "hvp_subset": p.hvp(V, indices=torch.tensor([0, 3, 12, 20, 22, 12])),
+        "per_sample": p.per_sample_gradients(torch.tensor([22, 1, 9, 1])),
+        "per_sample_losses": p.per_sample_losses(),
+        "weighted": p.weighted_gradients(torch.randn(2, N, generator=g, dtype=torch.float64))[0],
+        "batched_loss": p.batched_loss(p.theta() + 0.1 * V.T),
+        "eigenvalues": pairs.eigenvalues,
+        "eigenvectors": pairs.eigenvectors,
+        "trace_estimate": torch.tensor(float(sgdnoise.trace_estimate(H, 12, generator=2))),
+    }
     out |= _floats(sgdnoise.escape_indicator(p, 4), "indicator")
     out |= _floats(sgdnoise.escape_indicator(p, 4, num_samples=7, generator=4), "sampled")
     out |= _floats(sgdnoise.alignment(p, 4, k=2), "alignment")
     out |= _floats(sgdnoise.expected_sharpness(p, 0.05, 9, generator=6), "sharpness")
     out |= _floats(sgdnoise.gradient_noise_scale(p), "gns")
-    out |= _floats(sgdnoise.gradient_noise_scale(p, method="two_batch", b_small=2, b_big=8),
-                   "gns2")
+    out |= _floats(sgdnoise.gradient_noise_scale(p, method="two_batch", b_small=2, b_big=8), "gns2")
     saved = covariance.MATERIALIZE_LIMIT
     covariance.MATERIALIZE_LIMIT = 0  # the streaming Σ_b: products, trace, diagonal, sampler
     try:
         S = sgdnoise.gradient_noise_covariance(p, 3)
-        out |= {"stream.products": S @ V, "stream.trace": S.trace().reshape(1),
-                "stream.diagonal": S.diagonal(),
-                "stream.factor": S.sample_factor_product(torch.randn(2, N, generator=g,
-                                                                     dtype=torch.float64))}
+        out |= {
+            "stream.products": S @ V,
+            "stream.trace": S.trace().reshape(1),
+            "stream.diagonal": S.diagonal(),
+            "stream.factor": S.sample_factor_product(
+                torch.randn(2, N, generator=g, dtype=torch.float64)
+            ),
+        }
         out |= _floats(sgdnoise.escape_indicator(p, 4), "stream.indicator")
         out |= dynamics(p, "full", steps=5, prefix="stream.")
     finally:
@@ -87,12 +110,22 @@ def measurements(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
     return out
 
 
-def dynamics(p: sgdnoise.Problem, name: str, steps: int = 20, prefix: str = "") -> dict[str, torch.Tensor]:
+def dynamics(
+    p: sgdnoise.Problem, name: str, steps: int = 20, prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """θ after ``steps`` GLD steps of structure ``name`` (from a fixed start), then restored."""
     start = p.theta()
     every = 10 if name.startswith("hessian") else 3  # Lanczos refreshes are the slow part
-    opt = sgdnoise.GLD(p.model.parameters(), 0.05, noise=name, problem=p, batch_size=4,
-                       refresh_every=every, generator=11, **OPTIONS.get(name, {}))
+    opt = sgdnoise.GLD(
+        p.model.parameters(),
+        0.05,
+        noise=name,
+        problem=p,
+        batch_size=4,
+        refresh_every=every,
+        generator=11,
+        **OPTIONS.get(name, {}),
+    )
     losses = [float(opt.step()) for _ in range(steps)]
     out = {f"{prefix}gld.{name}": p.theta(), f"{prefix}gld.{name}.losses": torch.tensor(losses)}
     p.set_theta(start)

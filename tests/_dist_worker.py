@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,9 @@ def main() -> None:
         p = scenarios.problem(rank, world)
         if what == "fail" and rank == world - 1:
             raise RuntimeError("rank failed on purpose")
-        result = getattr(scenarios, what if what != "fail" else "measurements")(p)
+        if what == "stall" and rank == world - 1:
+            time.sleep(120)  # alive but silent: the others must time out
+        result = getattr(scenarios, "measurements" if what in ("fail", "stall") else what)(p)
         if rank == 0:
             torch.save(result, out)
     finally:

@@ -71,6 +71,13 @@ __all__ = [
 ]
 
 
+def _check_model_and_loss(model: Any, loss_fn: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> mean loss")
+
+
 class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
     """A model + mean loss + data set, as a function of the flat parameter vector θ.
 
@@ -144,10 +151,7 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
         memory_budget: int | float | str | None = None,
         process_group: Any = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> mean loss")
+        _check_model_and_loss(model, loss_fn)
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -211,16 +215,18 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
         self._losses_jvp_checked = False
         self._hvp_error: str | None = None
         self._check_loss_convention()
+        self._connect(process_group)
+
+    def _connect(self, process_group: Any) -> None:
+        """Join the ranks of the process group (see ``process_group``), if any: one all-gather of
+        every rank's sample count, memory budget and per-sample footprint; every rank then plans
+        its chunks with the smallest budget and the largest footprint, so that all take the same
+        decisions (and call the same collectives)."""
         self._process_group = process_group
         self._shard: Shard | None = None
         group = resolve_group(process_group)
-        if group is not None:
-            self._connect(group)
-
-    def _connect(self, group: Any) -> None:
-        """Join the ranks of ``group``: one all-gather of every rank's sample count, memory
-        budget and per-sample footprint; every rank then plans its chunks with the smallest budget
-        and the largest footprint, so that all take the same decisions."""
+        if group is None:
+            return
         budget = self._budget
         if budget is None:
             budget = int(free_memory(self.device) * FREE_MEMORY_FRACTION)
