@@ -19,7 +19,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["Shard", "resolve_group"]
+__all__ = ["Shard", "local_range", "resolve_group"]
+
+
+def local_range(n: int, process_group: Any = None) -> tuple[int, int]:
+    """``(start, stop)``: this rank's contiguous, near-equal part of ``n`` samples (all of them
+    without an initialised group of more than one rank), for building a sharded problem.
+
+    Args:
+        n: the number of samples of the whole data set.
+        process_group: as in :class:`~sgdnoise.Problem` (``None``: the default group, if any).
+
+    Returns:
+        ``(n·r // R, n·(r+1) // R)`` on rank r of R.
+    """
+    group = resolve_group(process_group)
+    if group is None:
+        return 0, n
+    rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    return n * rank // world, n * (rank + 1) // world
 
 
 def resolve_group(process_group: Any) -> Any | None:
