@@ -142,8 +142,16 @@ def sgd(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
     return out
 
 
+def float32(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    """A float32 twin (with_dtype keeps the group): its first Hessian product runs the one-time
+    check against a float64 reference problem, which must stay local to each rank."""
+    q = p.with_dtype(torch.float32)
+    V = torch.randn(q.dim, 3, generator=torch.Generator().manual_seed(8)).float()
+    return {"f32.gradient": q.gradient().double(), "f32.hvp": q.hvp(V).double()}
+
+
 def everything(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
-    out = measurements(p) | sgd(p)
+    out = measurements(p) | sgd(p) | float32(p)
     for name in STRUCTURES:
         out |= dynamics(p, name)
     return out
