@@ -97,6 +97,7 @@ def _float64_reference(
         return p, "", few
     try:
         kwargs: dict[str, Any] = {"chunk_size": p.chunk_size, "params": list(p.param_names)}
+        kwargs["process_group"] = False  # a check on this rank's own samples: no collectives
         if getattr(p, "reduction", "mean") != "mean":
             kwargs["reduction"] = p.reduction
         model = copy.deepcopy(p.model).to(torch.float64)

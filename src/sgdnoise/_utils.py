@@ -201,6 +201,14 @@ def sweep_temp(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def is_writer() -> bool:
+    """Whether this process writes files: always, except on the ranks other than 0 of an
+    initialised ``torch.distributed`` group (``torchrun``), where rank 0 alone writes run
+    directories, checkpoints and progress bars."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
 
@@ -212,6 +220,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     Raises:
         OutputError: the folder or the file cannot be written (full disk, permissions, ...).
     """
+    if not is_writer():  # under torchrun, rank 0 alone writes
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._utils import OutputError
+from ._utils import OutputError, is_writer
 from .config import OneOf
 
 __all__ = ["add_experiment_parser", "build_parser", "main"]
@@ -226,11 +226,38 @@ def _run_experiment(exp: Any, args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    results = exp.execute(config, out, device=device, progress=not args.no_progress,
-                          profile=args.profile, data_dir=getattr(args, "data_dir", None))  # fmt: skip
-    print(exp.summarize(results))
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    joined = _join_torchrun(device)
+    try:
+        results = exp.execute(config, out, device=device, progress=not args.no_progress and is_writer(),
+                              profile=args.profile, data_dir=getattr(args, "data_dir", None))  # fmt: skip
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if is_writer():
+        print(exp.summarize(results))
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _join_torchrun(device: Any) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join its process group — gloo on CPU, NCCL on CUDA
+    (one GPU per rank, ``LOCAL_RANK``) — with a timeout of ``SGDNOISE_DIST_TIMEOUT`` seconds
+    (default 600) so that a failing rank stops the others; ``True`` when joined here."""
+    import os
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=float(os.environ.get("SGDNOISE_DIST_TIMEOUT", "600")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return True
 
 
 def _one_line(exc: BaseException) -> str:

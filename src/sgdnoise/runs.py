@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from ._utils import _jsonable, atomic_write_json, atomic_write_text, prepare_out_dir, sweep_temp
+from ._utils import (
+    _jsonable,
+    atomic_write_json,
+    atomic_write_text,
+    is_writer,
+    prepare_out_dir,
+    sweep_temp,
+)
 
 __all__ = [
     "COMPLETE",
@@ -241,6 +248,8 @@ class RunDir:
 
     def clear_complete(self) -> None:
         """Remove the completion marker: the directory is being (re)written."""
+        if not is_writer():
+            return
         with contextlib.suppress(FileNotFoundError):
             (self.path / COMPLETE).unlink()
 
@@ -405,6 +414,8 @@ def notice(message: str) -> None:
 def quarantine(path: str | os.PathLike[str], why: str) -> Path:
     """Move a damaged file aside as ``<name>.damaged-<n>`` (never delete it) and say so."""
     path = Path(path)
+    if not is_writer():  # rank 0 moves it
+        return path
     n = 1
     while (target := path.with_name(f"{path.name}.damaged-{n}")).exists():
         n += 1

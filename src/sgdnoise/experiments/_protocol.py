@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._utils import is_writer
 from ..config import configure
 
 __all__ = ["Experiment", "PlotDependencyError", "require_matplotlib"]
@@ -113,6 +114,8 @@ class Experiment:
         if "data_dir" in params:
             kwargs["data_dir"] = data_dir
         results = self.run(config, out, **kwargs)
+        if not is_writer():  # under torchrun, rank 0 alone draws
+            return results
         try:
             self.plot(out)
         except PlotDependencyError as exc:

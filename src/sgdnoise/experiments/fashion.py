@@ -45,6 +45,7 @@ from ..figures.fashion import summary
 from ..models import FashionCNN
 from ..optim import default_refresh, dynamics_label, dynamics_names
 from ..problem import Problem
+from ..problem._dist import local_range
 from ..runs import RunDir, data_key, resolve_device, resolve_dtype
 from .fashion_run import NUM_TEST, PhaseBar, PhaseData, load_phase_data, phase_spec, run_phase
 
@@ -337,7 +338,8 @@ def _run_seed(
     """Every phase of one seed (``None`` when ``stop_after`` interrupted one)."""
     dtype, dev = pdata.x_train.dtype, pdata.x_train.device
     model = FashionCNN(generator=torch.Generator().manual_seed(seed), dtype=dtype, device=dev)
-    problem = Problem(model, F.cross_entropy, pdata.x_train, pdata.y_train)
+    lo, hi = local_range(pdata.y_train.shape[0])  # this rank's shard under torchrun (else all)
+    problem = Problem(model, F.cross_entropy, pdata.x_train[lo:hi], pdata.y_train[lo:hi])
     theta = problem.theta()
     phases: dict[str, dict[str, Any]] = {}
     for key in ("gd_phase", *config.dynamics):

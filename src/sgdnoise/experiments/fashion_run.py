@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .._utils import _jsonable, atomic_write_bytes, atomic_write_text
+from .._utils import _jsonable, atomic_write_bytes, atomic_write_text, is_writer
 from ..data import corrupted_fashion_mnist, fashion_mnist_identity
 from ..measures import escape_indicator, expected_sharpness
 from ..noise import noise_class
@@ -361,7 +361,7 @@ def run_phase(
     }
     _write_rows(folder, rows)
     _save(folder / "final.pt", final)
-    if ckpt_path.exists():
+    if ckpt_path.exists() and is_writer():
         ckpt_path.unlink()
     return final
 

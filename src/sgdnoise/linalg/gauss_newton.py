@@ -116,6 +116,11 @@ class GaussNewtonOperator(LinearOperator):
     ) -> None:
         super().__init__(problem.dim, problem.dtype, problem.device)
         problem.check_decoupled("the Gauss–Newton operator")
+        if problem.shard is not None:
+            raise NotImplementedError(
+                "the Gauss–Newton operator is not available on a problem sharded over processes "
+                "yet; build the problem with process_group=False on one rank"
+            )
         if theta is None:
             theta = problem.theta()
         else:

@@ -22,7 +22,13 @@ Conventions (followed everywhere in sgdnoise):
   (e.g. ``nn.LSTM``, which has no batching rule). ``Problem.routes`` records what was chosen.
 * **Reductions.** Every average over samples (loss, gradient, Hessian products, sums in
   estimators) goes through :meth:`Problem.reduce_mean`, chunk by chunk, each chunk weighted by its
-  size. This is the one place a later version shards over processes.
+  size.
+* **Several processes.** Inside ``torch.distributed`` (e.g. ``torchrun``), each rank passes its own
+  shard of the data and the problem is the concatenation of the shards in rank order (sample i of
+  rank r has the global index ``offset_r + i``): :meth:`Problem.reduce_mean` all-reduces its
+  count-weighted sum once per pass, per-sample passes gather their rows, and everything else (θ,
+  generators, Lanczos state) is replicated, so every result is the one-process result up to the
+  order of floating-point sums (see :mod:`sgdnoise.problem._dist`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torch import nn
 
 from .. import _data
 from ._base import ProblemBase
+from ._dist import Shard, resolve_group
 from ._helpers import (
     FREE_MEMORY_FRACTION,
     MAX_COLUMNS,
@@ -62,6 +69,13 @@ __all__ = [
     "parse_memory",
     "per_sample_gradients",
 ]
+
+
+def _check_model_and_loss(model: Any, loss_fn: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> mean loss")
 
 
 class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
@@ -103,6 +117,15 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
             the masked token mean of each sequence) and sgdnoise takes their mean — the way to
             use token-level losses, padding and ``ignore_index`` so that every quantity is
             independent of the chunking.
+        process_group: shard the data over the ranks of a ``torch.distributed`` group. ``None``
+            (default): the default group when ``torch.distributed`` is initialised with more than
+            one rank, else a one-process problem (no ``torch.distributed`` call is made); a group:
+            that group; ``False``: a one-process problem on every rank. Sharded, each rank passes
+            *its own* samples (shard sizes may differ, none empty) and every rank must make the
+            same calls in the same order (they hold collectives); sample indices are global
+            (``offset + local index``, ``offset`` the earlier ranks' sizes), ``num_samples`` is the
+            total N, and :meth:`take`, :attr:`inputs` and :attr:`targets` see this rank's shard.
+            Set a ``timeout`` in ``init_process_group`` so that a failing rank stops the others.
 
     Attributes:
         routes: ``{quantity: how it is computed}`` for quantities whose fast route did not apply to
@@ -111,7 +134,8 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
     Raises:
         ValueError: if the model has no trainable parameters, inputs and targets differ in length,
             ``chunk_size`` is not positive, or the loss is not a mean over samples (e.g.
-            ``reduction='sum'``), with what to change.
+            ``reduction='sum'``), with what to change; a rank holds no samples.
+        RuntimeError: a ``process_group`` was given without ``torch.distributed`` initialised.
     """
 
     def __init__(
@@ -125,11 +149,9 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
         reduction: str = "mean",
         params: ParamSpec | None = None,
         memory_budget: int | float | str | None = None,
+        process_group: Any = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> mean loss")
+        _check_model_and_loss(model, loss_fn)
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -193,6 +215,46 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
         self._losses_jvp_checked = False
         self._hvp_error: str | None = None
         self._check_loss_convention()
+        self._connect(process_group)
+
+    def _connect(self, process_group: Any) -> None:
+        """Join the ranks of the process group (see ``process_group``), if any: one all-gather of
+        every rank's sample count, memory budget and per-sample footprint; every rank then plans
+        its chunks with the smallest budget and the largest footprint, so that all take the same
+        decisions (and call the same collectives)."""
+        self._process_group = process_group
+        self._shard: Shard | None = None
+        group = resolve_group(process_group)
+        if group is None:
+            return
+        budget = self._budget
+        if budget is None:
+            budget = int(free_memory(self.device) * FREE_MEMORY_FRACTION)
+        fixed, per = self._footprint()
+        shard, stats = Shard.connect(group, self.num_samples, [budget, fixed, per], self.device)
+        self._shard = shard
+        self.num_samples = shard.total
+        self._budget = int(min(r[0] for r in stats))
+        self._footprint_bytes = (max(r[1] for r in stats), max(r[2] for r in stats))
+
+    @property
+    def shard(self) -> Shard | None:
+        """This rank's place in a sharded problem (sizes, offset, collectives), or ``None``."""
+        return self._shard
+
+    def _local_twin(self) -> Problem:
+        """This rank's shard as a one-process problem (same model, loss, parameters, budget)."""
+        return Problem(
+            self.model,
+            self.loss_fn,
+            self._source,
+            None,
+            chunk_size=self.chunk_size,
+            reduction=self.reduction,
+            params=list(self.param_names),
+            memory_budget=self._budget,
+            process_group=False,
+        )
 
     def restrict(self, params: ParamSpec) -> Problem:
         """The same model, loss and data with θ restricted to a block of parameters (see
@@ -206,6 +268,7 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
             reduction=self.reduction,
             params=params,
             memory_budget=self._budget_arg,
+            process_group=self._process_group,
         )
 
     def with_dtype(self, dtype: torch.dtype) -> Problem:
@@ -222,6 +285,7 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
             reduction=self.reduction,
             params=list(self.param_names),
             memory_budget=self._budget_arg,
+            process_group=self._process_group,
         )
 
 

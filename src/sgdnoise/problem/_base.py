@@ -12,6 +12,7 @@ from torch.func import functional_call, vmap
 
 from .. import _data
 from .._utils import check_finite
+from ._dist import Shard
 from ._helpers import (
     FREE_MEMORY_FRACTION,
     PER_SAMPLE_CHUNK_NUMBERS,
@@ -49,6 +50,7 @@ class ProblemBase:
     _budget: int | None
     _footprint_bytes: tuple[float, float] | None
     _vmap_ok: bool | None
+    _shard: Shard | None
 
     @property
     def inputs(self) -> Any:
@@ -73,6 +75,16 @@ class ProblemBase:
         on the model's device."""
         idx = self.check_indices(indices)
         assert idx is not None
+        if self._shard is not None:  # global indices of this rank's shard
+            local = self._shard.split(idx)[1]
+            assert local is not None
+            if local.numel() != idx.numel():
+                raise IndexError(
+                    f"take: rank {self._shard.rank} holds the samples "
+                    f"[{self._shard.offset}, {self._shard.offset + self._shard.local - 1}] of this "
+                    "sharded problem; the indices asked for include samples of other ranks"
+                )
+            idx = local
         return self._source.take(idx)
 
     # ------------------------------------------------------------------ flat parameters
@@ -192,6 +204,9 @@ class ProblemBase:
                     state[dot + name] = b
         return state
 
+    def _local_twin(self) -> ProblemBase:
+        raise NotImplementedError  # Problem's: this rank's shard as a one-process problem
+
     def _trainable_ids(self) -> list[int]:
         return [id(p) for p in self.trainable_parameters()]
 
@@ -302,7 +317,15 @@ class ProblemBase:
     def chunks(
         self, indices: torch.Tensor | None = None, chunk_size: int | None = None
     ) -> Iterator[tuple[Any, Any, slice]]:
-        """Consecutive ``(x, y, positions)`` pieces of at most ``chunk_size`` selected samples."""
+        """Consecutive ``(x, y, positions)`` pieces of at most ``chunk_size`` selected samples.
+
+        In a sharded problem (``process_group``), the pieces of *this rank's* part of the
+        selection (``indices`` are global), positions counted within that part.
+        """
+        if self._shard is not None:
+            indices = self._shard.split(indices)[1]
+            if indices is not None and indices.numel() == 0:
+                return iter(())
         return self._source.chunks(indices, chunk_size or self.chunk_size)
 
     def reduce_mean(
@@ -324,8 +347,12 @@ class ProblemBase:
         for x, y, pos in self.chunks(indices, rows or self.plan_rows("gradient")):
             part = fn(x, y) * ((pos.stop - pos.start) / n)
             total = part if total is None else total + part
-        assert total is not None
-        return total
+        if self._shard is None:
+            assert total is not None
+            return total
+        if total is None:  # this rank holds none of the selection: its share is 0 (same shape)
+            total = torch.zeros_like(fn(*self._source.take(torch.arange(1))))
+        return self._shard.all_reduce(total)
 
     # ------------------------------------------------------------------ loss, gradient, HVP
     def loss(

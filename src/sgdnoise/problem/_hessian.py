@@ -144,6 +144,13 @@ class HessianProducts(ProblemBase):
         if self.dim > 2**27:
             self.routes["hvp_check"] = "skipped (D > 2^27); run sgdnoise.check(problem)"
             return
+        if self._shard is not None:  # the model's rules, checked on this rank's own samples
+            twin = self._local_twin()
+            assert isinstance(twin, HessianProducts)
+            twin._verify_hvp(theta)
+            self._hvp_mode = twin._hvp_mode
+            self.routes.update(twin.routes)
+            return
         from .._finite_differences import hvp_finite_difference_check
 
         # A few samples suffice: the check is about the model's derivative rules, not the data.

@@ -40,6 +40,13 @@ def _tensor_outputs(out: object) -> torch.Tensor:
 class OutputJacobian(ProblemBase):
     """``J V`` and ``Jᵀ U`` for :class:`~sgdnoise.problem.Problem` (mixin)."""
 
+    def _refuse_sharded(self, what: str) -> None:
+        if self._shard is not None:
+            raise NotImplementedError(
+                f"{what} is not available on a problem sharded over processes yet (its rows live "
+                "on different ranks); build the problem with process_group=False on one rank"
+            )
+
     def output_jvp(
         self,
         V: torch.Tensor,
@@ -64,6 +71,7 @@ class OutputJacobian(ProblemBase):
             RuntimeError: BatchNorm/dropout in training mode (see :meth:`check_decoupled`).
         """
         self.check_decoupled("output_jvp")
+        self._refuse_sharded("output_jvp")
         vector = V.ndim == 1
         V2 = V[:, None] if vector else V
         if V2.ndim != 2 or V2.shape[0] != self.dim:
@@ -108,6 +116,7 @@ class OutputJacobian(ProblemBase):
             TypeError: the model's output is not a tensor.
         """
         self.check_decoupled("output_vjp")
+        self._refuse_sharded("output_vjp")
         theta = (self.theta() if theta is None else theta).detach()
         idx = self.check_indices(indices)
         n = self.num_samples if idx is None else int(idx.numel())

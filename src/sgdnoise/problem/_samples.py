@@ -245,6 +245,9 @@ class PerSampleQuantities(ProblemBase):
         use_hooks = method != "vmap" and self._hooks_usable(method, at_current)
         size = self.per_sample_chunk_size()
         n = self.num_samples if idx is None else int(idx.numel())
+        gather_into = None
+        if self._shard is not None:  # this rank's rows of the selection, gathered at the end
+            gather_into, out, n = out, None, self._shard.count_here(idx)
         # One [n, D] buffer filled chunk by chunk (the hook path writes into it directly).
         if out is None:
             G = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
@@ -281,7 +284,25 @@ class PerSampleQuantities(ProblemBase):
                         batch_loss = self.batch_loss(theta, x, y)
                 first = pos.start if idx is None else int(idx[pos.start])
                 self._compare_batch_and_samples(batch_loss.detach(), ell[pos], first)
+        if self._shard is not None:
+            return self._gather_per_sample(idx, G, ell, gather_into)
         return G, ell
+
+    def _gather_per_sample(
+        self, idx: torch.Tensor | None, G: torch.Tensor, ell: torch.Tensor, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's rows of a per-sample pass, gathered in selection order (one collective)."""
+        assert self._shard is not None
+        n = self._shard.count(idx)
+        G_all, ell_all = self._shard.gather_rows(self._shard.split(idx)[0], n, [G, ell])
+        if out is None:
+            return G_all, ell_all
+        if tuple(out.shape) != (n, self.dim) or out.dtype != self.dtype:
+            raise ValueError(
+                f"out must be a [{n}, {self.dim}] tensor of dtype {self.dtype}, got "
+                f"{list(out.shape)} {out.dtype}"
+            )
+        return out.copy_(G_all), ell_all
 
     def _check_per_sample_finite(
         self, G: torch.Tensor, ell: torch.Tensor, idx: torch.Tensor | None, pos: slice
@@ -459,7 +480,11 @@ class PerSampleQuantities(ProblemBase):
         with torch.no_grad():
             rows = self.plan_rows("forward")
             parts = [self.sample_losses(theta, x, y) for x, y, _ in self.chunks(idx, rows)]
-        return torch.cat(parts)
+        if self._shard is None:
+            return torch.cat(parts)
+        mine = torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
+        positions = self._shard.split(idx)[0]
+        return self._shard.gather_rows(positions, self._shard.count(idx), [mine])[0]
 
     def batched_loss(
         self, thetas: torch.Tensor, indices: torch.Tensor | None = None
@@ -533,6 +558,8 @@ class PerSampleQuantities(ProblemBase):
         theta = (self.theta() if theta is None else theta).detach()
         total = torch.zeros(W.shape[0], self.dim, dtype=self.dtype, device=self.device)
         losses = []
+        if self._shard is not None:  # this rank's columns of W
+            W = W[:, self._shard.offset : self._shard.offset + self._shard.local]
         for x, y, pos in self.chunks(None, self.plan_rows("hvp", W.shape[0])):
 
             def f(th: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
@@ -546,6 +573,15 @@ class PerSampleQuantities(ProblemBase):
                 g = vmap(lambda w, pb=pullback: pb(w)[0])(Wc)
             total = total + g
             losses.append(l.detach())
+        if self._shard is not None:  # one collective: the sums and every rank's losses
+            sh = self._shard
+            buf = torch.zeros(total.numel() + N, dtype=self.dtype, device=self.device)
+            buf[: total.numel()] = total.reshape(-1)
+            buf[total.numel() + sh.offset : total.numel() + sh.offset + sh.local] = torch.cat(
+                losses
+            )
+            sh.all_reduce(buf)
+            total, losses = buf[: total.numel()].reshape(total.shape), [buf[total.numel() :]]
         total = total / N
         check_finite(total, "the weighted gradient")
         return (total[0] if squeeze else total), torch.cat(losses)

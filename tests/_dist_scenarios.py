@@ -1,0 +1,157 @@
+"""Measurements run once on a whole data set and once sharded over gloo ranks (tests/_dist_worker.py);
+test_distributed.py compares them. Every quantity comes back as a dict of float64 tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sgdnoise
+from sgdnoise.linalg import covariance
+
+N = 23
+STRUCTURES = (
+    "const",
+    "dynamic",
+    "diag",
+    "leading",
+    "hessian",
+    "hessian_top1",
+    "full",
+    "multiplicative",
+)
+OPTIONS: dict[str, dict[str, Any]] = {"leading": {"k": 2}, "hessian": {"k": 2}}
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(N, 4, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (N,), generator=g
+    )
+
+
+def shard_bounds(world: int) -> list[int]:
+    """Unequal shard sizes (offsets of each rank, then N)."""
+    sizes = {1: [N], 2: [9, 14], 3: [5, 11, 7]}[world]
+    return [sum(sizes[:r]) for r in range(world + 1)]
+
+
+def problem(rank: int, world: int, chunk_size: int | None = 8) -> sgdnoise.Problem:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = data()
+    b = shard_bounds(world)
+    return sgdnoise.Problem(
+        model,
+        F.cross_entropy,
+        x[b[rank] : b[rank + 1]],
+        y[b[rank] : b[rank + 1]],
+        chunk_size=chunk_size,
+    )
+
+
+def _floats(result: Any, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in dataclasses.fields(result):
+        v = getattr(result, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}.{f.name}"] = torch.tensor(float(v), dtype=torch.float64)
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            out[f"{prefix}.{f.name}"] = v.detach().double().clone()
+    return out
+
+
+def measurements(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    """Every public quantity on one problem (same calls on every rank)."""
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(p.dim, 4, generator=g, dtype=torch.float64)
+    loss, grad = p.loss_and_gradient()
+    H = sgdnoise.hessian(p)
+    pairs = sgdnoise.top_eigenpairs(H, 3, generator=7)
+    out = {
+        "loss": loss.reshape(1),
+        "gradient": grad,
+        "hvp": H @ V,
+        "hvp_subset": p.hvp(V, indices=torch.tensor([0, 3, 12, 20, 22, 12])),
+        "per_sample": p.per_sample_gradients(torch.tensor([22, 1, 9, 1])),
+        "per_sample_losses": p.per_sample_losses(),
+        "weighted": p.weighted_gradients(torch.randn(2, N, generator=g, dtype=torch.float64))[0],
+        "batched_loss": p.batched_loss(p.theta() + 0.1 * V.T),
+        "eigenvalues": pairs.eigenvalues,
+        "eigenvectors": pairs.eigenvectors,
+        "trace_estimate": torch.tensor(float(sgdnoise.trace_estimate(H, 12, generator=2))),
+    }
+    out |= _floats(sgdnoise.escape_indicator(p, 4), "indicator")
+    out |= _floats(sgdnoise.escape_indicator(p, 4, num_samples=7, generator=4), "sampled")
+    out |= _floats(sgdnoise.alignment(p, 4, k=2), "alignment")
+    out |= _floats(sgdnoise.expected_sharpness(p, 0.05, 9, generator=6), "sharpness")
+    out |= _floats(sgdnoise.gradient_noise_scale(p), "gns")
+    out |= _floats(sgdnoise.gradient_noise_scale(p, method="two_batch", b_small=2, b_big=8), "gns2")
+    saved = covariance.MATERIALIZE_LIMIT
+    covariance.MATERIALIZE_LIMIT = 0  # the streaming Σ_b: products, trace, diagonal, sampler
+    try:
+        S = sgdnoise.gradient_noise_covariance(p, 3)
+        out |= {
+            "stream.products": S @ V,
+            "stream.trace": S.trace().reshape(1),
+            "stream.diagonal": S.diagonal(),
+            "stream.factor": S.sample_factor_product(
+                torch.randn(2, N, generator=g, dtype=torch.float64)
+            ),
+        }
+        out |= _floats(sgdnoise.escape_indicator(p, 4), "stream.indicator")
+        out |= dynamics(p, "full", steps=5, prefix="stream.")
+    finally:
+        covariance.MATERIALIZE_LIMIT = saved
+    return out
+
+
+def dynamics(
+    p: sgdnoise.Problem, name: str, steps: int = 20, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """θ after ``steps`` GLD steps of structure ``name`` (from a fixed start), then restored."""
+    start = p.theta()
+    every = 10 if name.startswith("hessian") else 3  # Lanczos refreshes are the slow part
+    opt = sgdnoise.GLD(
+        p.model.parameters(),
+        0.05,
+        noise=name,
+        problem=p,
+        batch_size=4,
+        refresh_every=every,
+        generator=11,
+        **OPTIONS.get(name, {}),
+    )
+    losses = [float(opt.step()) for _ in range(steps)]
+    out = {f"{prefix}gld.{name}": p.theta(), f"{prefix}gld.{name}.losses": torch.tensor(losses)}
+    p.set_theta(start)
+    return out
+
+
+def sgd(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    start = p.theta()
+    opt = sgdnoise.MinibatchSGD(p.model.parameters(), 0.1, problem=p, batch_size=5, generator=1)
+    for _ in range(20):
+        opt.step()
+    out = {"sgd": p.theta()}
+    p.set_theta(start)
+    return out
+
+
+def float32(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    """A float32 twin (with_dtype keeps the group): its first Hessian product runs the one-time
+    check against a float64 reference problem, which must stay local to each rank."""
+    q = p.with_dtype(torch.float32)
+    V = torch.randn(q.dim, 3, generator=torch.Generator().manual_seed(8)).float()
+    return {"f32.gradient": q.gradient().double(), "f32.hvp": q.hvp(V).double()}
+
+
+def everything(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    out = measurements(p) | sgd(p) | float32(p)
+    for name in STRUCTURES:
+        out |= dynamics(p, name)
+    return out

@@ -1,0 +1,134 @@
+"""Sharded problems on 2 and 3 gloo processes (loopback) give the one-process numbers.
+
+Each test starts the ranks as subprocesses (tests/_dist_worker.py) with a wall-clock limit, and
+every rank sets a timeout in ``init_process_group``, so no test can hang. Shards have unequal sizes;
+every quantity of _dist_scenarios.everything is compared in float64 to 1e-10 relative.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sgdnoise
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _dist_scenarios as scenarios  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+WALL = 150.0  # seconds one launch may take before its ranks are killed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(
+    world: int, what: str, out: Path, timeout: float = WALL, wait: int | None = None, **env: str
+) -> list[tuple[int | None, str, str]]:
+    """Run ``world`` ranks of ``what``; ``(returncode, stdout, stderr)`` of the first ``wait`` ranks
+    (default all), every rank killed at ``timeout`` seconds (returncode ``None``)."""
+    port = _free_port()
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **env}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "_dist_worker.py"),
+                str(r),
+                str(world),
+                str(port),
+                str(out),
+                what,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environ,
+            cwd=HERE,
+        )
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs[: wait or world]:
+            try:
+                o, e = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                o, e = p.communicate()
+                results.append((None, o, e))
+                continue
+            results.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    torch.set_num_threads(1)
+    return scenarios.everything(scenarios.problem(0, 1))
+
+
+def _compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    assert got.keys() == ref.keys()
+    worst = 0.0
+    for key, r in ref.items():
+        g = got[key]
+        assert g.shape == r.shape, key
+        scale = max(float(r.abs().max()), 1e-300)
+        err = float((g - r).abs().max()) / scale
+        tol = 1e-5 if key.startswith("f32.") else 1e-10  # float32: its own rounding
+        assert err <= tol, f"{key}: relative error {err:.3g}"
+        worst = max(worst, err) if tol < 1e-9 else worst
+    return worst
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_equals_one_process(world, reference, tmp_path):
+    out = tmp_path / "rank0.pt"
+    runs = _launch(world, "everything", out)
+    for rc, _, err in runs:
+        assert rc == 0, err[-3000:]
+    worst = _compare(torch.load(out), reference)
+    print(f"{world} ranks: {len(reference)} quantities, worst relative error {worst:.2g}")
+
+
+def test_failing_rank_stops_the_others(tmp_path):
+    runs = _launch(2, "fail", tmp_path / "none.pt", timeout=60, SGDNOISE_TEST_TIMEOUT="15")
+    assert all(rc not in (0, None) for rc, _, _ in runs)
+    assert "rank failed on purpose" in runs[-1][2]
+    assert "Connection closed by peer" in runs[0][2] or "imed out" in runs[0][2], runs[0][2][-2000:]
+
+
+def test_silent_rank_times_out(tmp_path):
+    start = time.monotonic()
+    runs = _launch(2, "stall", tmp_path / "none.pt", timeout=40, wait=1, SGDNOISE_TEST_TIMEOUT="5")
+    assert runs[0][0] not in (0, None) and time.monotonic() - start < 40
+    assert "imed out" in runs[0][2] or "timeout" in runs[0][2].lower(), runs[0][2][-2000:]
+
+
+def test_shard_offsets_and_take(tmp_path):
+    # one process: no group, nothing changes
+    p = scenarios.problem(0, 1)
+    assert p.shard is None and p.num_samples == scenarios.N
+    with pytest.raises(RuntimeError, match="not initialised"):
+        sgdnoise.Problem(p.model, p.loss_fn, p.inputs, p.targets, process_group=object())
