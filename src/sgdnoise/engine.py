@@ -42,7 +42,7 @@ from .noise.dynamics import dynamics_names
 from .optim import sample_batch
 from .problem import Problem
 
-__all__ = ["BatchedEngine", "EnginePlan", "Member", "plan_members"]
+__all__ = ["BatchedEngine", "EnginePlan", "Member", "plan_members", "resolve_engine"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,9 @@ class BatchedEngine:
         if theta.shape == (D,):
             theta = theta.expand(M, D)
         if theta.shape != (M, D):
-            raise ValueError(f"theta must have shape [D] or [M, D] = [{M}, {D}], got {list(theta.shape)}")
+            raise ValueError(
+                f"theta must have shape [D] or [M, D] = [{M}, {D}], got {list(theta.shape)}"
+            )
         self.theta = theta.clone()
         self.generators = [resolve_generator(m.seed, m.generator) for m in self.members]
         self.noise: list[NoiseModel | None] = [None] * M
@@ -362,9 +364,7 @@ class BatchedEngine:
     def _needs_refresh(self, j: int) -> bool:
         m = self.members[j]
         return (
-            self.noise[j] is None
-            or self._force_refresh[j]
-            or self.num_steps % m.refresh_every == 0
+            self.noise[j] is None or self._force_refresh[j] or self.num_steps % m.refresh_every == 0
         )
 
     def _refresh(self, j: int, per_sample: torch.Tensor | None) -> NoiseModel:
@@ -445,8 +445,11 @@ class BatchedEngine:
         """Multiplicative members: fresh weights from each stream, one batched weighted pass."""
         rows = []
         for j in idx:
-            model = self.noise[j] if self.noise[j] is not None else self._refresh(j, None)
-            rows.append(model.sample_weights(1, generator=self.generators[j])[0])  # type: ignore[attr-defined]
+            model: Any = self.noise[j]
+            if model is None:
+                model = self._refresh(j, None)
+            # the structures that form ∇L + n draw per-example weights (sample_weights)
+            rows.append(model.sample_weights(1, generator=self.generators[j])[0])
         loss[idx], grad[idx] = self.weighted_gradients(idx, torch.stack(rows))
 
     # ------------------------------------------------------------------ checkpoints
@@ -502,11 +505,41 @@ def _check_member(m: Member, problem: Problem) -> None:
             "the batched engine does not reproduce noise_only_on_refresh (the released code's "
             "quirk); run that member with make_optimizer"
         )
-    if isinstance(m.refresh_every, bool) or not isinstance(m.refresh_every, int) or m.refresh_every < 1:
+    if (
+        isinstance(m.refresh_every, bool)
+        or not isinstance(m.refresh_every, int)
+        or m.refresh_every < 1
+    ):
         raise ValueError(f"refresh_every must be a positive int, got {m.refresh_every!r}")
     N = problem.num_samples
     if m.dynamics == "sgd" and not 1 <= m.batch_size <= N:
-        raise ValueError(f"batch_size must be an integer in [1, N] = [1, {N}], got {m.batch_size!r}")
+        raise ValueError(
+            f"batch_size must be an integer in [1, N] = [1, {N}], got {m.batch_size!r}"
+        )
     if m.structure is not None:
         batch_scale(N, m.batch_size, m.replacement)
         noise_class(m.structure).resolve_options(m.options)
+
+
+def resolve_engine(engine: str, device: torch.device | str) -> str:
+    """``"loop"`` or ``"batched"`` for a requested engine on ``device``.
+
+    ``"auto"`` is ``"batched"`` on CUDA (a small model cannot fill a GPU one member at a time) and
+    ``"loop"`` on the CPU, where ``bench/bench_engine.py`` measures the batched engine no faster
+    than the per-dynamics loop (the CPU's cores are busy with one member's convolutions already).
+
+    Args:
+        engine: ``"auto"``, ``"loop"`` or ``"batched"``.
+        device: the run's device.
+
+    Returns:
+        ``"loop"`` or ``"batched"``.
+
+    Raises:
+        ValueError: another engine name.
+    """
+    if engine not in ("auto", "loop", "batched"):
+        raise ValueError(f"engine must be 'auto', 'loop' or 'batched', got {engine!r}")
+    if engine != "auto":
+        return engine
+    return "batched" if torch.device(device).type == "cuda" else "loop"
