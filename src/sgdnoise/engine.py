@@ -41,6 +41,7 @@ from .noise import NoiseModel, noise_class, noise_model
 from .noise.dynamics import dynamics_names
 from .optim import sample_batch
 from .problem import Problem
+from .problem._helpers import PER_SAMPLE_CHUNK_NUMBERS
 
 __all__ = ["BatchedEngine", "EnginePlan", "Member", "plan_members", "resolve_engine"]
 
@@ -116,8 +117,9 @@ def plan_members(problem: Problem, members: Sequence[Member]) -> EnginePlan:
     pass, unless the problem was given one). Every member holds θ (and, for structures refreshed
     from per-sample gradients, its ``[N, D]`` matrix); what is left is shared by one pass over a
     group of members: ``group`` is the largest number of members for which a one-row chunk of a
-    per-sample pass (:meth:`Problem.plan_rows`) fits, and each pass's rows are its single-member
-    rows divided by the group.
+    per-sample pass fits, and each pass's rows per chunk are what the rest of the budget allows
+    for ``group`` members at once (the Problem's cost model behind :meth:`Problem.plan_rows`,
+    capped at its ``chunk_size`` and N).
 
     Args:
         problem: the problem the members train.
@@ -140,18 +142,30 @@ def plan_members(problem: Problem, members: Sequence[Member]) -> EnginePlan:
             f"the memory budget of {budget / 2**30:.2f} GiB; run fewer members at once (e.g. one "
             "seed at a time) or give the Problem a larger memory_budget"
         )
-    ps_rows = problem.per_sample_chunk_size()
-    grad_rows = problem.plan_rows("gradient")
-    group = max(1, min(len(members), ps_rows))
+    problem.plan_rows("per_sample")  # MemoryError if one sample of one member does not fit
+    fixed, per = problem._cost("per_sample")  # the Problem's model of a pass's peak bytes
+    group = max(1, min(len(members), int((budget - resident) // (fixed + per))))
+    ps_rows = min(
+        _rows(problem, "per_sample", group, budget - resident),
+        max(1, PER_SAMPLE_CHUNK_NUMBERS // (D * group)),  # as Problem.per_sample_chunk_size
+    )
+    grad_rows = _rows(problem, "gradient", group, budget - resident)
     return EnginePlan(
         members=len(members),
         group=group,
-        rows=max(1, grad_rows // group),
-        per_sample_rows=max(1, ps_rows // group),
+        rows=grad_rows,
+        per_sample_rows=ps_rows,
         budget_bytes=budget,
         resident_bytes=resident,
         device=str(problem.device),
     )
+
+
+def _rows(problem: Problem, kind: str, group: int, budget: float) -> int:
+    """Samples per chunk of a pass of ``kind`` over ``group`` members within ``budget`` bytes."""
+    fixed, per = problem._cost(kind)
+    rows = int((budget - group * fixed) // max(group * per, 1.0))
+    return max(1, min(rows, problem.chunk_size or problem.num_samples, problem.num_samples))
 
 
 class BatchedEngine:
