@@ -63,3 +63,28 @@ def kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=[torch.float64, torch.float32], ids=["f64", "f32"])
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the device-parity tests run on: CUDA when present, else the CPU.
+
+    Tests that take this fixture run on the GPU of a CUDA machine (``scripts/device_check.sh``)
+    and on the CPU elsewhere — one test, not a CPU and a CUDA copy. Float64 tolerances are the
+    same on both; float32 ones are stated in each test.
+    """
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_device(problem: sgdnoise.Problem, device: torch.device) -> sgdnoise.Problem:
+    """The same problem (model, data, chunking) with the model and the data on ``device``."""
+    if problem.device == device:
+        return problem
+    model = problem.model.to(device)
+    return sgdnoise.Problem(
+        model,
+        problem.loss_fn,
+        problem.inputs.to(device),
+        problem.targets.to(device),
+        chunk_size=problem.chunk_size,
+    )

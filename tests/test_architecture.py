@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "blocks": 4,
     "diagnostics": 4,
     "optim": 4,
+    "engine": 4,
     "_optim_params": 4,
     "_measure_context": 4,
     "sharpness": 4,

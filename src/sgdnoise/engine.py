@@ -1,0 +1,559 @@
+"""A batched engine: M members — each a (dynamics, random stream) with its own θ — advanced together.
+
+The per-dynamics loop (:func:`~sgdnoise.make_optimizer` + ``step()``) runs one model at a time;
+on a GPU a small model then spends its time launching kernels. :class:`BatchedEngine` keeps the
+members' flat parameters stacked as one ``[M, D]`` tensor and evaluates the model on all of them
+at once with ``torch.func.functional_call`` under ``vmap`` — the flat-vector form of
+``torch.func.stack_module_state``: :meth:`Problem.outputs` already calls the model functionally
+on a flat θ, so stacking the flat vectors is the same stacking without a second parameter
+layout, and a member's θ is bit for bit the vector its optimizer would hold.
+
+Batched across members (one vmapped call per group of members, chunked over the data):
+
+* full-batch ``(L, ∇L)`` (GD, and GLD between refreshes), mini-batch ``(L_B, ∇L_B)`` (SGD, each
+  member gathering its own indices), per-sample gradients and losses (GLD refreshes), weighted
+  gradients (``multiplicative``), test/train evaluation (:meth:`BatchedEngine.evaluate`).
+
+Per member (the same code the optimizers run, so the numbers are the same):
+
+* every random draw, from the member's own generator in the loop's order: SGD's indices, the
+  ``z`` of a Gaussian structure (``NoiseModel.sample``), the multiplicative weights;
+* the covariance refresh (``NoiseModel.refresh`` with the member's per-sample gradients, at the
+  member's θ): the Lanczos of ``leading``/``hessian``/``hessian_top1`` runs member by member.
+
+So a member's trajectory equals the same dynamics run alone up to the rounding of the batched
+reductions (``tests/test_engine.py``: 1e-10 relative in float64 over 50 steps, every structure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import grad_and_value, vmap
+
+from ._optim_params import check_lr, materializes
+from ._utils import resolve_generator
+from .linalg.covariance import batch_scale
+from .noise import NoiseModel, noise_class, noise_model
+from .noise.dynamics import dynamics_names
+from .optim import sample_batch
+from .problem import Problem
+from .problem._helpers import PER_SAMPLE_CHUNK_NUMBERS
+
+__all__ = ["BatchedEngine", "EnginePlan", "Member", "plan_members", "resolve_engine"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of a batched run: a dynamics with its step size, options and random stream.
+
+    Attributes:
+        dynamics: ``"gd"``, ``"sgd"`` or ``"gld_<structure>"`` (see :func:`sgdnoise.dynamics_names`).
+        lr: step size η.
+        seed, generator: the member's random stream (the package's rule: the generator wins,
+            else a fresh generator seeded with ``seed``) — as given to :func:`make_optimizer`.
+        batch_size, replacement, refresh_every: as for :func:`make_optimizer`.
+        options: the structure's options (GLD only).
+    """
+
+    dynamics: str
+    lr: float
+    seed: int | None = 0
+    generator: torch.Generator | None = None
+    batch_size: int = 1
+    replacement: bool = True
+    refresh_every: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def structure(self) -> str | None:
+        """The noise structure's name for a GLD member, else ``None``."""
+        return self.dynamics[len("gld_") :] if self.dynamics.startswith("gld_") else None
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """How the engine splits its work to stay within the device's memory budget.
+
+    Attributes:
+        members: M. group: members evaluated together in one vmapped pass.
+        rows: samples per chunk of a batched gradient pass (per-sample passes: ``per_sample_rows``).
+        per_sample_rows: samples per chunk of a batched per-sample gradient pass.
+        budget_bytes: the problem's :attr:`~sgdnoise.Problem.memory_budget`.
+        resident_bytes: bytes held between steps (θ and the per-sample buffers of every member).
+        device: the device, as text.
+    """
+
+    members: int
+    group: int
+    rows: int
+    per_sample_rows: int
+    budget_bytes: int
+    resident_bytes: int
+    device: str
+
+    def describe(self) -> str:
+        """One line saying what was chosen, e.g. for a log."""
+        gib = 2.0**30
+        return (
+            f"batched engine on {self.device}: {self.members} members in groups of {self.group}, "
+            f"{self.rows} rows per gradient chunk, {self.per_sample_rows} per per-sample chunk; "
+            f"{self.resident_bytes / gib:.2f} GiB resident, budget {self.budget_bytes / gib:.2f} GiB"
+        )
+
+
+def _keeps_per_sample(member: Member, problem: Problem) -> bool:
+    s = member.structure
+    return s is not None and noise_class(s).needs_per_sample and materializes(problem)
+
+
+def plan_members(problem: Problem, members: Sequence[Member]) -> EnginePlan:
+    """Size the member groups and data chunks to the problem's memory budget.
+
+    The budget is :attr:`Problem.memory_budget` (half the free memory of the device at the first
+    pass, unless the problem was given one). Every member holds θ (and, for structures refreshed
+    from per-sample gradients, its ``[N, D]`` matrix); what is left is shared by one pass over a
+    group of members: ``group`` is the largest number of members for which a one-row chunk of a
+    per-sample pass fits, and each pass's rows per chunk are what the rest of the budget allows
+    for ``group`` members at once (the Problem's cost model behind :meth:`Problem.plan_rows`,
+    capped at its ``chunk_size`` and N).
+
+    Args:
+        problem: the problem the members train.
+        members: the members.
+
+    Returns:
+        The :class:`EnginePlan`.
+
+    Raises:
+        MemoryError: the members' resident tensors alone exceed the budget (the message says how
+            much they need), or one sample of one member does not fit (:meth:`Problem.plan_rows`).
+    """
+    item = torch.finfo(problem.dtype).bits // 8
+    N, D = problem.num_samples, problem.dim
+    resident = sum(D * item * 3 + N * D * item * _keeps_per_sample(m, problem) for m in members)
+    budget = problem.memory_budget
+    if resident >= budget:
+        raise MemoryError(
+            f"the {len(members)} members hold {resident / 2**30:.2f} GiB between steps, more than "
+            f"the memory budget of {budget / 2**30:.2f} GiB; run fewer members at once (e.g. one "
+            "seed at a time) or give the Problem a larger memory_budget"
+        )
+    problem.plan_rows("per_sample")  # MemoryError if one sample of one member does not fit
+    fixed, per = problem._cost("per_sample")  # the Problem's model of a pass's peak bytes
+    group = max(1, min(len(members), int((budget - resident) // (fixed + per))))
+    ps_rows = min(
+        _rows(problem, "per_sample", group, budget - resident),
+        max(1, PER_SAMPLE_CHUNK_NUMBERS // (D * group)),  # as Problem.per_sample_chunk_size
+    )
+    grad_rows = _rows(problem, "gradient", group, budget - resident)
+    return EnginePlan(
+        members=len(members),
+        group=group,
+        rows=grad_rows,
+        per_sample_rows=ps_rows,
+        budget_bytes=budget,
+        resident_bytes=resident,
+        device=str(problem.device),
+    )
+
+
+def _rows(problem: Problem, kind: str, group: int, budget: float) -> int:
+    """Samples per chunk of a pass of ``kind`` over ``group`` members within ``budget`` bytes."""
+    fixed, per = problem._cost(kind)
+    rows = int((budget - group * fixed) // max(group * per, 1.0))
+    return max(1, min(rows, problem.chunk_size or problem.num_samples, problem.num_samples))
+
+
+class BatchedEngine:
+    """Advance M members — (dynamics, seed), each with its own θ — one step at a time, together.
+
+    Each member follows exactly the update of its optimizer (:class:`~sgdnoise.GD`,
+    :class:`~sgdnoise.MinibatchSGD`, :class:`~sgdnoise.GLD`): ``θ ← θ − η (g + n)``, with the same
+    random draws from its own generator in the same order and the covariance refreshed on the
+    same steps (t ≡ 0 mod ``refresh_every``), so member m after t steps equals its optimizer after
+    t steps up to the rounding of the batched reductions (see the module docstring).
+
+    Args:
+        problem: model, loss and data (shared; the engine sets its θ to a member's θ while that
+            member's covariance is refreshed and leaves the last one there).
+        members: the members.
+        theta: initial parameters ``[M, D]`` (or ``[D]``, shared by every member).
+        plan: a memory plan (default: :func:`plan_members`).
+
+    Raises:
+        ValueError: an unknown dynamics, a bad step size, batch size or refresh period, options
+            for GD/SGD, ``noise_only_on_refresh`` (not supported), or ``theta`` of the wrong shape.
+        TypeError: an option the structure does not have.
+
+    Attributes:
+        theta: the members' parameters ``[M, D]``. num_steps: steps taken. plan: the
+        :class:`EnginePlan`. noise: each GLD member's structure (``None`` before its first step).
+        last_loss: ``[M]`` losses at the start of the last step (SGD: the mini-batch loss).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        members: Sequence[Member],
+        theta: torch.Tensor,
+        *,
+        plan: EnginePlan | None = None,
+    ) -> None:
+        self.problem = problem
+        self.members = list(members)
+        if not self.members:
+            raise ValueError("BatchedEngine needs at least one member, got none")
+        for m in self.members:
+            _check_member(m, problem)
+        M, D = len(self.members), problem.dim
+        theta = theta.detach().to(device=problem.device, dtype=problem.dtype)
+        if theta.shape == (D,):
+            theta = theta.expand(M, D)
+        if theta.shape != (M, D):
+            raise ValueError(
+                f"theta must have shape [D] or [M, D] = [{M}, {D}], got {list(theta.shape)}"
+            )
+        self.theta = theta.clone()
+        self.generators = [resolve_generator(m.seed, m.generator) for m in self.members]
+        self.noise: list[NoiseModel | None] = [None] * M
+        self.num_steps = 0
+        self.plan = plan if plan is not None else plan_members(problem, self.members)
+        self.last_loss = torch.full((M,), float("nan"), dtype=problem.dtype, device=problem.device)
+        self._force_refresh = [False] * M
+        self._pending_warm: list[dict[str, torch.Tensor] | None] = [None] * M
+        self._lr = torch.tensor([m.lr for m in self.members], dtype=problem.dtype,
+                                device=problem.device)  # fmt: skip
+
+    # ------------------------------------------------------------------ batched passes
+    def _loss(self, th: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        return self.problem.batch_loss(th, x, y)
+
+    def _groups(self, idx: Sequence[int]) -> list[list[int]]:
+        g = self.plan.group
+        return [list(idx[i : i + g]) for i in range(0, len(idx), g)]
+
+    def full_gradients(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L [m], ∇L [m, D])`` at the θ of members ``idx``, over all samples (batched).
+
+        Chunks of the data are weighted by their size, as :meth:`Problem.reduce_mean`.
+
+        Args:
+            idx: member indices.
+
+        Returns:
+            The losses and the full-batch gradients, in the order of ``idx``.
+        """
+        p, n = self.problem, self.problem.num_samples
+        fn = vmap(grad_and_value(self._loss), in_dims=(0, None, None))
+        losses, grads = [], []
+        for group in self._groups(idx):
+            th = self.theta[group]
+            g_tot: torch.Tensor | None = None
+            l_tot: torch.Tensor | None = None
+            for x, y, pos in p.chunks(None, self.plan.rows):
+                g, loss = fn(th, x, y)
+                w = (pos.stop - pos.start) / n
+                g_tot = g * w if g_tot is None else g_tot + g * w
+                l_tot = loss * w if l_tot is None else l_tot + loss * w
+            assert g_tot is not None and l_tot is not None
+            grads.append(g_tot)
+            losses.append(l_tot)
+        return torch.cat(losses), torch.cat(grads)
+
+    def batch_gradients(
+        self, idx: Sequence[int], indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_B [m], ∇L_B [m, D])``: member ``idx[j]``'s mean over its own samples ``indices[j]``.
+
+        Args:
+            idx: member indices. indices: ``[m, b]`` sample indices, one row per member.
+
+        Returns:
+            The mini-batch losses and gradients.
+        """
+        fn = vmap(grad_and_value(self._loss), in_dims=(0, 0, 0))
+        losses, grads = [], []
+        for j0, group in zip(range(0, len(idx), self.plan.group), self._groups(idx), strict=True):
+            rows = indices[j0 : j0 + len(group)]
+            x, y = self.problem.take(rows.reshape(-1))
+            x = x.reshape(len(group), rows.shape[1], *x.shape[1:])
+            y = y.reshape(len(group), rows.shape[1], *y.shape[1:])
+            g, loss = fn(self.theta[group], x, y)
+            grads.append(g)
+            losses.append(loss)
+        return torch.cat(losses), torch.cat(grads)
+
+    def per_sample_gradients(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G [m, N, D], ℓ [m, N])``: per-sample gradients and losses of members ``idx`` (batched).
+
+        Args:
+            idx: member indices.
+
+        Returns:
+            A fresh ``[m, N, D]`` tensor (row j is member ``idx[j]``'s, contiguous) and the losses.
+        """
+        p = self.problem
+
+        def one(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Any:
+            return grad_and_value(self._loss)(th, x.unsqueeze(0), y.unsqueeze(0))
+
+        fn = vmap(vmap(one, in_dims=(None, 0, 0)), in_dims=(0, None, None))
+        G = torch.empty(len(idx), p.num_samples, p.dim, dtype=p.dtype, device=p.device)
+        ell = torch.empty(len(idx), p.num_samples, dtype=p.dtype, device=p.device)
+        j0 = 0
+        for group in self._groups(idx):
+            sl = slice(j0, j0 + len(group))
+            for x, y, pos in p.chunks(None, self.plan.per_sample_rows):
+                G[sl, pos], ell[sl, pos] = fn(self.theta[group], x, y)
+            j0 += len(group)
+        return G, ell
+
+    def weighted_gradients(
+        self, idx: Sequence[int], weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((1/N) Σ_i w_ji ℓ_i [m], (1/N) Σ_i w_ji ∇ℓ_i [m, D])`` for weights ``[m, N]`` (batched).
+
+        Args:
+            idx: member indices. weights: one row per member.
+
+        Returns:
+            The mean (unweighted) losses ``L`` and the weighted gradients.
+        """
+        p, n = self.problem, self.problem.num_samples
+
+        def wloss(th: torch.Tensor, x: Any, y: Any, w: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            ell = p.sample_losses(th, x, y)
+            return (w * ell).sum() / n, ell.sum() / n
+
+        fn = vmap(torch.func.grad(wloss, has_aux=True), in_dims=(0, None, None, 0))
+        losses, grads = [], []
+        for j0, group in zip(range(0, len(idx), self.plan.group), self._groups(idx), strict=True):
+            w = weights[j0 : j0 + len(group)]
+            g_tot: torch.Tensor | None = None
+            l_tot: torch.Tensor | None = None
+            for x, y, pos in p.chunks(None, self.plan.rows):
+                g, loss = fn(self.theta[group], x, y, w[:, pos])
+                g_tot = g if g_tot is None else g_tot + g
+                l_tot = loss if l_tot is None else l_tot + loss
+            assert g_tot is not None and l_tot is not None
+            grads.append(g_tot)
+            losses.append(l_tot)
+        return torch.cat(losses), torch.cat(grads)
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, *, chunk: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member, per-sample ``(correct [M, n] bool, cross-entropy [M, n])`` of a classifier.
+
+        Args:
+            x, y: inputs and class labels (on the problem's device).
+            chunk: samples per chunk (default: the plan's rows).
+
+        Returns:
+            Whether each member's arg-max class is right, and its cross-entropy loss.
+        """
+        fn = vmap(self.problem.outputs, in_dims=(0, None))
+        step = chunk or max(1, self.plan.rows)
+        correct, losses = [], []
+        for group in self._groups(range(len(self.members))):
+            ok_g, loss_g = [], []
+            for s in range(0, x.shape[0], step):
+                out = fn(self.theta[group], x[s : s + step])
+                yy = y[s : s + step]
+                ok_g.append(out.argmax(-1) == yy)
+                ce = torch.nn.functional.cross_entropy(
+                    out.flatten(0, 1), yy.repeat(len(group)), reduction="none"
+                )
+                loss_g.append(ce.reshape(len(group), -1))
+            correct.append(torch.cat(ok_g, 1))
+            losses.append(torch.cat(loss_g, 1))
+        return torch.cat(correct), torch.cat(losses)
+
+    # ------------------------------------------------------------------ the step
+    def _needs_refresh(self, j: int) -> bool:
+        m = self.members[j]
+        return (
+            self.noise[j] is None or self._force_refresh[j] or self.num_steps % m.refresh_every == 0
+        )
+
+    def _refresh(self, j: int, per_sample: torch.Tensor | None) -> NoiseModel:
+        """Rebuild member j's covariance at its θ (as ``GLD._refresh``)."""
+        m, p = self.members[j], self.problem
+        p.set_theta(self.theta[j])
+        warm, self._pending_warm[j] = self._pending_warm[j], None
+        self._force_refresh[j] = False
+        model = self.noise[j]
+        if model is None:
+            assert m.structure is not None
+            model = noise_model(m.structure, p, m.batch_size, replacement=m.replacement,
+                                per_sample=per_sample, warm_state=warm, **m.options)  # fmt: skip
+            self.noise[j] = model
+        else:
+            if warm:
+                model.set_warm_state(warm)
+            model.refresh(p, per_sample=per_sample, overwrite_per_sample=per_sample is not None)
+        return model
+
+    def _classify(self) -> dict[str, list[int]]:
+        """Members by the pass they need at this step."""
+        kinds: dict[str, list[int]] = {"full": [], "sgd": [], "per_sample": [], "weighted": []}
+        for j, m in enumerate(self.members):
+            s = m.structure
+            if m.dynamics == "sgd":
+                kinds["sgd"].append(j)
+            elif s is not None and noise_class(s).forms_gradient:
+                kinds["weighted"].append(j)
+            elif self._needs_refresh(j) and _keeps_per_sample(m, self.problem):
+                kinds["per_sample"].append(j)
+            else:
+                kinds["full"].append(j)
+        return kinds
+
+    def step(self) -> torch.Tensor:
+        """Advance every member by one step.
+
+        Returns:
+            ``[M]`` losses at the start of the step (the mini-batch loss for SGD members).
+        """
+        M, p = len(self.members), self.problem
+        grad = torch.empty(M, p.dim, dtype=p.dtype, device=p.device)
+        loss = torch.empty(M, dtype=p.dtype, device=p.device)
+        kinds = self._classify()
+        if kinds["sgd"]:
+            idx = torch.stack([
+                sample_batch(p.num_samples, self.members[j].batch_size,
+                             generator=self.generators[j],
+                             replacement=self.members[j].replacement).to(p.device)
+                for j in kinds["sgd"]
+            ])  # fmt: skip
+            loss[kinds["sgd"]], grad[kinds["sgd"]] = self.batch_gradients(kinds["sgd"], idx)
+        if kinds["full"]:
+            loss[kinds["full"]], grad[kinds["full"]] = self.full_gradients(kinds["full"])
+        if kinds["per_sample"]:
+            G, ell = self.per_sample_gradients(kinds["per_sample"])
+            for r, j in enumerate(kinds["per_sample"]):
+                loss[j], grad[j] = ell[r].mean(), G[r].mean(0)
+                self._refresh(j, G[r])
+        if kinds["weighted"]:
+            self._weighted_step(kinds["weighted"], loss, grad)
+        noise = torch.zeros_like(grad)
+        for j in kinds["full"] + kinds["per_sample"]:
+            if self.members[j].structure is None:
+                continue
+            if j in kinds["full"] and self._needs_refresh(j):
+                self._refresh(j, None)
+            model = self.noise[j]
+            assert model is not None
+            noise[j] = model.sample(1, generator=self.generators[j])[0]
+        self.theta = self.theta - self._lr[:, None] * (grad + noise)
+        self.num_steps += 1
+        self.last_loss = loss
+        return loss
+
+    def _weighted_step(self, idx: list[int], loss: torch.Tensor, grad: torch.Tensor) -> None:
+        """Multiplicative members: fresh weights from each stream, one batched weighted pass."""
+        rows = []
+        for j in idx:
+            model: Any = self.noise[j]
+            if model is None:
+                model = self._refresh(j, None)
+            # the structures that form ∇L + n draw per-example weights (sample_weights)
+            rows.append(model.sample_weights(1, generator=self.generators[j])[0])
+        loss[idx], grad[idx] = self.weighted_gradients(idx, torch.stack(rows))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """θ, the step counter, each member's generator state and eigen-solver warm start.
+
+        Returns:
+            A dict for ``torch.save``; :meth:`load_state_dict` continues from it (the next step
+            refreshes every GLD member's covariance, as :class:`~sgdnoise.GLD` after a restart).
+        """
+        return {
+            "theta": self.theta.cpu(),
+            "num_steps": self.num_steps,
+            "generator_states": [g.get_state() for g in self.generators],
+            "warm_states": [
+                {k: v.cpu() for k, v in n.warm_state().items()} if n is not None else {}
+                for n in self.noise
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (same members, in the same order).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: the state has another number of members or another D.
+        """
+        theta = state["theta"]
+        if tuple(theta.shape) != tuple(self.theta.shape):
+            raise ValueError(
+                f"the state holds θ of shape {list(theta.shape)}, this engine "
+                f"{list(self.theta.shape)}; build the engine with the same members"
+            )
+        self.theta = theta.to(device=self.problem.device, dtype=self.problem.dtype).clone()
+        self.num_steps = int(state["num_steps"])
+        for g, s in zip(self.generators, state["generator_states"], strict=True):
+            g.set_state(s)
+        self._pending_warm = [dict(w) or None for w in state["warm_states"]]
+        self._force_refresh = [m.structure is not None for m in self.members]
+
+
+def _check_member(m: Member, problem: Problem) -> None:
+    names = dynamics_names()
+    if m.dynamics not in names:
+        raise ValueError(f"unknown dynamics {m.dynamics!r}; valid names: {', '.join(names)}")
+    check_lr(m.lr)
+    if m.dynamics in ("gd", "sgd") and m.options:
+        raise ValueError(f"{m.dynamics!r} takes no noise options, got {sorted(m.options)}")
+    if "noise_only_on_refresh" in m.options:
+        raise ValueError(
+            "the batched engine does not reproduce noise_only_on_refresh (the released code's "
+            "quirk); run that member with make_optimizer"
+        )
+    if (
+        isinstance(m.refresh_every, bool)
+        or not isinstance(m.refresh_every, int)
+        or m.refresh_every < 1
+    ):
+        raise ValueError(f"refresh_every must be a positive int, got {m.refresh_every!r}")
+    N = problem.num_samples
+    if m.dynamics == "sgd" and not 1 <= m.batch_size <= N:
+        raise ValueError(
+            f"batch_size must be an integer in [1, N] = [1, {N}], got {m.batch_size!r}"
+        )
+    if m.structure is not None:
+        batch_scale(N, m.batch_size, m.replacement)
+        noise_class(m.structure).resolve_options(m.options)
+
+
+def resolve_engine(engine: str, device: torch.device | str) -> str:
+    """``"loop"`` or ``"batched"`` for a requested engine on ``device``.
+
+    ``"auto"`` is ``"batched"`` on CUDA (a small model cannot fill a GPU one member at a time) and
+    ``"loop"`` on the CPU, where ``bench/bench_engine.py`` measures the batched engine no faster
+    than the per-dynamics loop (the CPU's cores are busy with one member's convolutions already).
+
+    Args:
+        engine: ``"auto"``, ``"loop"`` or ``"batched"``.
+        device: the run's device.
+
+    Returns:
+        ``"loop"`` or ``"batched"``.
+
+    Raises:
+        ValueError: another engine name.
+    """
+    if engine not in ("auto", "loop", "batched"):
+        raise ValueError(f"engine must be 'auto', 'loop' or 'batched', got {engine!r}")
+    if engine != "auto":
+        return engine
+    return "batched" if torch.device(device).type == "cuda" else "loop"
