@@ -216,3 +216,24 @@ def test_results_print_as_short_tables() -> None:
     assert "a " in str(sgdnoise.alignment(problem, 4, 1))
     assert "±" in str(sgdnoise.expected_sharpness(problem, 0.01, 4))
     assert "ratio_stderr" not in ind.to_dict()  # the JSON of the experiments is unchanged
+
+
+def test_a_plain_tensor_is_refused_as_an_operator_with_the_fix() -> None:
+    import pytest
+
+    M = torch.eye(3, dtype=torch.float64)
+    op = sgdnoise.DenseOperator(M)
+    for call in (
+        lambda: sgdnoise.tr_HS(op, M),
+        lambda: sgdnoise.tr_HS(M, op),
+        lambda: sgdnoise.hessian_trace(M),
+        lambda: sgdnoise.trace_estimate(M, 8),
+        lambda: sgdnoise.top_eigenpairs(M, 1),
+        lambda: sgdnoise.alignment(M, op, 1),
+    ):
+        with pytest.raises(
+            TypeError, match=r"must be a sgdnoise LinearOperator.*DenseOperator\(M\)"
+        ):
+            call()
+    with pytest.raises(ValueError, match="must share dtype and device"):
+        sgdnoise.tr_HS(op, sgdnoise.DenseOperator(M.float()))

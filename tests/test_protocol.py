@@ -130,3 +130,12 @@ def test_config_errors_from_python_are_one_line():
         toy(runs=0, lr=-1.0)
     assert "\n" not in str(info.value) and str(info.value).startswith("toy config: runs")
     assert isinstance(info.value, ValueError)
+
+
+def test_mapping_flags_convert_values_to_the_field_type():
+    """``--refresh-every NAME=VALUE`` gives ints (the value type sits inside Annotated)."""
+    from sgdnoise.cli import build_parser
+
+    args = build_parser().parse_args(["fashion", "--refresh-every", "gld_leading=5"])
+    assert args.refresh_every == [("gld_leading", 5)]
+    assert isinstance(args.refresh_every[0][1], int)

@@ -165,3 +165,23 @@ def test_toy_fashion_and_report_without_edits(tmp_path):
     assert (out / "fashion" / "fig2_test_acc.png").exists()
     report = (out / "report.md").read_text()
     assert report.count("GLD throw-away") >= 2  # the toy's and the fashion run's tables
+
+
+def test_a_bad_default_option_is_refused_at_registration():
+    """Declared defaults pass the structure's own check when it is registered, not mid-run."""
+    from sgdnoise.noise import NoiseModel, register_noise
+
+    class BadDefault(NoiseModel):
+        name = "bad_default"
+        label = "GLD bad default"
+        family = "isotropic"
+        option_defaults = {"fraction": 2.0}  # noqa: RUF012
+
+        @classmethod
+        def _check_option(cls, key, value):
+            if not 0 < value <= 1:
+                raise ValueError(f"option fraction must be in (0, 1], got {value!r}")
+
+    with pytest.raises(ValueError, match=r"'bad_default': a default option is invalid: .*\(0, 1\]"):
+        register_noise(BadDefault)
+    assert "bad_default" not in sgdnoise.noise_structures()

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._utils import OutputError, is_writer
 from .config import OneOf
@@ -23,11 +23,19 @@ from .config import OneOf
 __all__ = ["add_experiment_parser", "build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what was wrong, and where the usage is (not the whole
+    usage block); sub-command parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-command per experiment."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sgdnoise",
         description=(
             "Measure and simulate the structure of SGD's gradient noise, and reproduce Zhu et al., "
@@ -94,7 +102,8 @@ def _bool(text: str) -> bool:
 
 
 def _pairs(tp: Any) -> Callable[[str], tuple[str, Any]]:
-    value = _scalar(typing.get_args(tp)[1] if typing.get_args(tp) else str, False)
+    inner, _, optional = _strip(typing.get_args(tp)[1]) if typing.get_args(tp) else (str, [], False)
+    value = _scalar(inner, optional)
 
     def convert(text: str) -> tuple[str, Any]:
         key, sep, raw = text.partition("=")

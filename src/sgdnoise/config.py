@@ -184,7 +184,8 @@ def error_line(exc: ValidationError, what: str, cls: Any = None) -> str:
         line += f"{about}; set --{field.replace('_', '-')} or the TOML key {field}"
     others = {e["loc"][:1] for e in errors[1:]} - {err["loc"][:1]}
     if others:
-        line += f"; {len(others)} other setting(s) are invalid too"
+        names = ", ".join(sorted(str(o[0]) for o in others if o))
+        line += f"; also invalid: {names}"
     return line
 
 

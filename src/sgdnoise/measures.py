@@ -20,7 +20,7 @@ from ._measure_context import MeasurementContext, _context, at_theta
 from ._utils import resolve_generator
 from .linalg.covariance import GradientNoiseCovariance, batch_scale
 from .linalg.lanczos import EigenPairs, top_eigenpairs
-from .linalg.operators import LinearOperator
+from .linalg.operators import LinearOperator, check_operator
 from .linalg.trace import (
     EXACT_TRACE_MAX_DIM,
     TraceEstimate,
@@ -274,6 +274,7 @@ def alignment(
         b = batch_size if batch_size is not None else (1 if S is None else S)
         opts = (replacement, tol, exact_trace_max_dim, trace_matvecs, context)
         return _problem_alignment(H, b, k, *opts, seed=seed, generator=generator)
+    check_operator(H, "H", "alignment(H, S, k)")
     if not isinstance(S, LinearOperator):
         raise TypeError(
             f"alignment(H, S, k): S must be a LinearOperator like H, got {type(S).__name__}; "

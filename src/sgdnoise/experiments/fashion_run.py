@@ -39,7 +39,7 @@ from .._utils import _jsonable, atomic_write_bytes, atomic_write_text, is_writer
 from ..data import corrupted_fashion_mnist, fashion_mnist_identity
 from ..measures import escape_indicator, expected_sharpness
 from ..noise import noise_class
-from ..optim import ProblemOptimizer, dynamics_label, make_optimizer
+from ..optim import ProblemOptimizer, default_refresh, dynamics_label, make_optimizer
 from ..problem import Problem
 from ..runs import Progress, quarantine
 
@@ -123,7 +123,8 @@ class PhaseSpec:
             is always evaluated. ``measure_start`` adds t = 0 to every (positive) schedule.
         sharpness_sigma, sharpness_draws, indicator_samples, indicator_trace_matvecs: see
             :class:`~sgdnoise.experiments.fashion.FashionConfig`.
-        checkpoint_every: steps between checkpoints (a multiple of ``refresh_every``).
+        checkpoint_every: steps between checkpoints (a multiple of ``refresh_every``, so that a
+            resumed run restarts on a refresh step and reproduces the uninterrupted one).
     """
 
     seed: int
@@ -414,6 +415,7 @@ def phase_spec(config: FashionConfig, seed: int, phase: str) -> PhaseSpec:
     gd = phase == "gd_phase"
     dyn = "gd" if gd else phase
     gld = dyn.startswith("gld_")
+    refresh = int(config.refresh_every.get(dyn, default_refresh(dyn) or 1))
     return PhaseSpec(
         seed=seed,
         name=phase,
@@ -422,7 +424,7 @@ def phase_spec(config: FashionConfig, seed: int, phase: str) -> PhaseSpec:
         iteration_offset=0 if gd else config.gd_iterations,
         lr=config.gd_lr if gd else config.lr,
         batch_size=config.batch_size,
-        refresh_every=1 if gd else int(config.refresh_every.get(dyn, 1)),
+        refresh_every=1 if gd else refresh,
         options=noise_class(dyn[len("gld_") :]).options_from(config) if gld else {},
         eval_every=config.gd_eval_every if gd else config.eval_every,
         sharpness_every=config.gd_sharpness_every if gd else config.sharpness_every,
@@ -433,7 +435,8 @@ def phase_spec(config: FashionConfig, seed: int, phase: str) -> PhaseSpec:
         sharpness_draws=config.sharpness_draws,
         indicator_samples=config.indicator_samples,
         indicator_trace_matvecs=config.indicator_trace_matvecs,
-        checkpoint_every=config.checkpoint_every,
+        # a resumed run restarts on a refresh step, so checkpoints fall on refresh steps
+        checkpoint_every=math.lcm(config.checkpoint_every, refresh if gld else 1),
     )  # fmt: skip
 
 

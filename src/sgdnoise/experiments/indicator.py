@@ -543,11 +543,12 @@ def run(
         (timings) and ``summary.md``. Figures: :func:`sgdnoise.figures.indicator.plot`.
 
     Raises:
-        ValueError: an invalid config or device.
+        ValueError: an invalid config or device, or ``out`` holds a run with other settings.
     """
     config = config.validate()
     dev = resolve_device(device)
     rd = RunDir(out)
+    rd.refuse_other_config(dataclasses.asdict(config), ignore=("device", "preset"))
     rd.clear_complete()
     t0 = time.perf_counter()
     cfg = {**dataclasses.asdict(config), "device": str(dev), "preset": profile}

@@ -381,11 +381,12 @@ def run(
         ``meta.json`` and ``summary.md``. Figure: :func:`sgdnoise.figures.prop1.plot`.
 
     Raises:
-        ValueError: an invalid config.
+        ValueError: an invalid config, or ``out`` holds a run with other settings.
     """
     del device  # CPU only
     config = config.validate()
     rd = RunDir(out)
+    rd.refuse_other_config(dataclasses.asdict(config), ignore=("device", "preset"))
     rd.clear_complete()
     t0 = time.perf_counter()
     rd.write_config({**dataclasses.asdict(config), "device": "cpu", "preset": profile})

@@ -351,7 +351,8 @@ def run(
         profile: the preset's name, recorded in ``config.json``.
 
     Raises:
-        ValueError: a bad config. MemoryError: the runs do not fit on the device.
+        ValueError: a bad config, or ``out`` holds a run with other settings (the message says
+            which). MemoryError: the runs do not fit on the device.
     """
     config = config.validate()
     seeds = tuple(config.seeds)
@@ -365,6 +366,7 @@ def run(
         fix="lower --runs (the paper uses 100) or num_points",
     )
     rd = RunDir(out)
+    rd.refuse_other_config(dataclasses.asdict(config), ignore=("device", "preset"))
     rd.clear_complete()
     t0 = time.perf_counter()
     rd.write_config({**dataclasses.asdict(config), "device": str(dev), "preset": profile})

@@ -28,7 +28,7 @@ import torch
 
 from .._utils import randn, resolve_generator
 from ..results import format_table
-from .operators import LinearOperator
+from .operators import LinearOperator, check_operator
 
 __all__ = ["ConvergenceError", "EigenPairs", "default_tol", "top_eigenpairs", "work_dtype"]
 
@@ -293,8 +293,7 @@ def top_eigenpairs(
         ValueError: for k outside ``[1, D]`` or bad options.
         ConvergenceError: if the pairs did not converge (with ``on_nonconvergence="raise"``).
     """
-    if not isinstance(op, LinearOperator):
-        raise TypeError(f"top_eigenpairs needs a sgdnoise LinearOperator, got {type(op).__name__}")
+    check_operator(op, "op", "top_eigenpairs")
     D = op.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
         raise ValueError(f"k must be an integer in [1, D] = [1, {D}], got {k!r}")

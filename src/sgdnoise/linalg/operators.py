@@ -347,3 +347,13 @@ class RotatedDiagonalOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.basis.apply(self.diag[:, None] * self.basis.apply_t(V))
+
+
+def check_operator(op: object, name: str, who: str) -> None:
+    """Raise ``TypeError`` (one line, with the fix) unless ``op`` is a :class:`LinearOperator`."""
+    if not isinstance(op, LinearOperator):
+        raise TypeError(
+            f"{who}: {name} must be a sgdnoise LinearOperator, got {type(op).__name__}; wrap a "
+            "matrix as sgdnoise.DenseOperator(M), or build one with sgdnoise.hessian(problem), "
+            "sgdnoise.gauss_newton(problem) or sgdnoise.gradient_noise_covariance(problem, b)"
+        )

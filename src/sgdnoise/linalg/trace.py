@@ -15,7 +15,7 @@ from .._utils import rademacher, resolve_generator
 from ..results import format_table
 from .covariance import GradientNoiseCovariance
 from .lanczos import work_dtype
-from .operators import LinearOperator, LowRankOperator
+from .operators import LinearOperator, LowRankOperator, check_operator
 
 __all__ = [
     "EXACT_TRACE_MAX_DIM",
@@ -102,6 +102,7 @@ def trace_estimate(
 
     Source: Hutchinson (1990); Meyer, Musco, Musco & Woodruff, "Hutch++" (SOSA 2021), Alg. 1.
     """
+    check_operator(op, "op", "trace_estimate")
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"unknown method {method!r}; choose 'hutch++' or 'hutchinson'")
     need = 4 if method == "hutch++" else 2
@@ -168,6 +169,7 @@ def hessian_trace(
     Raises:
         ValueError: ``num_matvecs`` below Hutch++'s minimum of 4 when Hutch++ is used.
     """
+    check_operator(H, "H", "hessian_trace")
     D = H.shape[0]
     if exact is None:
         exact = D <= exact_max_dim
@@ -275,8 +277,15 @@ def tr_HS(
         ValueError: shapes differ, or ``num_samples`` outside ``[2, N]`` or given for an
             operator that is not a noise covariance.
     """
+    check_operator(H, "H", "tr_HS")
+    check_operator(S, "S", "tr_HS")
     if H.shape != S.shape:
         raise ValueError(f"tr_HS: H and S must have the same shape, got {H.shape} and {S.shape}")
+    if H.dtype != S.dtype or H.device != S.device:
+        raise ValueError(
+            f"tr_HS: H and S must share dtype and device, got {H.dtype} on {H.device} and "
+            f"{S.dtype} on {S.device}; build both from the same problem or convert one"
+        )
     if isinstance(S, GradientNoiseCovariance):
         N = S.problem.num_samples
         check_num_samples(num_samples, N)

@@ -403,7 +403,8 @@ def register_noise(cls: type[NoiseModel]) -> type[NoiseModel]:
 
     Raises:
         ValueError: the name is empty or taken, the label is empty, the family is not
-            ``"aligned"``/``"isotropic"``, or ``default_refresh`` is not a positive int.
+            ``"aligned"``/``"isotropic"``, ``default_refresh`` is not a positive int, or a
+            default in ``option_defaults`` fails the structure's own option check.
     """
     if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"noise structure name {cls.name!r} is empty or already registered")
@@ -413,6 +414,12 @@ def register_noise(cls: type[NoiseModel]) -> type[NoiseModel]:
             f"'isotropic', got label={cls.label!r}, family={cls.family!r}"
         )
     NoiseModel._positive_int(cls.name, "default_refresh", cls.default_refresh)
+    try:  # the declared defaults must pass the structure's own checks: fail at import, not mid-run
+        cls.resolve_options({})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"noise structure {cls.name!r}: a default option is invalid: {exc}"
+        ) from exc
     _REGISTRY[cls.name] = cls
     return cls
 
