@@ -18,6 +18,7 @@ from sgdnoise.cli import main
 CHECKS = [
     "parameters_finite",
     "data_finite",
+    "samples_independent",
     "loss_finite",
     "per_sample_gradients",
     "loss_is_sample_mean",
@@ -181,6 +182,17 @@ def test_dropout_in_training_mode_is_a_failure_not_an_exception() -> None:
     assert not report.ok
     text = " ".join(report.failures)
     assert "training mode" in text and "eval()" in text
+    assert report["samples_independent"].passed is False  # named for what it is
+
+
+def test_batchnorm_in_training_mode_is_named_samples_independent() -> None:
+    model, x, y = _data("mlp")
+    bn = nn.BatchNorm1d(model[0].out_features).to(x.dtype)
+    net = nn.Sequential(model[0], bn, *model[1:]).train()
+    report = sgdnoise.check(sgdnoise.Problem(net, F.cross_entropy, x, y))
+    assert _failed(report) == ["samples_independent"]
+    assert "BatchNorm1d" in report["samples_independent"].detail
+    assert report["loss_finite"].passed is None  # skipped, not mislabelled as a failure
 
 
 class _Noise(nn.Module):

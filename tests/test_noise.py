@@ -191,7 +191,9 @@ def test_sample_rejects_bad_num_and_missing_generator(models64):
     with pytest.raises(ValueError, match="num must be a non-negative int"):
         m.sample(-1, generator=0)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or an int seed"):
-        m.sample(2, generator=None)
+        m.sample(2, generator="0")
+    # the package's randomness rule: no generator means seed 0
+    assert torch.equal(m.sample(3), m.sample(3, seed=0))
 
 
 # --------------------------------------------------------------------------------------------

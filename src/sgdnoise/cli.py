@@ -200,12 +200,16 @@ def add_experiment_parser(sub: Any, exp: Any) -> argparse.ArgumentParser:
     """``sgdnoise <exp.name>``: the common options, then one flag per configuration field."""
     p = sub.add_parser(exp.name, help=exp.help, description=exp.description)
     p.add_argument("--profile", choices=list(exp.presets), default="quick",
-                   help="preset of every setting (its values are shown with each flag)")  # fmt: skip
+                   help="preset of every setting (its values are shown with each flag; default: quick)")  # fmt: skip
     p.add_argument("--config", metavar="FILE.toml", default=None,
                    help="TOML file whose keys override the profile (explicit flags override both)")  # fmt: skip
     p.add_argument("--out", default=None,
                    help=f"run directory (default: results/{exp.name}_<profile>); the same command resumes")  # fmt: skip
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA if available)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default: auto, CUDA if available)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--plot-only", action="store_true",
                    help="only redraw the figures of an existing run directory")  # fmt: skip

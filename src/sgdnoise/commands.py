@@ -244,9 +244,20 @@ def _cmd_plot_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not ``None``/``False``) and the help text
+    does not already give it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``reproduce``, ``plot``, ``list``, ``check``, ``measure`` and ``plot-monitor``."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsShown
     p = sub.add_parser(
         "reproduce",
         help="run every experiment of the paper and write the report",
@@ -270,6 +281,10 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "plot",
         help="redraw figures (and the report) from saved results, without recomputing",
+        description="Redraw the figures of one experiment's run directory, or of every "
+        "experiment folder under a `reproduce` output folder and its report, from the saved "
+        "results only (nothing is recomputed). Figures need matplotlib: pip install "
+        "'sgdnoise[plot]'.",
         formatter_class=fmt,
     )
     p.add_argument("run_dir", help="a run directory, or a `reproduce` output folder")

@@ -154,6 +154,16 @@ class _Checker:
         )
 
     # 1c
+    def samples_independent(self) -> CheckResult:
+        """BatchNorm or dropout in training mode couple the samples or make them random."""
+        try:
+            self.p.check_decoupled("sgdnoise.check")
+        except RuntimeError as exc:
+            return CheckResult("samples_independent", False, None, None, str(exc))
+        return CheckResult(
+            "samples_independent", True, None, None, "no BatchNorm/dropout in training mode"
+        )
+
     def loss_finite(self) -> CheckResult:
         try:
             value = self.p.loss(self.theta, self.sub)  # the problem's own route and checks
@@ -509,6 +519,7 @@ def _run_checks(checker: _Checker, results: list[CheckResult]) -> None:
     names: list[tuple[str, Callable[[], CheckResult]]] = [
         ("parameters_finite", checker.parameters_finite),
         ("data_finite", checker.data_finite),
+        ("samples_independent", checker.samples_independent),
         ("loss_finite", checker.loss_finite),
         ("per_sample_gradients", checker.per_sample_gradients),
         ("loss_is_sample_mean", checker.loss_is_sample_mean),
@@ -528,5 +539,6 @@ def _run_checks(checker: _Checker, results: list[CheckResult]) -> None:
         except Exception as exc:  # a check that raises is a failed check
             result = CheckResult(name, False, None, None, f"raised {_exception_text(exc)}")
         results.append(result)
-        if name in ("parameters_finite", "data_finite", "loss_finite") and result.passed is False:
+        first = ("parameters_finite", "data_finite", "samples_independent", "loss_finite")
+        if name in first and result.passed is False:
             blocked = f"needs a finite, computable loss ('{name}' failed)"

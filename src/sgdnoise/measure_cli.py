@@ -509,7 +509,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", default="measure-results", help="output folder (default: %(default)s)")
     p.add_argument(
-        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)"
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default: auto, CUDA if available)",
     )
     p.add_argument(
         "--dtype", default=None, choices=("float32", "float64"), help="cast the model to this dtype"

@@ -166,7 +166,7 @@ class IndicatorConfig(ExperimentConfig):
     threads: int | None = Field(
         default=1, ge=1, description="torch intra-op threads while running (none: leave as is)"
     )
-    redraw_dead_init: bool = Field(default=True, description="redraw an initialisation with no unclipped sample (see above)")  # fmt: skip
+    redraw_dead_init: bool = Field(default=True, description="redraw an initialisation whose outputs are all clipped (zero gradient), as the released code does")  # fmt: skip
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> IndicatorConfig:

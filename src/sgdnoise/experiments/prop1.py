@@ -145,7 +145,9 @@ class Prop1Config(ExperimentConfig):
         description="seed of the random eigenbases (one value)",
     )
     verify_max_dim: int = Field(
-        default=2200, ge=0, description="largest D whose traces are recomputed densely (see above)"
+        default=2200,
+        ge=0,
+        description="largest D whose Tr H, Tr Σ and Tr(HΣ) are also recomputed from dense matrices, to check the closed forms",
     )
     lanczos_tol: float | None = Field(
         default=None,

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._utils import as_generator, randn
+from .._utils import randn, resolve_generator
 from ..linalg.covariance import GradientNoiseCovariance, batch_scale
 from ..linalg.operators import LinearOperator
 from ..problem import Problem
@@ -381,14 +381,20 @@ class NoiseModel(ABC):
         loss, grad = self.problem.loss_and_gradient(theta)
         return loss, grad + self.sample(1, generator=generator)[0]
 
-    def sample(self, num: int, *, generator: torch.Generator | int) -> torch.Tensor:
+    def sample(
+        self, num: int, *, seed: int | None = 0, generator: torch.Generator | int | None = None
+    ) -> torch.Tensor:
         """``num`` independent noise vectors ``[num, D]`` (dtype and device of the problem).
 
         Gaussian structures draw ``z`` ``[num, r]`` from ``generator`` (on its device, then
         moved) and return ``transform(z)``; the same generator state gives the same noise.
+        Without a generator, a fresh one seeded with ``seed`` (default 0) is used.
+
+        Raises:
+            ValueError: a negative ``num``. TypeError: a generator or seed of another type.
         """
         num = self._check_num(num)
-        gen = as_generator(generator)
+        gen = resolve_generator(seed, generator)
         z = randn(
             (num, self.unit_dim),
             generator=gen,

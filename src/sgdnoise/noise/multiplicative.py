@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._utils import as_generator, randn
+from .._utils import randn, resolve_generator
 from ..linalg import covariance as _cov
 from ..linalg.covariance import GradientNoiseCovariance
 from ..linalg.operators import LinearOperator
@@ -104,10 +104,13 @@ class MultiplicativeNoise(NoiseModel):
         N = self.problem.num_samples
         return 1 + (self.scale * N) ** 0.5 * (z - z.mean(dim=1, keepdim=True))
 
-    def sample_weights(self, num: int, *, generator: torch.Generator | int) -> torch.Tensor:
-        """``num`` independent weight vectors ``[num, N]`` with ``E w = 1``."""
+    def sample_weights(
+        self, num: int, *, seed: int | None = 0, generator: torch.Generator | int | None = None
+    ) -> torch.Tensor:
+        """``num`` independent weight vectors ``[num, N]`` with ``E w = 1`` (randomness: the
+        package's rule, the generator wins, else a fresh one seeded with ``seed``)."""
         num = self._check_num(num)
-        gen = as_generator(generator)
+        gen = resolve_generator(seed, generator)
         p, N, b = self.problem, self.problem.num_samples, self.batch_size
         if self.options["distribution"] == "gaussian":
             z = randn((num, N), generator=gen, dtype=p.dtype, device=p.device)
@@ -162,8 +165,10 @@ class MultiplicativeNoise(NoiseModel):
             )
         return self.noise_from_weights(self.weights_from_unit(z))
 
-    def sample(self, num: int, *, generator: torch.Generator | int) -> torch.Tensor:
-        return self.noise_from_weights(self.sample_weights(num, generator=generator))
+    def sample(
+        self, num: int, *, seed: int | None = 0, generator: torch.Generator | int | None = None
+    ) -> torch.Tensor:
+        return self.noise_from_weights(self.sample_weights(num, seed=seed, generator=generator))
 
     #: Gaussian weights (the default law) draw ``n = L z`` with ``full``'s per-sample factor.
     batched_factor = FullNoise.batched_factor
