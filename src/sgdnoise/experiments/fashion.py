@@ -206,6 +206,7 @@ class FashionConfig(ExperimentConfig):
         description="Hutch++ products for Tr(H) (D > 2048 here, so it is estimated)",
     )
     checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints (per dynamics, rounded up to a multiple of its refresh period)")  # fmt: skip
+    memory_budget: str = Field(default="4G", pattern=r"^\d+(\.\d+)?[KMGT]?$", description="memory one pass may use, e.g. 4G; fixed (not a share of the free memory) so that repeated and resumed runs chunk alike and give bit-identical numbers; lower it on a small machine")  # fmt: skip
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> FashionConfig:
@@ -332,7 +333,8 @@ def _run_seed(
     dtype, dev = pdata.x_train.dtype, pdata.x_train.device
     model = FashionCNN(generator=torch.Generator().manual_seed(seed), dtype=dtype, device=dev)
     lo, hi = local_range(pdata.y_train.shape[0])  # this rank's shard under torchrun (else all)
-    problem = Problem(model, F.cross_entropy, pdata.x_train[lo:hi], pdata.y_train[lo:hi])
+    x, y = pdata.x_train[lo:hi], pdata.y_train[lo:hi]
+    problem = Problem(model, F.cross_entropy, x, y, memory_budget=config.memory_budget)
     theta = problem.theta()
     phases: dict[str, dict[str, Any]] = {}
     for key in ("gd_phase", *config.dynamics):
