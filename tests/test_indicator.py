@@ -117,7 +117,7 @@ def test_closed_form_hessian_matches_torch_func_and_double_backward():
 def test_measure_matches_dense_float64_reference():
     model, x, y = _trained()
     b = 10
-    row = ind.measure(model, x, y, noise_batch_size=b, replacement=False, hessian_check_vectors=3)
+    row = ind.measure(model, x, y, batch_size=b, replacement=False, hessian_check_vectors=3)
     H, S, _ = _dense_reference(model, x, y, b)
     D = H.shape[0]
     tr_HS = float(torch.trace(H @ S))
@@ -137,7 +137,7 @@ def test_measure_matches_dense_float64_reference():
         float(((out > 0.5).double() == y).double().mean())
     )
     # The ratio is scale-free: with replacement (Σ_b = Σ_1/b) it is unchanged.
-    row2 = ind.measure(model, x, y, noise_batch_size=b, replacement=True)
+    row2 = ind.measure(model, x, y, batch_size=b, replacement=True)
     assert row2["ratio"] == pytest.approx(row["ratio"], rel=1e-9)
     assert row2["alignment"] == pytest.approx(row["alignment"], rel=1e-6)
 
@@ -231,7 +231,7 @@ def test_sgd_option_and_determinism():
         ({"lr": 0.0}, "lr must be"),
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"decay_epochs": 40}, "decay_epochs"),
-        ({"noise_batch_size": 1000}, "no noise"),
+        ({"batch_size": 1000}, "no noise"),
         ({"train_batch_size": 0}, "train_batch_size"),
         ({"dtype": "float16"}, "float32"),
         ({"threads": 0}, "threads"),

@@ -42,6 +42,11 @@ def test_same_names_for_the_same_things_everywhere(capsys):
     per = {name: _flags(_help(capsys, name)) for name in EXPERIMENTS}
     every = set().union(*per.values())
     assert "--seed" not in every and "--batch" not in every
+    # one name per meaning: the b of Σ_b, the Lanczos tolerance, the eigenpairs kept
+    for other in ("--noise-batch-size", "--eigen-tol", "--leading-k"):
+        assert other not in every, other
+    assert "--batch-size" in per["indicator"] and "--lanczos-tol" in per["fashion"]
+    assert "--k" in per["toy"] and "--k" in per["fashion"]
     assert "--seeds" in set.intersection(*per.values())
     assert "--batch-size" in per["fashion"] and "--dtype" in per["toy"]
     for name in EXPERIMENTS:

@@ -183,7 +183,7 @@ def test_a_dynamics_stream_does_not_depend_on_the_others(tmp_path, smoke_run):
         ({"runs": 0}, "runs must be >= 1, got 0"),
         ({"lr": -1.0}, "lr must be > 0"),
         ({"dynamics": ("gd", "sgd")}, r"dynamics\[1\] must be one of gd, gld_const"),
-        ({"leading_k": 3}, "leading_k must be <= 2"),
+        ({"k": 3}, "k must be <= 2"),
         ({"dtype": "float16"}, "dtype must be 'float32' or 'float64'"),
         ({"runs": 8, "trajectory_run": 8}, r"trajectory_run must be an integer in \[0, runs\)"),
     ],

@@ -155,7 +155,7 @@ class FashionConfig(ExperimentConfig):
     top1_max_matvecs: _Budget = Field(
         default=None, description="Lanczos budget per refresh of GLD 1st eigvec(H) (none: converge)"
     )
-    eigen_tol: float | None = Field(
+    lanczos_tol: float | None = Field(
         default=None,
         gt=0,
         lt=1,

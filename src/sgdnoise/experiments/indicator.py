@@ -132,7 +132,7 @@ class IndicatorConfig(ExperimentConfig):
         ge=1,
         description="mini-batch of the optimizer (without replacement); none: full batch (the released code)",
     )
-    noise_batch_size: int = Field(
+    batch_size: int = Field(
         default=10, ge=1, description="b of the measured SGD noise Σ_b (the released code's 10)"
     )
     replacement: bool = Field(
@@ -181,10 +181,10 @@ class IndicatorConfig(ExperimentConfig):
                 f"[1, {self.num_points}], got {self.train_batch_size}"
             )
         top = self.num_points if self.replacement else self.num_points - 1
-        if self.noise_batch_size > top:
+        if self.batch_size > top:
             raise ValueError(
-                f"noise_batch_size must be in [1, {top}] (without replacement a batch of all N "
-                f"samples has no noise), got {self.noise_batch_size}"
+                f"batch_size must be in [1, {top}] (without replacement a batch of all N "
+                f"samples has no noise), got {self.batch_size}"
             )
         return self
 
@@ -265,7 +265,7 @@ def measure(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    noise_batch_size: int = 10,
+    batch_size: int = 10,
     replacement: bool = False,
     dtype: torch.dtype = torch.float64,
     generator: torch.Generator | int = 0,
@@ -280,7 +280,7 @@ def measure(
     Args:
         model: the network (copied and cast to ``dtype``).
         x, y: inputs ``[N, 2]`` and targets ``[N]`` in {0, 1}.
-        noise_batch_size: b of Σ_b. replacement: SGD's sampling of mini-batches.
+        batch_size: b of Σ_b. replacement: SGD's sampling of mini-batches.
         dtype: dtype of the measurement. generator: randomness of the Lanczos solves.
         lanczos_tol: Lanczos tolerance (``None``: library default).
         hessian_check_vectors: random vectors of the Gauss–Newton vs double-backward check.
@@ -318,7 +318,7 @@ def measure(
         keys = ("tr_HS", "tr_HS_iso", "ratio", "tr_H", "tr_S", "alignment", "lambda_1")
         row.update(dict.fromkeys(keys, nan), u1_S_u1=nan, overlap=nan)
         return row
-    row.update(_curvature(problem, H, noise_batch_size, replacement, gen, lanczos_tol))
+    row.update(_curvature(problem, H, batch_size, replacement, gen, lanczos_tol))
     return row
 
 
@@ -362,7 +362,7 @@ def train_and_measure(
             model,
             x,
             y,
-            noise_batch_size=config.noise_batch_size,
+            batch_size=config.batch_size,
             replacement=config.replacement,
             dtype=mdtype,
             generator=measure_gen,

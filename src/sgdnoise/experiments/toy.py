@@ -110,7 +110,7 @@ class ToyConfig(ExperimentConfig):
     dynamics: Annotated[tuple[Annotated[str, OneOf(toy_dynamics)], ...], Distinct()] = Field(
         default=DEFAULT_DYNAMICS, min_length=1, description="dynamics to run, in plotting order"
     )
-    leading_k: int = Field(
+    k: int = Field(
         default=2,
         ge=1,
         le=2,
@@ -168,26 +168,26 @@ def noise_factor(
     hessian: torch.Tensor | None,
     trace: float,
     *,
-    leading_k: int = 2,
+    k: int = 2,
 ) -> torch.Tensor | None:
     """Parameter-level noise factor ``L`` ``[R, 2, r]`` with ``L Lᵀ`` of trace ``trace`` per run.
 
     The structure's :meth:`~sgdnoise.noise.NoiseModel.batched_factor` with the options the toy
-    gives it (``leading_k`` for ``leading``).
+    gives it (``k`` for ``leading``).
 
     Args:
         dynamics: a name from :func:`toy_dynamics` (``"gd"`` returns ``None``).
         centered: centred per-sample gradients ``c_i = g_i − ḡ`` ``[R, N, 2]``.
         hessian: mean Hessian ``[R, 2, 2]`` (needed by the Hessian structures).
         trace: T.
-        leading_k: eigenpairs for ``gld_leading``.
+        k: eigenpairs for ``gld_leading``.
 
     Raises:
         ValueError: an unknown dynamics, or a Hessian structure without ``hessian``.
     """
     if dynamics == "gd":
         return None
-    cls, opts = _structure(dynamics, SimpleNamespace(leading_k=leading_k))
+    cls, opts = _structure(dynamics, SimpleNamespace(k=k))
     return cls.batched_factor(BatchedStatistics(centered, hessian), trace, opts)
 
 

@@ -76,7 +76,7 @@ def _indicator(results: dict[str, Any], config: dict[str, Any], stem: Path) -> l
         )
         band(ax, cv["epoch"], cv["tr_HS_iso_mean"], cv["tr_HS_iso_std"], c, lw=1.8, ls=":",
              label=f"h = {w}: Tr(H{SIGMA_BAR})")  # fmt: skip
-    b = config.get("noise_batch_size", 10)
+    b = config.get("batch_size", config.get("noise_batch_size", 10))
     _finish(ax, "epoch", f"escape indicator (Σ for batch size {b})", log="y")
     ax.set_title("SGD noise vs isotropic equivalent, one hidden layer")
     ax.legend(fontsize=7, ncol=2)
@@ -249,7 +249,7 @@ def summary_markdown(
         f"{opt} ({batch}), lr {config['lr']:g}, {config['epochs']} epochs × {config['steps_per_epoch']} "
         f"steps (lr decays linearly over the last {config['decay_epochs']}), δ = {config['delta']:g}, "
         f"N = {config['num_points']}, seeds {list(config['seeds'])}. Σ is the exact covariance of a "
-        f"mini-batch gradient of b = {config['noise_batch_size']} samples drawn "
+        f"mini-batch gradient of b = {config.get('batch_size', config.get('noise_batch_size'))} samples drawn "
         f"{'with' if config['replacement'] else 'without'} replacement; the ratio and a do not "
         f"depend on b. Measured in {config['measure_dtype']}; Tr(H) exact. Mean ± sample std over "
         "the live seeds at the final epoch.",

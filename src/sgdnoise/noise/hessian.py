@@ -21,7 +21,7 @@ class _HessianEigenNoise(EigenNoise):
     option_defaults: ClassVar[dict[str, Any]] = dict(EIGEN_OPTIONS)
     experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {
         "k": ("k",),
-        "tol": ("eigen_tol",),
+        "tol": ("lanczos_tol",),
         "max_matvecs": ("eigen_max_matvecs",),
     }
     batched_needs_hessian = True
@@ -106,7 +106,7 @@ class HessianTop1Noise(_HessianEigenNoise):
     label = "GLD 1st eigvec(H)"
     option_defaults: ClassVar[dict[str, Any]] = {k: v for k, v in EIGEN_OPTIONS.items() if k != "k"}
     experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {
-        "tol": ("eigen_tol",),
+        "tol": ("lanczos_tol",),
         "max_matvecs": ("top1_max_matvecs",),
     }
 

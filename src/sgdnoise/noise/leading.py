@@ -83,7 +83,7 @@ class LeadingNoise(EigenNoise):
         **{k: v for k, v in EIGEN_OPTIONS.items() if k != "k"},
     }
     experiment_options: ClassVar[dict[str, tuple[str, ...]]] = {
-        "k": ("leading_k", "k"),
+        "k": ("k",),
         "match_trace": ("leading_match_trace",),
     }
 
