@@ -39,6 +39,7 @@ def main() -> None:
         result = getattr(scenarios, "measurements" if what in ("fail", "stall") else what)(p)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # every rank done before any tears its connections down (gloo aborts else)
     finally:
         dist.destroy_process_group()
 

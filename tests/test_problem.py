@@ -272,3 +272,30 @@ def test_output_jacobian_products_match_dense_jacobian() -> None:
     torch.testing.assert_close(
         problem.output_jvp(V, indices=idx), (J @ V)[idx], rtol=1e-10, atol=1e-12
     )
+
+
+def test_out_of_memory_is_a_memory_error_not_a_route_switch(monkeypatch) -> None:
+    """A failed allocation must not be taken for a missing rule: switching routes for it would
+    silently change the rounding of every later Hessian product."""
+    import sgdnoise.problem._hessian as hess
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model = model.double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    problem = sgdnoise.Problem(model, torch.nn.functional.cross_entropy, x, y)
+    V = torch.randn(problem.dim, 3, dtype=torch.float64)
+    before = problem.hvp(V)  # verified, forward-over-reverse
+    mode = problem._hvp_mode
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        )
+
+    monkeypatch.setattr(hess, "jvp", no_memory)
+    with pytest.raises(MemoryError, match="smaller memory_budget"):
+        problem.hvp(V)
+    assert problem._hvp_mode == mode  # no silent route switch
+    monkeypatch.undo()
+    assert torch.equal(problem.hvp(V), before)

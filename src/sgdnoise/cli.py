@@ -240,13 +240,17 @@ def _run_experiment(exp: Any, args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     joined = _join_torchrun(device)
+    ok = False
     try:
         results = exp.execute(config, out, device=device, progress=not args.no_progress and is_writer(),
                               profile=args.profile, data_dir=getattr(args, "data_dir", None))  # fmt: skip
+        ok = True
     finally:
         if joined:
             import torch.distributed as dist
 
+            if ok:  # every rank done before any tears its connections down (gloo aborts else)
+                dist.barrier()
             dist.destroy_process_group()
     if is_writer():
         print(exp.summarize(results))

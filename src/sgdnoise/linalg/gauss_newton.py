@@ -19,6 +19,7 @@ import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from ..problem import Problem
+from ..problem._helpers import raise_if_out_of_memory
 from .operators import LinearOperator
 
 __all__ = ["DENSE_JACOBIAN_MAX_BYTES", "GaussNewtonOperator", "gauss_newton"]
@@ -248,7 +249,8 @@ def _columns(fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> tor
     batching rule."""
     try:
         return vmap(fn, in_dims=1, out_dims=1)(V)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError) as exc:
+        raise_if_out_of_memory(exc)
         return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
 
 

@@ -25,6 +25,7 @@ from ._helpers import (
     _tensors,
     _unsqueeze,
     free_memory,
+    raise_if_out_of_memory,
 )
 
 
@@ -275,7 +276,8 @@ class ProblemBase:
         if self._vmap_ok is not False:
             try:
                 return vmap(lambda o, t: self.loss_fn(_unsqueeze(o), _unsqueeze(t)))(out, y)
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as exc:
+                raise_if_out_of_memory(exc)
                 pass
         return torch.stack(
             [
@@ -425,7 +427,8 @@ class ProblemBase:
                 try:
                     st = t.untyped_storage()
                     seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-                except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+                except (RuntimeError, NotImplementedError) as exc:  # e.g. tensors without storage
+                    raise_if_out_of_memory(exc)
                     seen[id(t)] = t.numel() * t.element_size()
                 return t
 

@@ -132,7 +132,8 @@ def _by_columns(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> 
     """``[fn(M[:, j])]_j`` as columns: vmapped, or a loop where an operation has no batching rule."""
     try:
         return vmap(fn, in_dims=1, out_dims=1)(M)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError) as exc:
+        raise_if_out_of_memory(exc)
         return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=1)
 
 
@@ -176,3 +177,23 @@ def _coupling_modules(model: nn.Module) -> list[str]:
         ):
             bad.append(f"{name or kind} ({kind}, training mode)")
     return bad
+
+
+def raise_if_out_of_memory(exc: BaseException) -> None:
+    """Re-raise a failed allocation as ``MemoryError``: running out of memory is not a missing
+    derivative or batching rule, and switching to a slower route for it would silently change
+    the rounding of every later number (a route is chosen once per problem).
+
+    Raises:
+        MemoryError: ``exc`` is an out-of-memory error (says to lower ``memory_budget``).
+    """
+    text = str(exc).lower()
+    oom = isinstance(exc, torch.OutOfMemoryError) or any(
+        s in text for s in ("out of memory", "can't allocate memory", "not enough memory")
+    )
+    if oom:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MemoryError(
+            f"a pass ran out of memory ({first}); pass a smaller memory_budget= to the Problem "
+            "(every pass is split to fit it)"
+        ) from exc

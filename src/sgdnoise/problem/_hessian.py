@@ -21,6 +21,7 @@ from ._helpers import (
     _rtol,
     _slice,
     _tensors,
+    raise_if_out_of_memory,
 )
 
 
@@ -60,6 +61,9 @@ class HessianProducts(ProblemBase):
             try:
                 self._verify_hvp(theta)
             except RuntimeError as exc:
+                self._hvp_verified = False  # running out of memory is no verdict on the model
+                raise_if_out_of_memory(exc)
+                self._hvp_verified = True
                 self._hvp_error = str(exc)
                 raise
 
@@ -87,6 +91,7 @@ class HessianProducts(ProblemBase):
                         lambda v: jvp(gfun, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1
                     )(V)
                 except (NotImplementedError, RuntimeError) as exc:
+                    raise_if_out_of_memory(exc)
                     self._hvp_mode = "double backward"
                     self.routes["hvp"] = (
                         f"double backward: forward-over-reverse failed ({_first_line(exc)})"
@@ -110,6 +115,7 @@ class HessianProducts(ProblemBase):
                         )
                         return hv.T
                     except (NotImplementedError, RuntimeError) as exc:
+                        raise_if_out_of_memory(exc)
                         self._hvp_mode = "double backward, column by column"
                         self.routes["hvp"] = (
                             f"double backward column by column: batched products failed "
@@ -121,6 +127,7 @@ class HessianProducts(ProblemBase):
                         ]
                         return torch.stack(cols, dim=1)
             except (NotImplementedError, RuntimeError) as exc:
+                raise_if_out_of_memory(exc)
                 where = self._module_without_second_derivative(x)
                 raise RuntimeError(
                     "Hessian-vector products need second derivatives of the model, and PyTorch has "
@@ -255,7 +262,8 @@ class HessianProducts(ProblemBase):
                     second = sum(g.sum() for g in grads if g is not None and g.requires_grad)
                     if isinstance(second, torch.Tensor):
                         torch.autograd.grad(second, ins, allow_unused=True)
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as exc:
+                raise_if_out_of_memory(exc)
                 name = names.get(id(module)) or "(the model itself)"
                 return f" in module {name} ({type(module).__name__})"
         return ""

@@ -9,7 +9,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from ._base import ProblemBase
-from ._helpers import _math_attention
+from ._helpers import _math_attention, raise_if_out_of_memory
 
 
 def _columns_last(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> torch.Tensor:
@@ -17,7 +17,8 @@ def _columns_last(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -
     the column index last in the result."""
     try:
         return vmap(fn, in_dims=1, out_dims=-1)(M)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError) as exc:
+        raise_if_out_of_memory(exc)
         return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=-1)
 
 
@@ -137,6 +138,7 @@ class OutputJacobian(ProblemBase):
                 Uc = U[pos].movedim(-1, 0)  # [k, n_c, *out_shape]
                 try:
                     total += vmap(lambda u, pb=pullback: pb(u)[0], out_dims=1)(Uc)
-                except (RuntimeError, NotImplementedError):
+                except (RuntimeError, NotImplementedError) as exc:
+                    raise_if_out_of_memory(exc)
                     total += torch.stack([pullback(u)[0] for u in Uc], dim=1)
         return total

@@ -22,6 +22,7 @@ from ._helpers import (
     _math_attention,
     _row,
     _rtol,
+    raise_if_out_of_memory,
 )
 
 
@@ -56,6 +57,7 @@ class PerSampleQuantities(ProblemBase):
                     self._vmap_ok = True
                     return out
                 except (RuntimeError, NotImplementedError) as exc:
+                    raise_if_out_of_memory(exc)
                     if self._vmap_ok:
                         raise
                     self._vmap_failed(exc)
@@ -93,6 +95,7 @@ class PerSampleQuantities(ProblemBase):
                     return out
                 why = "forward-mode rules disagree with the backward (e.g. Embedding(padding_idx))"
             except (RuntimeError, NotImplementedError) as exc:
+                raise_if_out_of_memory(exc)
                 why = f"forward mode failed ({_first_line(exc)})"
             self._losses_jvp_mode = "reverse"
             self.routes["losses_jvp"] = f"reverse mode: {why}"
@@ -119,6 +122,7 @@ class PerSampleQuantities(ProblemBase):
                     ]
                 return torch.stack(cols, dim=1).detach()
             except (RuntimeError, NotImplementedError) as exc:
+                raise_if_out_of_memory(exc)
                 self._losses_jvp_mode = "per-sample"
                 self.routes["losses_jvp"] = (
                     f"per-sample gradients times V: no double-backward rule ({_first_line(exc)})"
@@ -440,6 +444,7 @@ class PerSampleQuantities(ProblemBase):
                     self.routes.setdefault("per_sample", "torch.func.vmap")
                     return g.detach(), ell.detach()
                 except (RuntimeError, NotImplementedError) as exc:
+                    raise_if_out_of_memory(exc)
                     if self._vmap_ok:
                         raise
                     self._vmap_failed(exc)
@@ -449,6 +454,7 @@ class PerSampleQuantities(ProblemBase):
                     one = grad_and_value(self._sample_loss)
                     rows = [one(theta, _row(x, i), _row(y, i)) for i in range(n)]
                 except (RuntimeError, NotImplementedError) as exc:
+                    raise_if_out_of_memory(exc)
                     self._func_grad_ok = False
                     self.routes["per_sample"] = (
                         f"a loop of ordinary backward passes: torch.func failed ({_first_line(exc)})"
@@ -508,6 +514,7 @@ class PerSampleQuantities(ProblemBase):
                     self._batched_theta_ok = True
                     return out
                 except (RuntimeError, NotImplementedError) as exc:
+                    raise_if_out_of_memory(exc)
                     if self._batched_theta_ok:
                         raise
                     self._batched_theta_ok = False
