@@ -88,3 +88,14 @@ def on_device(problem: sgdnoise.Problem, device: torch.device) -> sgdnoise.Probl
         problem.targets.to(device),
         chunk_size=problem.chunk_size,
     )
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state_is_restored():
+    """A test that leaves torch's global state changed (threads, default dtype, grad mode) makes
+    later tests depend on the order they run in: the float32 rounding of a pass depends on the
+    thread count. Fail the leaking test itself."""
+    before = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())
+    yield
+    after = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())
+    assert after == before, f"the test changed torch's global state {before} -> {after}"

@@ -84,8 +84,12 @@ def _launch(
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    torch.set_num_threads(1)
-    return scenarios.everything(scenarios.problem(0, 1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        return scenarios.everything(scenarios.problem(0, 1))
+    finally:
+        torch.set_num_threads(before)  # later tests compare against subprocesses at the default
 
 
 def _compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:

@@ -81,7 +81,7 @@ from .optim import (
     make_optimizer,
     run_dynamics,
 )
-from .problem import Problem, per_sample_gradients
+from .problem import Problem, local_range, per_sample_gradients
 
 __version__ = "0.1.0"
 
@@ -127,6 +127,7 @@ __all__ = [
     "gradient_noise_scale",
     "hessian",
     "hessian_trace",
+    "local_range",
     "make_optimizer",
     "noise_model",
     "noise_structures",

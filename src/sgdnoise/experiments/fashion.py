@@ -44,8 +44,7 @@ from ..config import Distinct, ExperimentConfig, OneOf, configure, experiment_co
 from ..figures.fashion import summary
 from ..models import FashionCNN
 from ..optim import default_refresh, dynamics_label, dynamics_names
-from ..problem import Problem
-from ..problem._dist import local_range
+from ..problem import Problem, local_range
 from ..runs import RunDir, data_key, resolve_device, resolve_dtype
 from .fashion_run import NUM_TEST, PhaseBar, PhaseData, load_phase_data, phase_spec, run_phase
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from .. import _data
 from ._base import ProblemBase
-from ._dist import Shard, resolve_group
+from ._dist import Shard, local_range, resolve_group
 from ._helpers import (
     FREE_MEMORY_FRACTION,
     MAX_COLUMNS,
@@ -66,6 +66,7 @@ __all__ = [
     "Problem",
     "ProblemBase",
     "free_memory",
+    "local_range",
     "parse_memory",
     "per_sample_gradients",
 ]
