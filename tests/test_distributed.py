@@ -136,3 +136,53 @@ def test_shard_offsets_and_take(tmp_path):
     assert p.shard is None and p.num_samples == scenarios.N
     with pytest.raises(RuntimeError, match="not initialised"):
         sgdnoise.Problem(p.model, p.loss_fn, p.inputs, p.targets, process_group=object())
+
+
+def _numbers(obj, path=""):
+    """Every number of a results.json, by its path (timings left out)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k not in ("wall_s", "seconds_per_step", "env", "data_files", "source"):
+                yield from _numbers(v, f"{path}/{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield path, float(obj)
+
+
+#: torchrun's float32 results against one process: relative, with an absolute floor for numbers
+#: that are differences of nearly equal losses (the signed sharpness, Tr H estimates near 0).
+TORCHRUN_RTOL, TORCHRUN_ATOL = 1e-3, 1e-5
+
+
+def test_torchrun_fashion_smoke_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m sgdnoise fashion` gives the one-process results.json, to
+    TORCHRUN_RTOL (float32: the sums run in another order)."""
+    import json
+
+    from fake_fashion import write_fashion
+
+    data = tmp_path / "data"
+    write_fashion(data)
+    flags = ["fashion", "--profile", "smoke", "--device", "cpu", "--no-progress", "--dynamics",
+             "gd", "gld_diag", "gld_hessian", "--data-dir", str(data)]  # fmt: skip
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               SGDNOISE_DIST_TIMEOUT="60")  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "sgdnoise", *flags, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "sgdnoise", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
+    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = dict(_numbers(json.loads((tmp_path / "one" / "results.json").read_text())))
+    b = dict(_numbers(json.loads((tmp_path / "two" / "results.json").read_text())))
+    assert a.keys() == b.keys()
+    bad = [
+        f"{k}: {a[k]} vs {b[k]}"
+        for k in a
+        if abs(a[k] - b[k]) > TORCHRUN_ATOL + TORCHRUN_RTOL * abs(a[k]) and a[k] == a[k]
+    ]
+    assert not bad, bad[:10]
+    assert len(a) > 100  # the comparison covered the whole results.json
