@@ -243,51 +243,39 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
         """This rank's place in a sharded problem (sizes, offset, collectives), or ``None``."""
         return self._shard
 
+    def _rebuild(
+        self, model: nn.Module | None = None, source: Any = None, **changes: Any
+    ) -> Problem:
+        """A problem with the same loss (and, unless given, model and data) and the same
+        construction arguments but ``changes``."""
+        kwargs: dict[str, Any] = {
+            "chunk_size": self.chunk_size,
+            "reduction": self.reduction,
+            "params": list(self.param_names),
+            "memory_budget": self._budget_arg,
+            "process_group": self._process_group,
+        }
+        kwargs.update(changes)
+        model = self.model if model is None else model
+        return Problem(
+            model, self.loss_fn, self._source if source is None else source, None, **kwargs
+        )
+
     def _local_twin(self) -> Problem:
         """This rank's shard as a one-process problem (same model, loss, parameters, budget)."""
-        return Problem(
-            self.model,
-            self.loss_fn,
-            self._source,
-            None,
-            chunk_size=self.chunk_size,
-            reduction=self.reduction,
-            params=list(self.param_names),
-            memory_budget=self._budget,
-            process_group=False,
-        )
+        return self._rebuild(memory_budget=self._budget, process_group=False)
 
     def restrict(self, params: ParamSpec) -> Problem:
         """The same model, loss and data with θ restricted to a block of parameters (see
         ``params`` in :class:`Problem`); the other parameters are held fixed."""
-        return Problem(
-            self.model,
-            self.loss_fn,
-            self._source,
-            None,
-            chunk_size=self.chunk_size,
-            reduction=self.reduction,
-            params=params,
-            memory_budget=self._budget_arg,
-            process_group=self._process_group,
-        )
+        return self._rebuild(params=params)
 
     def with_dtype(self, dtype: torch.dtype) -> Problem:
         """The same loss, data, parameter block and budget on a copy of the model in ``dtype`` at
         the same (cast) weights; the caller's model is untouched (e.g. a float32 twin of a 16-bit
         model for measurements whose rounding 16 bits cannot carry)."""
         model = copy.deepcopy(self.model).to(dtype)
-        return Problem(
-            model,
-            self.loss_fn,
-            self._source.recast(self.device, dtype),
-            None,
-            chunk_size=self.chunk_size,
-            reduction=self.reduction,
-            params=list(self.param_names),
-            memory_budget=self._budget_arg,
-            process_group=self._process_group,
-        )
+        return self._rebuild(model=model, source=self._source.recast(self.device, dtype))
 
 
 def per_sample_gradients(
