@@ -14,16 +14,7 @@ import sgdnoise
 from sgdnoise.linalg import covariance
 
 N = 23
-STRUCTURES = (
-    "const",
-    "dynamic",
-    "diag",
-    "leading",
-    "hessian",
-    "hessian_top1",
-    "full",
-    "multiplicative",
-)
+STRUCTURES = sgdnoise.noise_structures()  # every registered structure
 OPTIONS: dict[str, dict[str, Any]] = {"leading": {"k": 2}, "hessian": {"k": 2}}
 
 

@@ -76,13 +76,8 @@ def test_fashion_phase_costs_follow_the_benchmark() -> None:
     assert 45 * 60 <= total * 0.125 <= 60 * 60
 
 
-def test_fashion_counts_exactly_the_work_it_announced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Steps and measurements add up to the bar's total, computed or loaded (no ETA of 0 at 60%)."""
-    from fake_fashion import write_fashion
-    from test_runs import SMALL
-
+def _record_bars(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[Progress]:
+    """Every progress bar ``module`` creates, in order (its ``Progress`` patched to keep them)."""
     bars: list[Progress] = []
 
     class Keep(Progress):
@@ -90,7 +85,18 @@ def test_fashion_counts_exactly_the_work_it_announced(
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(fashion_run, "Progress", Keep)
+    monkeypatch.setattr(module, "Progress", Keep)
+    return bars
+
+
+def test_fashion_counts_exactly_the_work_it_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps and measurements add up to the bar's total, computed or loaded (no ETA of 0 at 60%)."""
+    from fake_fashion import write_fashion
+    from test_runs import SMALL
+
+    bars = _record_bars(monkeypatch, fashion_run)
     cfg = dataclasses.replace(SMALL, gd_sharpness_every=3, sharpness_every=3, indicator_every=3)
     data = write_fashion(tmp_path / "data", n_train=40, n_test=40)
     old = torch.get_num_threads()
@@ -113,14 +119,7 @@ def test_indicator_weights_each_training_run_by_its_width(
 ) -> None:
     from sgdnoise.experiments import indicator
 
-    bars: list[Progress] = []
-
-    class Keep(Progress):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            bars.append(self)
-
-    monkeypatch.setattr(indicator, "Progress", Keep)
+    bars = _record_bars(monkeypatch, indicator)
     cfg = dataclasses.replace(indicator.PRESETS["smoke"], delta_sweep=())
     for _ in range(2):  # computed, then every run kept
         indicator.run(cfg, tmp_path, progress=False)

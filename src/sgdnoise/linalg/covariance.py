@@ -25,7 +25,7 @@ from torch.func import vjp
 
 from .._data import batch_size_of
 from ..problem import MAX_COLUMNS, Problem
-from ..problem._helpers import _by_columns
+from ..problem._helpers import map_columns
 from .operators import LinearOperator
 
 __all__ = ["GradientNoiseCovariance", "batch_scale", "gradient_noise_covariance"]
@@ -170,7 +170,7 @@ class GradientNoiseCovariance(LinearOperator):
                 Vj = V[:, j : j + cols]
                 GV = problem.losses_jvp(theta, x, y, Vj)  # G V  [n, k]
                 W = GV - (gbar @ Vj)[None, :]  # C V, centred sample by sample
-                CtW = _by_columns(lambda w: pullback(w)[0], W)  # Gᵀ W
+                CtW = map_columns(lambda w: pullback(w)[0], W)  # Gᵀ W
                 # Cᵀ W = Gᵀ W − ḡ (1ᵀ W); the second term is tiny but kept for exactness.
                 out.append((CtW - gbar[:, None] * W.sum(0)[None, :]) / n)
             return torch.cat(out, dim=1)

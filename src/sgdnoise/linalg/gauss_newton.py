@@ -12,14 +12,14 @@ PSD when every ``Λ_i`` is (mean squared error, cross-entropy).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from ..problem import Problem
-from ..problem._helpers import raise_if_out_of_memory
+from ..problem._helpers import map_columns
 from .operators import LinearOperator
 
 __all__ = ["DENSE_JACOBIAN_MAX_BYTES", "GaussNewtonOperator", "gauss_newton"]
@@ -226,7 +226,7 @@ class GaussNewtonOperator(LinearOperator):
         def one(v: torch.Tensor) -> torch.Tensor:
             return pull(lam(jvp(out, (th,), (v,))[1])[0])[0]
 
-        return _columns(one, V)
+        return map_columns(one, V)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.num_products += V.shape[1]
@@ -242,16 +242,6 @@ class GaussNewtonOperator(LinearOperator):
             return torch.cat(blocks, dim=1)
 
         return problem.reduce_mean(fn, self.indices, rows=rows)
-
-
-def _columns(fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch.Tensor:
-    """``[fn(v_1), …, fn(v_k)]`` as ``[D, k]``: vmapped, or column by column for layers without a
-    batching rule."""
-    try:
-        return vmap(fn, in_dims=1, out_dims=1)(V)
-    except (RuntimeError, NotImplementedError) as exc:
-        raise_if_out_of_memory(exc)
-        return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
 
 
 def gauss_newton(

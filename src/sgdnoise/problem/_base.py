@@ -52,6 +52,8 @@ class ProblemBase:
     _footprint_bytes: tuple[float, float] | None
     _vmap_ok: bool | None
     _shard: Shard | None
+    #: Problem's: this rank's shard as a one-process problem (declared for the mixins).
+    _local_twin: Callable[[], ProblemBase]
 
     @property
     def inputs(self) -> Any:
@@ -204,9 +206,6 @@ class ProblemBase:
                 if b is not None:
                     state[dot + name] = b
         return state
-
-    def _local_twin(self) -> ProblemBase:
-        raise NotImplementedError  # Problem's: this rank's shard as a one-process problem
 
     def _trainable_ids(self) -> list[int]:
         return [id(p) for p in self.trainable_parameters()]

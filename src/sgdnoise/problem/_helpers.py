@@ -128,15 +128,6 @@ _map_tensors = _data.map_tensors
 _tensors = _data._leaves
 
 
-def _by_columns(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> torch.Tensor:
-    """``[fn(M[:, j])]_j`` as columns: vmapped, or a loop where an operation has no batching rule."""
-    try:
-        return vmap(fn, in_dims=1, out_dims=1)(M)
-    except (RuntimeError, NotImplementedError) as exc:
-        raise_if_out_of_memory(exc)
-        return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=1)
-
-
 def _unsqueeze(obj: Any) -> Any:
     """A sample as a batch of one."""
     return _map_tensors(lambda t: t.unsqueeze(0), obj)
@@ -197,3 +188,13 @@ def raise_if_out_of_memory(exc: BaseException) -> None:
             f"a pass ran out of memory ({first}); pass a smaller memory_budget= to the Problem "
             "(every pass is split to fit it)"
         ) from exc
+
+
+def map_columns(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to each column ``M[:, j]`` (vmapped, or a loop for layers without a batching
+    rule; running out of memory is re-raised, not looped), the column index last in the result."""
+    try:
+        return vmap(fn, in_dims=1, out_dims=-1)(M)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise_if_out_of_memory(exc)
+        return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=-1)

@@ -9,17 +9,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from ._base import ProblemBase
-from ._helpers import _math_attention, raise_if_out_of_memory
-
-
-def _columns_last(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor) -> torch.Tensor:
-    """``fn`` applied to each column ``M[:, j]`` (vmapped, or a loop without a batching rule),
-    the column index last in the result."""
-    try:
-        return vmap(fn, in_dims=1, out_dims=-1)(M)
-    except (RuntimeError, NotImplementedError) as exc:
-        raise_if_out_of_memory(exc)
-        return torch.stack([fn(M[:, j]) for j in range(M.shape[1])], dim=-1)
+from ._helpers import _math_attention, map_columns, raise_if_out_of_memory
 
 
 def _jvp_of(
@@ -88,7 +78,7 @@ class OutputJacobian(ProblemBase):
                 def f(th: torch.Tensor, x: object = x) -> torch.Tensor:
                     return _tensor_outputs(self.outputs(th, x))
 
-                parts.append(_columns_last(_jvp_of(f, theta), V2))
+                parts.append(map_columns(_jvp_of(f, theta), V2))
         out = torch.cat(parts)
         return out[..., 0] if vector else out
 

@@ -15,13 +15,13 @@ from .. import _per_sample as _hooks
 from .._utils import check_finite
 from ._base import ProblemBase
 from ._helpers import (
-    _by_columns,
     _coupling_modules,
     _first_line,
     _map_tensors,
     _math_attention,
     _row,
     _rtol,
+    map_columns,
     raise_if_out_of_memory,
 )
 
@@ -85,7 +85,7 @@ class PerSampleQuantities(ProblemBase):
 
         if self._losses_jvp_mode == "forward":
             try:
-                out = _by_columns(lambda v: jvp(f, (theta,), (v,))[1], V)
+                out = map_columns(lambda v: jvp(f, (theta,), (v,))[1], V)
                 if self._losses_jvp_checked:
                     return out
                 self._losses_jvp_checked = True
