@@ -76,6 +76,7 @@ def measurements(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
         "eigenvectors": pairs.eigenvectors,
         "trace_estimate": torch.tensor(float(sgdnoise.trace_estimate(H, 12, generator=2))),
     }
+    out |= output_space(p, V)
     out |= _floats(sgdnoise.escape_indicator(p, 4), "indicator")
     out |= _floats(sgdnoise.escape_indicator(p, 4, num_samples=7, generator=4), "sampled")
     out |= _floats(sgdnoise.alignment(p, 4, k=2), "alignment")
@@ -99,6 +100,26 @@ def measurements(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
     finally:
         covariance.MATERIALIZE_LIMIT = saved
     return out
+
+
+def output_space(p: sgdnoise.Problem, V: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gauss–Newton products (both routes, all samples and a selection that rank 1 of 3 holds
+    none of), output Jacobian products, and sgdnoise.check (every rank's own shard passes)."""
+    some = torch.tensor([0, 3, 20, 22, 3])  # ranks of 3 hold [0, 5), [5, 16), [16, 23)
+    U = torch.randn(5, 3, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ok = torch.tensor([float(sgdnoise.check(p).ok)], dtype=torch.float64)
+    if p.shard is not None:  # the worst rank's verdict
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return {
+        "gn.dense": sgdnoise.gauss_newton(p, dense=True) @ V,
+        "gn.free": sgdnoise.gauss_newton(p, dense=False) @ V,
+        "gn.dense_some": sgdnoise.gauss_newton(p, indices=some, dense=True) @ V,
+        "gn.free_some": sgdnoise.gauss_newton(p, indices=some, dense=False) @ V,
+        "output_jvp": p.output_jvp(V[:, :2]),
+        "output_jvp_some": p.output_jvp(V[:, 0], indices=some),
+        "output_vjp_some": p.output_vjp(U, indices=some),
+        "check.ok": ok,
+    }
 
 
 def dynamics(

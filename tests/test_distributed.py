@@ -7,7 +7,9 @@ every quantity of _dist_scenarios.everything is compared in float64 to 1e-10 rel
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -156,9 +158,46 @@ def _numbers(obj, path=""):
 TORCHRUN_RTOL, TORCHRUN_ATOL = 1e-3, 1e-5
 
 
-def test_torchrun_fashion_smoke_matches_one_process(tmp_path):
-    """`torchrun --nproc-per-node 2 -m sgdnoise fashion` gives the one-process results.json, to
-    TORCHRUN_RTOL (float32: the sums run in another order)."""
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (torchrun starts its ranks in sessions of their own, so
+    killing the launcher's process group would leave them running)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _kill_torchrun_at_checkpoint(cmd: list[str], env: dict[str, str], ckpt: Path) -> None:
+    """Start ``cmd`` (torchrun) and SIGKILL the launcher and every rank as soon as ``ckpt``
+    exists (a phase is half done); fails if the run ended first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    alive = proc.poll() is None
+    if alive:
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert alive and ckpt.exists(), f"the run ended before its first checkpoint: {err[-2000:]}"
+
+
+def test_torchrun_fashion_smoke_matches_one_process_and_resumes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m sgdnoise fashion`, killed (-9, launcher and ranks) half
+    way through a phase and started again, gives the one-process results.json, to TORCHRUN_RTOL
+    (float32: the sums run in another order)."""
     import json
 
     from fake_fashion import write_fashion
@@ -166,7 +205,7 @@ def test_torchrun_fashion_smoke_matches_one_process(tmp_path):
     data = tmp_path / "data"
     write_fashion(data)
     flags = ["fashion", "--profile", "smoke", "--device", "cpu", "--no-progress", "--dynamics",
-             "gd", "gld_diag", "gld_hessian", "--data-dir", str(data)]  # fmt: skip
+             "gd", "gld_diag", "gld_hessian", "--iterations", "30", "--data-dir", str(data)]  # fmt: skip
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                SGDNOISE_DIST_TIMEOUT="60")  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "sgdnoise", *flags, "--out", str(tmp_path / "one")],
@@ -174,6 +213,10 @@ def test_torchrun_fashion_smoke_matches_one_process(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "sgdnoise", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
+    _kill_torchrun_at_checkpoint(
+        cmd, env, tmp_path / "two" / "seed_0" / "gld_hessian" / "checkpoint.pt"
+    )
+    assert not (tmp_path / "two" / "results.json").exists()
     two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = dict(_numbers(json.loads((tmp_path / "one" / "results.json").read_text())))

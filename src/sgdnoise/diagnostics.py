@@ -449,6 +449,9 @@ def check(
             wins; else a fresh generator seeded with ``seed``, default 0).
         max_samples: largest subset of samples used (a random one, sorted).
         indices: check these samples instead of a random subset (at most ``max_samples`` used).
+            On a problem sharded over processes, every rank checks its *own* samples (indices
+            local to its shard, ``0 … shard.local − 1``), without collectives; call it on every
+            rank (or on any one) and read each rank's report.
         float64_reference: for a model in float32 or lower precision, take the finite
             differences of check 6 on a float64 copy of the model (a deep copy: θ, the steps and
             the gradients in float64), so that rounding no longer limits the step and kinks are
@@ -482,16 +485,31 @@ def check(
         if built is None:
             return CheckReport(results, "Problem(...) not built", 0)
         problem = built
+    described = repr(problem)
+    if problem.shard is not None:  # each rank checks its own shard (no collectives: a check
+        # that fails on one rank must not leave the others waiting in a reduction)
+        described = f"{described}, {problem.shard!r} (this rank's samples)"
+        problem = problem.local_shard()
+    sub = _subset(problem, indices, max_samples, gen)
+    rtol = _rtol(problem.dtype, problem.device)
+    _run_checks(_Checker(problem, gen, sub, rtol, float64_reference), results)
+    return CheckReport(results, described, len(sub))
+
+
+def _subset(
+    problem: Problem,
+    indices: torch.Tensor | Sequence[int] | None,
+    max_samples: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The samples to check: ``indices`` (at most ``max_samples``) or a random sorted subset."""
     if indices is None:
         sub = _random_subset(problem.num_samples, min(max_samples, problem.num_samples), gen)
     else:
         chosen = problem.check_indices(indices)
         assert chosen is not None
         sub = chosen[:max_samples]
-    sub = sub.to(problem.device)
-    rtol = _rtol(problem.dtype, problem.device)
-    _run_checks(_Checker(problem, gen, sub, rtol, float64_reference), results)
-    return CheckReport(results, repr(problem), len(sub))
+    return sub.to(problem.device)
 
 
 def _build(obj: Sequence[Any], results: list[CheckResult]) -> Problem | None:

@@ -75,6 +75,10 @@ class GaussNewtonOperator(LinearOperator):
     The two routes agree to floating-point order. θ is snapshotted at construction (make a new
     operator to follow training), like :class:`~sgdnoise.linalg.HessianOperator`.
 
+    On a problem sharded over processes (``process_group``), each rank works on its own samples
+    and every product is all-reduced once (both routes; the route is the same on every rank, as
+    it depends on N, o and D only); the dense ``J`` and ``Λ`` hold this rank's rows.
+
     Args:
         problem: model, loss and data; the model must return one tensor of outputs (batch first)
             and treat samples independently (no BatchNorm in training mode, no dropout).
@@ -117,11 +121,6 @@ class GaussNewtonOperator(LinearOperator):
     ) -> None:
         super().__init__(problem.dim, problem.dtype, problem.device)
         problem.check_decoupled("the Gauss–Newton operator")
-        if problem.shard is not None:
-            raise NotImplementedError(
-                "the Gauss–Newton operator is not available on a problem sharded over processes "
-                "yet; build the problem with process_group=False on one rank"
-            )
         if theta is None:
             theta = problem.theta()
         else:
@@ -149,8 +148,14 @@ class GaussNewtonOperator(LinearOperator):
 
     def output_size(self) -> int:
         """``o``: the number of model outputs of one sample (one forward pass on one sample)."""
-        first = torch.zeros(1, dtype=torch.long, device=self.problem.device)
-        x, _ = self.problem.take(first if self.indices is None else self.indices[:1])
+        shard = self.problem.shard
+        if shard is not None:  # this rank's first sample (the selection may hold none of it)
+            first = torch.tensor([shard.offset], device=self.problem.device)
+        elif self.indices is not None:
+            first = self.indices[:1]
+        else:
+            first = torch.zeros(1, dtype=torch.long, device=self.problem.device)
+        x, _ = self.problem.take(first)
         with torch.no_grad():
             return int(self._outputs(self.theta, x)[0].numel())
 
@@ -179,7 +184,8 @@ class GaussNewtonOperator(LinearOperator):
     def jacobian(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense pieces ``(J, Λ)``: ``[n, o, D]`` and ``[n, o, o]``, computed once and kept.
 
-        Row i of ``J`` is ``∂f_i/∂θ`` for the i-th selected sample (outputs flattened row-major).
+        Row i of ``J`` is ``∂f_i/∂θ`` for the i-th selected sample (outputs flattened row-major);
+        on a sharded problem, for the i-th selected sample *held by this rank*.
 
         Returns:
             ``(J, Λ)`` in the operator's dtype and device.
@@ -190,9 +196,14 @@ class GaussNewtonOperator(LinearOperator):
             parts = [
                 self._chunk_jacobian(x, y) for x, y, _ in self.problem.chunks(self.indices, size)
             ]
-            J = torch.cat([p[0] for p in parts])
-            lam = torch.cat([p[1] for p in parts])
-            live = (J.reshape(J.shape[0], -1) != 0).any(dim=1)
+            if parts:
+                J = torch.cat([p[0] for p in parts])
+                lam = torch.cat([p[1] for p in parts])
+            else:  # a rank that holds none of the selected samples
+                o, D = self.output_size(), self.shape[0]
+                J = torch.zeros(0, o, D, dtype=self.dtype, device=self.device)
+                lam = torch.zeros(0, o, o, dtype=self.dtype, device=self.device)
+            live = (J.flatten(1) != 0).any(dim=1)
             self._cache = (J, lam, J[live].reshape(-1, self.shape[0]), lam[live])
         return self._cache[0], self._cache[1]
 
@@ -203,7 +214,9 @@ class GaussNewtonOperator(LinearOperator):
         m, o = lam.shape[0], lam.shape[1]
         k = V.shape[1]
         U = torch.bmm(lam, (J @ V).reshape(m, o, k)).reshape(m * o, k)
-        return J.T @ U * (1.0 / self.num_samples)
+        out = J.T @ U * (1.0 / self.num_samples)
+        shard = self.problem.shard
+        return out if shard is None else shard.all_reduce(out)
 
     # ------------------------------------------------------------------ matrix-free route
     def _chunk_product(self, V: torch.Tensor, x: Any, y: Any) -> torch.Tensor:

@@ -261,8 +261,11 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
             model, self.loss_fn, self._source if source is None else source, None, **kwargs
         )
 
-    def _local_twin(self) -> Problem:
-        """This rank's shard as a one-process problem (same model, loss, parameters, budget)."""
+    def local_shard(self) -> Problem:
+        """This rank's shard as a one-process problem (same model, loss, parameter block and
+        memory budget; no collectives): its N is this rank's sample count and its sample ``i`` is
+        global sample ``shard.offset + i``. On a problem that is not sharded, an equal problem.
+        For work that is per rank by nature (e.g. :func:`sgdnoise.check` of this rank's data)."""
         return self._rebuild(memory_budget=self._budget, process_group=False)
 
     def restrict(self, params: ParamSpec) -> Problem:

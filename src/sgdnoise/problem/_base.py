@@ -53,7 +53,7 @@ class ProblemBase:
     _vmap_ok: bool | None
     _shard: Shard | None
     #: Problem's: this rank's shard as a one-process problem (declared for the mixins).
-    _local_twin: Callable[[], ProblemBase]
+    local_shard: Callable[[], ProblemBase]
 
     @property
     def inputs(self) -> Any:

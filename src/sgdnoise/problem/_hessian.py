@@ -152,7 +152,7 @@ class HessianProducts(ProblemBase):
             self.routes["hvp_check"] = "skipped (D > 2^27); run sgdnoise.check(problem)"
             return
         if self._shard is not None:  # the model's rules, checked on this rank's own samples
-            twin = self._local_twin()
+            twin = self.local_shard()
             assert isinstance(twin, HessianProducts)
             twin._verify_hvp(theta)
             self._hvp_mode = twin._hvp_mode

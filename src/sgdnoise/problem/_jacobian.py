@@ -4,6 +4,7 @@ operators built on the outputs (Gauss–Newton: ``G = (1/n) Σ_i J_iᵀ ∇²_f 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -31,12 +32,9 @@ def _tensor_outputs(out: object) -> torch.Tensor:
 class OutputJacobian(ProblemBase):
     """``J V`` and ``Jᵀ U`` for :class:`~sgdnoise.problem.Problem` (mixin)."""
 
-    def _refuse_sharded(self, what: str) -> None:
-        if self._shard is not None:
-            raise NotImplementedError(
-                f"{what} is not available on a problem sharded over processes yet (its rows live "
-                "on different ranks); build the problem with process_group=False on one rank"
-            )
+    def _first_sample(self) -> Any:
+        """One sample of this rank's data (for output shapes when it holds none of a selection)."""
+        return self._source.take(torch.arange(1, device=self.device))[0]
 
     def output_jvp(
         self,
@@ -47,7 +45,9 @@ class OutputJacobian(ProblemBase):
         """Output Jacobian times vectors: ``(J V)[i] = ∂f(x_i; θ)/∂θ · V``.
 
         Forward mode (``torch.func.jvp`` of :meth:`outputs`), chunk by chunk over the samples,
-        the columns of V vmapped. The model must return one tensor ``[n, *out_shape]``.
+        the columns of V vmapped. The model must return one tensor ``[n, *out_shape]``. In a
+        sharded problem (``process_group``) each rank computes its own rows and every rank gets
+        all n rows (one collective, an exact copy).
 
         Args:
             V: directions ``[D]`` or ``[D, k]`` (problem dtype and device).
@@ -62,7 +62,6 @@ class OutputJacobian(ProblemBase):
             RuntimeError: BatchNorm/dropout in training mode (see :meth:`check_decoupled`).
         """
         self.check_decoupled("output_jvp")
-        self._refuse_sharded("output_jvp")
         vector = V.ndim == 1
         V2 = V[:, None] if vector else V
         if V2.ndim != 2 or V2.shape[0] != self.dim:
@@ -79,7 +78,14 @@ class OutputJacobian(ProblemBase):
                     return _tensor_outputs(self.outputs(th, x))
 
                 parts.append(map_columns(_jvp_of(f, theta), V2))
+            if self._shard is not None:
+                if not parts:  # none of the selection here: [0, *out_shape, k] rows
+                    shape = _tensor_outputs(self.outputs(theta, self._first_sample())).shape[1:]
+                    parts.append(V2.new_zeros(0, *shape, V2.shape[1]))
         out = torch.cat(parts)
+        if self._shard is not None:
+            sh = self._shard
+            out = sh.gather_rows(sh.split(idx)[0], sh.count(idx), [out])[0]
         return out[..., 0] if vector else out
 
     def output_vjp(
@@ -107,7 +113,6 @@ class OutputJacobian(ProblemBase):
             TypeError: the model's output is not a tensor.
         """
         self.check_decoupled("output_vjp")
-        self._refuse_sharded("output_vjp")
         theta = (self.theta() if theta is None else theta).detach()
         idx = self.check_indices(indices)
         n = self.num_samples if idx is None else int(idx.numel())
@@ -117,6 +122,8 @@ class OutputJacobian(ProblemBase):
                 f"{list(U.shape)}"
             )
         k = U.shape[-1]
+        if self._shard is not None:  # this rank's rows of U, positions as self.chunks counts them
+            U = U[self._shard.split(idx)[0]]
         total = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
         with torch.no_grad(), _math_attention():
             for x, _, pos in self.chunks(idx, self.plan_rows("hvp", min(k, 16))):
@@ -131,4 +138,4 @@ class OutputJacobian(ProblemBase):
                 except (RuntimeError, NotImplementedError) as exc:
                     raise_if_out_of_memory(exc)
                     total += torch.stack([pullback(u)[0] for u in Uc], dim=1)
-        return total
+        return total if self._shard is None else self._shard.all_reduce(total)
