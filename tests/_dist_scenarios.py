@@ -76,7 +76,7 @@ def measurements(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
         "eigenvectors": pairs.eigenvectors,
         "trace_estimate": torch.tensor(float(sgdnoise.trace_estimate(H, 12, generator=2))),
     }
-    out |= output_space(p, V)
+    out |= output_space(p, V) | monitor(p)
     out |= _floats(sgdnoise.escape_indicator(p, 4), "indicator")
     out |= _floats(sgdnoise.escape_indicator(p, 4, num_samples=7, generator=4), "sampled")
     out |= _floats(sgdnoise.alignment(p, 4, k=2), "alignment")
@@ -120,6 +120,26 @@ def output_space(p: sgdnoise.Problem, V: torch.Tensor) -> dict[str, torch.Tensor
         "output_vjp_some": p.output_vjp(U, indices=some),
         "check.ok": ok,
     }
+
+
+def monitor(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    """Every quantity of a Monitor whose probe set is this rank's shard; the number of ranks that
+    write its file (rank 0 alone)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    mon = sgdnoise.Monitor(p.model, p.loss_fn, (p.inputs, p.targets), every=1, batch_size=4,
+                           path=f"{folder}/m.jsonl", sharpness_samples=8, seed=3)  # fmt: skip
+    values = mon.step(0)["quantities"]
+    writers = torch.tensor([float(mon.path is not None)], dtype=torch.float64)
+    if p.shard is not None:
+        torch.distributed.all_reduce(writers)
+    out = {"monitor.writers": writers}
+    for name, entry in values.items():
+        for key in ("value", "stderr"):
+            if isinstance(entry.get(key), float):
+                out[f"monitor.{name}.{key}"] = torch.tensor(entry[key], dtype=torch.float64)
+    return out
 
 
 def dynamics(

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import resolve_generator
+from ._utils import is_writer, resolve_generator
 from .linalg import batch_scale, gradient_noise_covariance, hessian, top_eigenpairs
 from .measures import alignment, escape_indicator, expected_sharpness, hessian_trace
 from .noise_scale import gradient_noise_scale
@@ -196,6 +196,11 @@ class Monitor:
         chunk_size: largest number of probe samples processed at once.
         tensorboard_dir: also write TensorBoard scalars (``sgdnoise/<quantity>`` and
             ``sgdnoise_seconds/<quantity>``) there; needs ``pip install 'sgdnoise[tensorboard]'``.
+        process_group: as in :class:`~sgdnoise.Problem`: under ``torchrun`` (an initialised
+            group of several ranks) the probe set is *sharded* by default — each rank passes its
+            own part of it and every rank calls :meth:`step` at the same steps; rank 0 alone
+            writes ``path`` and TensorBoard. ``False``: every rank measures its own probe set
+            alone (no collectives; rank 0 still the only writer).
 
     Attributes:
         records: every measurement made, as written to ``path``.
@@ -231,6 +236,7 @@ class Monitor:
         params: Any = None,
         chunk_size: int | None = None,
         tensorboard_dir: str | os.PathLike[str] | None = None,
+        process_group: Any = None,
     ) -> None:
         self.every = _positive_int("every", every)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -249,8 +255,9 @@ class Monitor:
         inputs, targets = _split_probe(probe_data, probe_targets)
         with _measuring(model):
             self.problem = Problem(
-                model, loss_fn, inputs, targets, chunk_size=chunk_size, params=params
-            )
+                model, loss_fn, inputs, targets, chunk_size=chunk_size, params=params,
+                process_group=process_group,
+            )  # fmt: skip
         N = self.problem.num_samples
         batch_scale(N, self.batch_size, self.replacement)  # b outside [1, N]: an error now
         if num_samples is not None and (
@@ -271,13 +278,13 @@ class Monitor:
         self.records: list[dict[str, Any]] = []
         self._eigenvector: torch.Tensor | None = None
         self._warned = False
-        self.path = None if path is None else Path(path)
+        self.path = None if path is None or not is_writer() else Path(path)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not append:
                 self.path.write_text("")
         self._writer: Any = None
-        if tensorboard_dir is not None:
+        if tensorboard_dir is not None and is_writer():
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
