@@ -229,3 +229,23 @@ def test_torchrun_fashion_smoke_matches_one_process_and_resumes(tmp_path):
     ]
     assert not bad, bad[:10]
     assert len(a) > 100  # the comparison covered the whole results.json
+
+
+ONE_PROCESS = [
+    ["toy", "--profile", "smoke"],
+    ["measure", "--model", "x:y", "--batch-size", "4", "--data", "d.pt"],
+]
+
+
+@pytest.mark.parametrize("command", ONE_PROCESS)
+def test_one_process_commands_refuse_torchrun(command, tmp_path, capsys):
+    """Commands whose every rank would hold the whole data set refuse torchrun in one line."""
+    from unittest import mock
+
+    from sgdnoise.cli import main
+
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "2", "RANK": "1"}):
+        assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs in one process" in err and "rank 1 of 2" in err
+    assert not (tmp_path / "out").exists()

@@ -209,6 +209,23 @@ def is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def refuse_torchrun(command: str, why: str) -> None:
+    """Raise a one-line error when run under ``torchrun`` with more than one rank: ``command``
+    runs in one process only (``why``).
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` > 1.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ValueError(
+            f"{command} runs in one process ({why}), but this is rank "
+            f"{os.environ.get('RANK', '?')} of {world} under torchrun; run it without torchrun "
+            "(under torchrun: `sgdnoise fashion`, or a script of your own that passes each rank "
+            "its shard to sgdnoise.Problem; README, 'Scale out')"
+        )
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
 

@@ -239,6 +239,10 @@ def _run_experiment(exp: Any, args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)
     t0 = time.perf_counter()
+    if not exp.distributed:
+        from ._utils import refuse_torchrun
+
+        refuse_torchrun(f"sgdnoise {exp.name}", "its data set is small")
     joined = _join_torchrun(device)
     ok = False
     try:

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._utils import refuse_torchrun
+
 __all__ = ["DATA_KEYS", "add_parser", "load_data", "load_model", "run_measure"]
 
 #: Accepted (inputs, targets) key pairs of ``.npz`` / ``.pt`` data files, in order of preference.
@@ -441,6 +443,7 @@ Quantities computed by one call share its time. Numbers are also in <code>measur
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
+    refuse_torchrun("sgdnoise measure", "every rank would load the whole data set")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     result = run_measure(

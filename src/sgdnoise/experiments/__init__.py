@@ -86,5 +86,6 @@ EXPERIMENTS: dict[str, Experiment] = {
         cost={"smoke": "40 s", "quick": "50 min (CPU)", "paper": "GPU; many hours on CPU"},
         data=True,
         signature=("seed_*",),
+        distributed=True,
     ),
 }

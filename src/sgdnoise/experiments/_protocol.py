@@ -70,6 +70,9 @@ class Experiment:
         cost: profile → measured wall time (for ``sgdnoise list``).
         data: whether it reads FashionMNIST (``--data-dir``; the data identity guards resuming).
         signature: file patterns only this experiment writes (to recognise old run directories).
+        distributed: whether it shards its data under ``torchrun`` (the others are refused
+            there: every rank would hold the whole data set, which a sharded problem would count
+            R times).
     """
 
     name: str
@@ -85,6 +88,7 @@ class Experiment:
     cost: Mapping[str, str]
     data: bool = False
     signature: tuple[str, ...] = ()
+    distributed: bool = False
 
     def configure(
         self, profile: str = "quick", toml: Mapping[str, Any] | None = None, **flags: Any
