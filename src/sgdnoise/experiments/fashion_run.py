@@ -492,7 +492,7 @@ class PhaseBar:
     def advance(
         self, n: int, row: dict[str, Any] | None, skipped: bool = False, rows: Sequence[Any] = ()
     ) -> None:
-        """``run_phase``'s progress callback (see :func:`~.fashion_run.run_phase`)."""
+        """``run_phase``'s progress callback (see :func:`sgdnoise.phases.run_phase`)."""
         if row is not None and "test_acc" in row:
             self.acc = f"test acc {row['test_acc']:.3f}"
         costs = self.costs[self.key]
