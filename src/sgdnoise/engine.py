@@ -63,7 +63,8 @@ class BatchedEngine:
 
     Raises:
         ValueError: an unknown dynamics, a bad step size, batch size or refresh period, options
-            for GD/SGD, ``noise_only_on_refresh`` (not supported), or ``theta`` of the wrong shape.
+            for GD/SGD, ``noise_only_on_refresh`` (not supported), ``theta`` of the wrong shape,
+            or a problem sharded over torchrun ranks (the passes do not reduce over ranks).
         TypeError: an option the structure does not have.
 
     Attributes:
