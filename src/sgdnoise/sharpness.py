@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from ._utils import check_finite, randn, resolve_generator
 from .problem import Problem
 from .results import ExpectedSharpness
 
-__all__ = ["expected_sharpness"]
+__all__ = ["expected_sharpness", "expected_sharpness_members"]
 
 
 def _loss_at(problem: Problem, theta: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
@@ -97,7 +97,12 @@ def expected_sharpness(
             with torch.no_grad():
                 losses = torch.stack([problem.reduce_mean(_loss_at(problem, th)) for th in thetas])
         diffs.append(losses - L0)
-    d = torch.cat(diffs).double()
+    return _result(torch.cat(diffs), L0, sigma)
+
+
+def _result(diffs: torch.Tensor, L0: torch.Tensor, sigma: float) -> ExpectedSharpness:
+    """The dataclass from the draws' ``L(θ+ν) − L(θ)`` ``[S]``."""
+    d = diffs.double()
     check_finite(d, "a perturbed loss", "Lower sigma: the perturbed model produced NaN/inf.")
     m = d.numel()
     return ExpectedSharpness(
@@ -109,3 +114,60 @@ def expected_sharpness(
         sigma=float(sigma),
         num_samples=m,
     )
+
+
+def expected_sharpness_members(
+    losses: Callable[[torch.Tensor], torch.Tensor],
+    thetas: torch.Tensor,
+    sigma: float,
+    num_samples: int,
+    generators: Sequence[torch.Generator],
+    *,
+    draws_per_batch: int = 16,
+) -> list[ExpectedSharpness]:
+    """:func:`expected_sharpness` at M parameter vectors at once, each with its own draws.
+
+    Member j draws its perturbations from ``generators[j]`` exactly as :func:`expected_sharpness`
+    with that generator would (``draws_per_batch`` draws ``[B, D]`` at a time, in the dtype and on
+    the device of ``thetas``), so its result equals that call's up to the rounding of ``losses``;
+    the losses of all members' draws of one batch are evaluated by one call of ``losses`` on
+    ``[M·B, D]`` rows (e.g. :meth:`sgdnoise.engine.BatchedEngine.losses`).
+
+    Args:
+        losses: ``[K, D] ↦ [K]`` full-batch training losses at K parameter vectors.
+        thetas: ``[M, D]`` the members' parameters (float32 or float64).
+        sigma, num_samples, draws_per_batch: as :func:`expected_sharpness`.
+        generators: M generators, one per row of ``thetas``.
+
+    Returns:
+        One :class:`~sgdnoise.results.ExpectedSharpness` per member, in order.
+
+    Raises:
+        ValueError: bad sigma/num_samples/draws_per_batch, ``thetas`` not ``[M, D]``, a generator
+            count other than M, or a 16-bit dtype (use :func:`expected_sharpness`, which upcasts).
+        FloatingPointError: a perturbed loss is NaN/inf (lower sigma).
+    """
+    _check_arguments(sigma, num_samples, draws_per_batch)
+    if thetas.ndim != 2 or len(generators) != thetas.shape[0]:
+        raise ValueError(
+            f"thetas must be [M, D] with one generator per row; got shape {list(thetas.shape)} "
+            f"and {len(generators)} generators"
+        )
+    if thetas.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"expected_sharpness_members takes float32/float64 parameters, got {thetas.dtype}; "
+            "use expected_sharpness, which evaluates 16-bit models on a float32 copy"
+        )
+    M, D = thetas.shape
+    L0 = losses(thetas)
+    diffs = []
+    for start in range(0, num_samples, draws_per_batch):
+        B = min(draws_per_batch, num_samples - start)
+        nu = torch.stack([
+            randn((B, D), generator=g, dtype=thetas.dtype, device=thetas.device)
+            for g in generators
+        ])  # fmt: skip
+        perturbed = (thetas[:, None, :] + sigma * nu).reshape(M * B, D)
+        diffs.append(losses(perturbed).reshape(M, B) - L0[:, None])
+    d = torch.cat(diffs, dim=1)
+    return [_result(d[j], L0[j], sigma) for j in range(M)]

@@ -36,17 +36,18 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from .._stats import curve_over_seeds, stat
+from .._utils import is_writer
 from ..config import Distinct, ExperimentConfig, OneOf, configure, experiment_config
+from ..engine import resolve_engine
 from ..figures.fashion import summary
-from ..models import FashionCNN
 from ..optim import default_refresh, dynamics_label, dynamics_names
-from ..problem import Problem, local_range
-from ..runs import RunDir, data_key, resolve_device, resolve_dtype
-from .fashion_run import NUM_TEST, PhaseBar, PhaseData, load_phase_data, phase_spec, run_phase
+from ..problem import local_range
+from ..runs import RunDir, data_key, notice, resolve_device, resolve_dtype
+from .fashion_batched import run_batched
+from .fashion_run import NUM_TEST, PhaseBar, load_phase_data, run_loop
 
 __all__ = [
     "ALL_DYNAMICS",
@@ -205,6 +206,7 @@ class FashionConfig(ExperimentConfig):
         description="Hutch++ products for Tr(H) (D > 2048 here, so it is estimated)",
     )
     checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints (per dynamics, rounded up to a multiple of its refresh period)")  # fmt: skip
+    engine: Literal["auto", "loop", "batched"] = Field(default="auto", description="how the phases run: loop = one model per phase, one after the other; batched = the phases of a stage (GD phases of every seed, then every dynamics of every seed) stepped together in one batched engine (same numbers up to rounding, same files); auto = batched on CUDA, loop on the CPU (where the engine is slower)")  # fmt: skip
     memory_budget: str = Field(default="4G", pattern=r"^\d+(\.\d+)?[KMGT]?$", description="memory one pass may use, e.g. 4G; fixed (not a share of the free memory) so that repeated and resumed runs chunk alike and give bit-identical numbers; lower it on a small machine")  # fmt: skip
 
     @pydantic.model_validator(mode="after")
@@ -320,32 +322,23 @@ def config_from(
 # --------------------------------------------------------------------------------------------
 
 
-def _run_seed(
-    config: FashionConfig,
-    seed: int,
-    pdata: PhaseData,
-    folder: Path,
-    bar: PhaseBar,
-    stop_after: int | None,
-) -> dict[str, dict[str, Any]] | None:
-    """Every phase of one seed (``None`` when ``stop_after`` interrupted one)."""
-    dtype, dev = pdata.x_train.dtype, pdata.x_train.device
-    model = FashionCNN(generator=torch.Generator().manual_seed(seed), dtype=dtype, device=dev)
-    lo, hi = local_range(pdata.y_train.shape[0])  # this rank's shard under torchrun (else all)
-    x, y = pdata.x_train[lo:hi], pdata.y_train[lo:hi]
-    problem = Problem(model, F.cross_entropy, x, y, memory_budget=config.memory_budget)
-    theta = problem.theta()
-    phases: dict[str, dict[str, Any]] = {}
-    for key in ("gd_phase", *config.dynamics):
-        bar.start(seed, key)
-        spec = phase_spec(config, seed, key)
-        start = theta if key == "gd_phase" else phases["gd_phase"]["theta"]
-        res = run_phase(problem, pdata, spec, folder / key, start, advance=bar.advance,
-                        stop_after=stop_after)  # fmt: skip
-        if res.get("unfinished"):
-            return None
-        phases[key] = res
-    return phases
+def _engine(config: FashionConfig, dev: torch.device) -> str:
+    """``"loop"`` or ``"batched"`` for ``config.engine`` on ``dev``, said once on stderr.
+
+    Raises:
+        ValueError: ``engine="batched"`` under torchrun (the engine does not reduce over ranks).
+    """
+    engine = resolve_engine(config.engine, dev)
+    if engine == "batched" and local_range(config.n_train) != (0, config.n_train):
+        if config.engine == "batched":
+            raise ValueError(
+                "engine='batched' does not run sharded under torchrun (its passes do not reduce "
+                "over ranks); use --engine loop (or auto) with torchrun"
+            )
+        engine = "loop"
+    if is_writer():
+        notice(f"fashion: {engine} engine (engine={config.engine!r}, device {dev})")
+    return engine
 
 
 def run(
@@ -393,15 +386,16 @@ def run(
     rd.write_json("data.json", ident)
     rd.write_env(dev)
     bar = PhaseBar(config, progress)
-    phases: dict[int, dict[str, dict[str, Any]]] = {}
-    for seed in config.seeds:
-        per_seed = _run_seed(config, seed, pdata, rd.path / f"seed_{seed}", bar, _stop_after)
-        if per_seed is None:
-            return {}
-        phases[seed] = per_seed
+    engine = _engine(config, dev)
+    if engine == "batched":
+        phases = run_batched(config, pdata, rd.path, bar, _stop_after)
+    else:
+        phases = run_loop(config, pdata, rd.path, bar, _stop_after)
+    if phases is None:
+        return {}
     results = build_results(
         config, phases, source=source, device=str(dev), n_test=pdata.y_test.shape[0],
-        data_files=ident["files"],
+        data_files=ident["files"], engine=engine,
     )  # fmt: skip
     rd.write_json("results.json", results)
     rd.write_csv("metrics.csv", _flat_rows(phases))
@@ -547,6 +541,7 @@ def build_results(
     device: str = "",
     n_test: int | None = None,
     data_files: Mapping[str, Any] | None = None,
+    engine: str = "loop",
 ) -> dict[str, Any]:
     """``results.json``: ``meta``, ``gd_phase`` and, per dynamics, the mean ± std over seeds and
     the curves (see ``meta["definitions"]``)."""
@@ -554,6 +549,7 @@ def build_results(
     gd_rows = [list(phases[s]["gd_phase"]["rows"]) for s in seeds]
     n = n_test if n_test is not None else (config.n_test or NUM_TEST)
     meta = _meta(config, seeds, device=device, source=source, data_files=data_files, n_test=n)
+    meta["engine"] = engine
     gd_phase: dict[str, Any] = {k: stat([_last(rows, k) for rows in gd_rows]) for k in _GD_KEYS}
     gd_phase["wall_s"] = stat([phases[s]["gd_phase"].get("wall_s") for s in seeds])
     gd_phase["curves"] = _curves(gd_rows)

@@ -23,25 +23,26 @@ warm start of the Hessian structures, so that refresh starts where the uninterru
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .._utils import _jsonable, atomic_write_bytes, atomic_write_text, is_writer
 from ..data import corrupted_fashion_mnist, fashion_mnist_identity
+from ..engine import Member
 from ..measures import escape_indicator, expected_sharpness
+from ..models import FashionCNN
 from ..noise import noise_class
-from ..optim import ProblemOptimizer, default_refresh, dynamics_label, make_optimizer
-from ..problem import Problem
-from ..runs import Progress, quarantine
+from ..optim import default_refresh, dynamics_label
+from ..phases import StagePhase, load_final, run_phase
+from ..problem import Problem, local_range
+from ..results import ExpectedSharpness
+from ..runs import Progress
 
 if TYPE_CHECKING:
     from .fashion import FashionConfig
@@ -54,9 +55,10 @@ __all__ = [
     "evaluate_accuracy",
     "load_final",
     "load_phase_data",
+    "member_of",
     "phase_cost",
     "phase_spec",
-    "run_phase",
+    "run_loop",
 ]
 
 #: Images in the FashionMNIST test file.
@@ -160,97 +162,87 @@ def _due(t: int, every: int, spec: PhaseSpec) -> bool:
     return t % every == 0
 
 
+def _due_kinds(spec: PhaseSpec, t: int) -> tuple[bool, bool, bool]:
+    """Whether an evaluation, an expected sharpness and an indicator are due at t."""
+    do_eval = t == spec.num_steps or _due(t, spec.eval_every, spec)
+    return do_eval, _due(t, spec.sharpness_every, spec), _due(t, spec.indicator_every, spec)
+
+
+def _eval_fields(
+    test: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[torch.Tensor, torch.Tensor],
+    bad: torch.Tensor,
+    ok_true: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Test/train accuracy and loss from per-sample ``(correct, loss)``; ``ok_true``: whether the
+    corrupted samples are classified as their *true* labels (forgetting the random labels shows
+    up as this rising while ``train_acc_corrupted`` falls)."""
+    (ok, loss), (ok_tr, loss_tr) = test, train
+    any_bad = bool(bad.any())
+    return {
+        "test_acc": float(ok.double().mean()),
+        "test_loss": float(loss.double().mean()),
+        "train_loss": float(loss_tr.double().mean()),
+        "train_acc": float(ok_tr.double().mean()),
+        "train_acc_clean": float(ok_tr[~bad].double().mean()) if bool((~bad).any()) else None,
+        "train_acc_corrupted": float(ok_tr[bad].double().mean()) if any_bad else None,
+        **(
+            {"train_acc_corrupted_true": float(ok_true.double().mean())}
+            if ok_true is not None
+            else {}
+        ),
+    }
+
+
+def _sharpness_fields(es: ExpectedSharpness) -> dict[str, Any]:
+    return {"sharpness_signed": es.signed, "sharpness_signed_stderr": es.signed_stderr,
+            "sharpness_abs": es.absolute, "sharpness_abs_stderr": es.absolute_stderr}  # fmt: skip
+
+
+def _indicator_fields(problem: Problem, spec: PhaseSpec, t: int) -> dict[str, Any]:
+    """The escape indicator at the problem's θ (its own generator per (seed, phase, t))."""
+    ind = escape_indicator(
+        problem,
+        spec.batch_size,
+        num_samples=spec.indicator_samples,
+        generator=_generator(spec.seed, spec.name, t, "indicator"),
+        trace_matvecs=spec.indicator_trace_matvecs,
+    )
+    return {
+        "tr_HS": ind.tr_HS,
+        "tr_HS_stderr": ind.stderr,
+        "tr_HS_iso": ind.tr_HS_iso,
+        # Tr(HΣ̄) = Tr(H) Tr(Σ)/D: its error comes from Tr(H) only (Tr Σ is exact).
+        "tr_HS_iso_stderr": ind.tr_H_stderr * ind.tr_S / ind.dim,
+        "indicator_ratio": ind.ratio,
+        "tr_H": ind.tr_H,
+        "tr_S": ind.tr_S,
+        "indicator_exact": ind.exact and ind.tr_H_exact,
+    }
+
+
 def measure(problem: Problem, data: PhaseData, spec: PhaseSpec, t: int) -> dict[str, Any] | None:
     """The metrics due at θ_t (``None`` when nothing is due)."""
-    do_eval = t == spec.num_steps or _due(t, spec.eval_every, spec)
-    do_sharp = _due(t, spec.sharpness_every, spec)
-    do_ind = _due(t, spec.indicator_every, spec)
+    do_eval, do_sharp, do_ind = _due_kinds(spec, t)
     if not (do_eval or do_sharp or do_ind):
         return None
     row: dict[str, Any] = {"t": t, "iteration": spec.iteration_offset + t}
-    model = problem.model
+    model, bad = problem.model, data.corrupted
     if do_eval:
-        ok, loss = evaluate_accuracy(model, data.x_test, data.y_test)
-        row["test_acc"] = float(ok.double().mean())
-        row["test_loss"] = float(loss.double().mean())
-        ok_tr, loss_tr = evaluate_accuracy(model, data.x_train, data.y_train)
-        bad = data.corrupted
-        row["train_loss"] = float(loss_tr.double().mean())
-        row["train_acc"] = float(ok_tr.double().mean())
-        row["train_acc_clean"] = float(ok_tr[~bad].double().mean()) if bool((~bad).any()) else None
-        row["train_acc_corrupted"] = float(ok_tr[bad].double().mean()) if bool(bad.any()) else None
+        ok_true = None
         if bool(bad.any()):
-            # Accuracy of the corrupted samples against their *true* labels: forgetting the random
-            # labels shows up as this rising while train_acc_corrupted falls.
             with torch.no_grad():
-                pred = model(data.x_train[bad]).argmax(1)
-            row["train_acc_corrupted_true"] = float(
-                (pred == data.y_train_original[bad]).double().mean()
-            )
+                ok_true = model(data.x_train[bad]).argmax(1) == data.y_train_original[bad]
+        row.update(_eval_fields(evaluate_accuracy(model, data.x_test, data.y_test),
+                                evaluate_accuracy(model, data.x_train, data.y_train),
+                                bad, ok_true))  # fmt: skip
     if do_sharp:
-        es = expected_sharpness(
-            problem,
-            spec.sharpness_sigma,
-            spec.sharpness_draws,
-            generator=_generator(spec.seed, spec.name, t, "sharpness"),
-        )
-        row["sharpness_signed"] = es.signed
-        row["sharpness_signed_stderr"] = es.signed_stderr
-        row["sharpness_abs"] = es.absolute
-        row["sharpness_abs_stderr"] = es.absolute_stderr
+        gen = _generator(spec.seed, spec.name, t, "sharpness")
+        es = expected_sharpness(problem, spec.sharpness_sigma, spec.sharpness_draws, generator=gen)
+        row.update(_sharpness_fields(es))
     if do_ind:
-        ind = escape_indicator(
-            problem,
-            spec.batch_size,
-            num_samples=spec.indicator_samples,
-            generator=_generator(spec.seed, spec.name, t, "indicator"),
-            trace_matvecs=spec.indicator_trace_matvecs,
-        )
-        row["tr_HS"] = ind.tr_HS
-        row["tr_HS_stderr"] = ind.stderr
-        row["tr_HS_iso"] = ind.tr_HS_iso
-        # Tr(HΣ̄) = Tr(H) Tr(Σ)/D: its error comes from Tr(H) only (Tr Σ is exact).
-        row["tr_HS_iso_stderr"] = ind.tr_H_stderr * ind.tr_S / ind.dim
-        row["indicator_ratio"] = ind.ratio
-        row["tr_H"] = ind.tr_H
-        row["tr_S"] = ind.tr_S
-        row["indicator_exact"] = ind.exact and ind.tr_H_exact
+        row.update(_indicator_fields(problem, spec, t))
     return row
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint files
-# --------------------------------------------------------------------------------------------
-
-
-def _save(path: Path, obj: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load(path: Path) -> dict[str, Any] | None:
-    """A checkpoint file's content; ``None`` if it is missing, or damaged (then moved aside)."""
-    if not path.exists():
-        return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(obj, dict) or "theta" not in obj or "rows" not in obj:
-            raise ValueError("not an sgdnoise checkpoint")
-        return obj
-    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all "damaged"
-        quarantine(path, f"{type(exc).__name__}: {exc}")
-        return None
-
-
-def _write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
-    atomic_write_text(folder / "metrics.jsonl", text)
-
-
-def load_final(folder: Path) -> dict[str, Any] | None:
-    """``{"theta", "rows", "wall_s"}`` of a finished phase, or ``None`` if it has not finished."""
-    return _load(folder / "final.pt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,113 +250,58 @@ def load_final(folder: Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _build_optimizer(problem: Problem, spec: PhaseSpec) -> ProblemOptimizer:
-    """The phase's optimizer (GD ignores the generator, the batch size and the refresh period)."""
+def member_of(spec: PhaseSpec) -> Member:
+    """The engine member running ``spec``, with the random stream the loop's optimizer gets."""
     gen = _generator(spec.seed, spec.name, "dynamics")
-    return make_optimizer(spec.dynamics, problem, spec.lr, generator=gen,
-                          batch_size=spec.batch_size, refresh_every=spec.refresh_every,
-                          **spec.options)  # fmt: skip
+    return Member(spec.dynamics, spec.lr, generator=gen, batch_size=spec.batch_size,
+                  refresh_every=spec.refresh_every, options=dict(spec.options))  # fmt: skip
 
 
-def _start(
-    problem: Problem,
-    data: PhaseData,
-    spec: PhaseSpec,
-    ckpt_path: Path,
-    theta0: torch.Tensor,
-    advance: Callable[..., None] | None,
-) -> tuple[ProblemOptimizer, int, list[dict[str, Any]], float]:
-    """The optimizer, first step, rows so far and wall time: from the checkpoint if there is one,
-    else from ``theta0`` (measuring t = 0)."""
-    ckpt = _load(ckpt_path)
-    if ckpt is not None:
-        t0, rows, wall = int(ckpt["t"]), list(ckpt["rows"]), float(ckpt["wall_s"])
-        problem.set_theta(ckpt["theta"].to(problem.device, problem.dtype))
-        opt = _build_optimizer(problem, spec)
-        state = ckpt["optim"]
-        if ckpt.get("warm") is not None:  # checkpoints written before GLD saved its warm start
-            extra = state.setdefault("sgdnoise", {})
-            extra.setdefault("noise_warm_state", {"eigenvectors": ckpt["warm"]})
-        opt.load_state_dict(state)
-        if advance is not None:
-            advance(t0, None, skipped=True, rows=rows)
-    else:
-        t0, rows, wall = 0, [], 0.0
-        problem.set_theta(theta0.to(problem.device, problem.dtype))
-        opt = _build_optimizer(problem, spec)
-        row = measure(problem, data, spec, 0)
-        if row is not None:
-            rows.append(row)
-            if advance is not None:
-                advance(0, row)
-    return opt, t0, rows, wall
+def _measure_at(problem: Problem, t: int, *, data: PhaseData, spec: PhaseSpec) -> Any:
+    return measure(problem, data, spec, t)
 
 
-def run_phase(
-    problem: Problem,
-    data: PhaseData,
-    spec: PhaseSpec,
+def _run_seed(
+    config: FashionConfig,
+    seed: int,
+    pdata: PhaseData,
     folder: Path,
-    theta0: torch.Tensor,
-    *,
-    advance: Callable[..., None] | None = None,
-    stop_after: int | None = None,
-) -> dict[str, Any]:
-    """Run (or resume, or just load) one phase; returns ``{"theta", "rows", "wall_s"}``.
+    bar: PhaseBar,
+    stop_after: int | None,
+) -> dict[str, dict[str, Any]] | None:
+    """Every phase of one seed (``None`` when ``stop_after`` interrupted one)."""
+    dtype, dev = pdata.x_train.dtype, pdata.x_train.device
+    model = FashionCNN(generator=torch.Generator().manual_seed(seed), dtype=dtype, device=dev)
+    lo, hi = local_range(pdata.y_train.shape[0])  # this rank's shard under torchrun (else all)
+    x, y = pdata.x_train[lo:hi], pdata.y_train[lo:hi]
+    problem = Problem(model, F.cross_entropy, x, y, memory_budget=config.memory_budget)
+    theta = problem.theta()
+    phases: dict[str, dict[str, Any]] = {}
+    for key in ("gd_phase", *config.dynamics):
+        bar.start(seed, key)
+        spec = phase_spec(config, seed, key)
+        start = theta if key == "gd_phase" else phases["gd_phase"]["theta"]
+        phase = StagePhase(folder / key, member_of(spec), start, spec.num_steps,
+                           spec.checkpoint_every)  # fmt: skip
+        res = run_phase(problem, phase, partial(_measure_at, data=pdata, spec=spec),
+                        advance=bar.advance, stop_after=stop_after)  # fmt: skip
+        if res.get("unfinished"):
+            return None
+        phases[key] = res
+    return phases
 
-    Args:
-        problem: the training problem; its model's parameters are overwritten.
-        data: tensors to measure on.
-        spec: what to run.
-        folder: the phase folder (created).
-        theta0: θ at t = 0 (ignored when resuming from a checkpoint).
-        advance: progress callback ``advance(n, row, skipped=False)``: n more steps are done
-            (``skipped=True`` and ``rows=`` the loaded rows, with all T for a phase that had
-            finished or t for a resumed one; 0 with the row measured at t = 0; then 1 per
-            computed step), row = the metrics measured after that step or ``None``.
-        stop_after: testing hook: return (without finishing) after this many steps of this call.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    done = load_final(folder)
-    if done is not None:
-        if advance is not None:
-            advance(spec.num_steps, None, skipped=True, rows=done["rows"])
-        return done
-    ckpt_path = folder / "checkpoint.pt"
-    start = time.perf_counter()
-    opt, t0, rows, wall = _start(problem, data, spec, ckpt_path, theta0, advance)
-    for t in range(t0, spec.num_steps):
-        opt.step()
-        done_steps = t + 1
-        row = measure(problem, data, spec, done_steps)
-        if row is not None:
-            rows.append(row)
-        if done_steps % spec.checkpoint_every == 0 and done_steps < spec.num_steps:
-            _save(
-                ckpt_path,
-                {
-                    "t": done_steps,
-                    "theta": problem.theta().cpu(),
-                    "optim": opt.state_dict(),
-                    "rows": rows,
-                    "wall_s": wall + time.perf_counter() - start,
-                },
-            )
-            _write_rows(folder, rows)
-        if advance is not None:
-            advance(1, row)
-        if stop_after is not None and done_steps - t0 >= stop_after and done_steps < spec.num_steps:
-            return {"theta": problem.theta(), "rows": rows, "wall_s": math.nan, "unfinished": True}
-    final = {
-        "theta": problem.theta().cpu(),
-        "rows": rows,
-        "wall_s": wall + time.perf_counter() - start,
-    }
-    _write_rows(folder, rows)
-    _save(folder / "final.pt", final)
-    if ckpt_path.exists() and is_writer():
-        ckpt_path.unlink()
-    return final
+
+def run_loop(
+    config: FashionConfig, pdata: PhaseData, folder: Path, bar: PhaseBar, stop_after: int | None
+) -> dict[int, dict[str, dict[str, Any]]] | None:
+    """Every seed's phases one after the other (``None`` when ``stop_after`` interrupted one)."""
+    phases: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in config.seeds:
+        per_seed = _run_seed(config, seed, pdata, folder / f"seed_{seed}", bar, stop_after)
+        if per_seed is None:
+            return None
+        phases[seed] = per_seed
+    return phases
 
 
 def load_phase_data(
@@ -555,7 +492,7 @@ class PhaseBar:
     def advance(
         self, n: int, row: dict[str, Any] | None, skipped: bool = False, rows: Sequence[Any] = ()
     ) -> None:
-        """``run_phase``'s progress callback (see :func:`~.fashion_run.run_phase`)."""
+        """``run_phase``'s progress callback (see :func:`sgdnoise.phases.run_phase`)."""
         if row is not None and "test_acc" in row:
             self.acc = f"test acc {row['test_acc']:.3f}"
         costs = self.costs[self.key]
