@@ -1,9 +1,9 @@
 """One process × T threads against R processes × T/R threads (gloo), in one run (issue 13).
 
 For each model — the paper's FashionMNIST CNN (D = 11,330) and a wider MLP on the same images —
-and N random images (the cost does not depend on the pixel values; default N = 300, because the
-exact Tr(HΣ) costs N² sample passes: at the paper's N = 1,200 this bench would take, estimated
-from N = 300 on the 2-core CPU, about 9 minutes for the CNN and 17 for the MLP), times
+and N random images (the cost does not depend on the pixel values; default N = 300 for both,
+because the exact Tr(HΣ) costs N² sample passes: ``--num-samples 1200 --mlp-num-samples 600``,
+the paper's N for the CNN, takes about 15 minutes on the 2-core CPU), times
 
 * the full-batch gradient ∇L,
 * a block of 20 Hessian-vector products (one call, ``H @ V`` with V ``[D, 20]``),
@@ -22,8 +22,8 @@ result with the one-process one (floating-point reduction order only).
 
 Usage::
 
-    python bench/bench_distributed.py [--out bench/out/distributed.json] [--num-samples 300] [--ranks 2]
-        [--threads 2] [--repeats 3]
+    python bench/bench_distributed.py [--out bench/out/distributed.json] [--num-samples 300]
+        [--mlp-num-samples N] [--ranks 2] [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -101,13 +101,20 @@ def _measure(name: str, n: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def _n(args: argparse.Namespace, name: str) -> int:
+    """N of this model: ``--mlp-num-samples`` for the MLP when given, else ``--num-samples``."""
+    if name == MODELS[1] and args.mlp_num_samples is not None:
+        return int(args.mlp_num_samples)
+    return int(args.num_samples)
+
+
 def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(max(1, args.threads // args.ranks))
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
     try:
-        result = {name: _measure(name, args.num_samples, args.repeats) for name in MODELS}
+        result = {name: _measure(name, _n(args, name), args.repeats) for name in MODELS}
         if dist.get_rank() == 0:
             torch.save(result, args.result)
         dist.barrier()
@@ -118,7 +125,9 @@ def _worker(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/out/distributed.json")
-    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--num-samples", type=int, default=300, help="N (the CNN; both models "
+                        "unless --mlp-num-samples)")  # fmt: skip
+    parser.add_argument("--mlp-num-samples", type=int, default=None, help="N of the MLP")
     parser.add_argument(
         "--device", default="cpu", help="cpu (gloo); the NCCL path is not benchmarked yet"
     )
@@ -136,7 +145,7 @@ def main() -> int:
             f"bench_distributed: gloo on the CPU only (asked for {args.device!r}); running on cpu"
         )
     torch.set_num_threads(args.threads)
-    one = {name: _measure(name, args.num_samples, args.repeats) for name in MODELS}
+    one = {name: _measure(name, _n(args, name), args.repeats) for name in MODELS}
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "rank0.pt"
         env = dict(
@@ -144,13 +153,14 @@ def main() -> int:
         )
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.ranks}", __file__, "--worker", "--result", str(result),
-               "--num-samples", str(args.num_samples), "--ranks", str(args.ranks), "--threads", str(args.threads),
+               "--num-samples", str(args.num_samples), "--mlp-num-samples", str(_n(args, MODELS[1])),
+               "--ranks", str(args.ranks), "--threads", str(args.threads),
                "--repeats", str(args.repeats)]  # fmt: skip
         subprocess.run(cmd, check=True, env=env, timeout=3600)
         dist = torch.load(result)
     report: dict[str, Any] = {}
     for name in MODELS:
-        row: dict[str, Any] = {"dim": one[name]["dim"], "n": args.num_samples}
+        row: dict[str, Any] = {"dim": one[name]["dim"], "n": _n(args, name)}
         for q in ("gradient", "hvp_block_20", "exact_tr_HS"):
             a, b = one[name][q], dist[name][q]
             diff = float(
