@@ -76,7 +76,7 @@ def measurements(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
         "eigenvectors": pairs.eigenvectors,
         "trace_estimate": torch.tensor(float(sgdnoise.trace_estimate(H, 12, generator=2))),
     }
-    out |= output_space(p, V) | monitor(p)
+    out |= output_space(p, V) | monitor(p) | padding(p)
     out |= _floats(sgdnoise.escape_indicator(p, 4), "indicator")
     out |= _floats(sgdnoise.escape_indicator(p, 4, num_samples=7, generator=4), "sampled")
     out |= _floats(sgdnoise.alignment(p, 4, k=2), "alignment")
@@ -119,6 +119,26 @@ def output_space(p: sgdnoise.Problem, V: torch.Tensor) -> dict[str, torch.Tensor
         "output_jvp_some": p.output_jvp(V[:, 0], indices=some),
         "output_vjp_some": p.output_vjp(U, indices=some),
         "check.ok": ok,
+    }
+
+
+def padding(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    """Embedding(padding_idx) with padding tokens on the last ranks' samples only: every rank must
+    take the route the padded shard needs (one process: double backward)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(1, 6, (N, 3), generator=gen)
+    x[9:, 0] = 0
+    y = torch.randint(0, 3, (N,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4, padding_idx=0), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(12, 3)).double()  # fmt: skip
+    lo, hi = (0, N) if p.shard is None else (p.shard.offset, p.shard.offset + p.shard.local)
+    q = sgdnoise.Problem(model, F.cross_entropy, x[lo:hi], y[lo:hi])
+    V = torch.randn(q.dim, 3, generator=gen, dtype=torch.float64)
+    H = sgdnoise.hessian(q)
+    return {
+        "padding.hvp": H @ V,
+        "padding.eigenvalues": sgdnoise.top_eigenpairs(H, 2, generator=1).eigenvalues,
     }
 
 
@@ -187,3 +207,40 @@ def everything(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
     for name in STRUCTURES:
         out |= dynamics(p, name)
     return out
+
+
+def mismatch(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    """A second problem whose model differs on the last rank (one weight nudged): every rank must
+    raise the same clear error at construction, not mix two models' numbers."""
+    import copy
+
+    model = copy.deepcopy(p.model)
+    assert p.shard is not None
+    if p.shard.rank == p.shard.world_size - 1:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] += 1e-12
+    sgdnoise.Problem(model, p.loss_fn, p.inputs, p.targets)
+    return {}
+
+
+def outsider(p: sgdnoise.Problem) -> dict[str, torch.Tensor]:
+    """3 ranks, a group of ranks 1 and 2: rank 0 asking for a part of it gets a clear error, the
+    members build their problem on it."""
+    group = torch.distributed.new_group([1, 2])
+    assert p.shard is not None
+    if p.shard.rank == 0:
+        for call in (
+            lambda: sgdnoise.local_range(17, process_group=group),
+            lambda: sgdnoise.Problem(p.model, p.loss_fn, p.inputs, p.targets, process_group=group),
+        ):
+            try:
+                call()
+            except ValueError as exc:
+                assert "is not a member of process_group" in str(exc), exc
+            else:
+                raise AssertionError("a rank outside the group was not refused")
+        return {}
+    q = sgdnoise.Problem(p.model, p.loss_fn, p.inputs, p.targets, process_group=group)
+    assert q.shard is not None and q.shard.world_size == 2
+    q.gradient()
+    return {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import sgdnoise
 from conftest import make_problem
@@ -119,6 +119,11 @@ def test_data_sets_in_a_changing_order_are_refused() -> None:
 
     with pytest.raises(ValueError, match="same batches in the same order on every pass"):
         sgdnoise.Problem(ref.model, ref.loss_fn, Reshuffles())
+    # a DistributedSampler pads to a multiple of the ranks (repeats) and interleaves them
+    sampler = DistributedSampler(TensorDataset(x, y), num_replicas=3, rank=0, shuffle=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=2, sampler=sampler)
+    with pytest.raises(ValueError, match="DistributedSampler.*local_range"):
+        sgdnoise.Problem(ref.model, ref.loss_fn, loader)
     with pytest.raises(TypeError, match="one-shot iterator"):
         sgdnoise.Problem(ref.model, ref.loss_fn, iter([(x, y)]))
     with pytest.raises(ValueError, match="empty"):

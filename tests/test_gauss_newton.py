@@ -182,3 +182,27 @@ def test_theta_snapshot_and_errors():
                            *_data(4, 2, classes=False))  # fmt: skip
     with pytest.raises(TypeError, match="one tensor"):
         gauss_newton(bad) @ torch.zeros(bad.dim, dtype=F64)
+
+
+class _LSTMHead(nn.Module):
+    """An LSTM (no vmap batching rule for aten::lstm) with a linear read-out of its last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(2, 3, batch_first=True)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_layers_without_a_batching_rule_take_the_per_sample_path(dense):
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 4, 2, generator=g, dtype=F64), torch.randint(3, (6,), generator=g)
+    problem = sgdnoise.Problem(_LSTMHead().double(), nn.functional.cross_entropy, x, y)
+    G = GaussNewtonOperator(problem, dense=dense)
+    torch.testing.assert_close(
+        G.to_dense(), _reference(problem, _ce_hessian), rtol=1e-10, atol=1e-13
+    )

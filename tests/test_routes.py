@@ -278,3 +278,38 @@ def test_a_wrong_second_derivative_is_refused_not_returned() -> None:
     torch.testing.assert_close(
         problem.per_sample_gradients(), loop_per_sample_gradients(problem), rtol=1e-10, atol=1e-12
     )
+
+
+class _FunctionalPadding(nn.Module):
+    """Token embedding by ``F.embedding(..., padding_idx=0)`` (no Embedding module to inspect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)))
+        self.o = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(F.embedding(x, self.w, padding_idx=0)).flatten(1))
+
+
+def _late_padding_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "functional":
+        return _FunctionalPadding().double()
+    return nn.Sequential(nn.Embedding(6, 4, padding_idx=0), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(12, 3)).double()  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["module", "functional"])
+@pytest.mark.parametrize("first_pad", [9, 0, 22])
+def test_padding_tokens_anywhere_in_the_data_give_the_exact_hessian(kind, first_pad) -> None:
+    """Embedding(padding_idx)'s forward-mode rule is wrong on padding tokens only: wherever they
+    first appear (not only in the samples a route check looks at), H is exact and symmetric."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(1, 6, (23, 3), generator=gen)
+    x[first_pad:, 0] = 0
+    y = torch.randint(0, 3, (23,), generator=gen)
+    problem = sgdnoise.Problem(_late_padding_model(kind), F.cross_entropy, x, y)
+    H = sgdnoise.hessian(problem).to_dense()
+    torch.testing.assert_close(H, dense_hessian_reverse(problem), rtol=1e-10, atol=1e-12)
+    assert "double backward" in problem.routes["hvp"] and "padding_idx" in problem.routes["hvp"]

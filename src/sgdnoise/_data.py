@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    default_collate,
+)
 
 __all__ = ["DataSource", "batch_size_of", "call_model", "make_source", "map_tensors"]
 
@@ -293,6 +300,14 @@ def make_source(inputs: Any, targets: Any, device: torch.device, dtype: torch.dt
     if isinstance(data, DataSource):
         return data
     if isinstance(data, DataLoader):
+        if isinstance(data.sampler, DistributedSampler):
+            raise ValueError(
+                "the DataLoader uses a DistributedSampler, which pads the data set to a multiple "
+                "of the number of ranks (repeating samples) and interleaves the ranks' samples: "
+                "sgdnoise would count the repeats. Give each rank its contiguous shard instead, "
+                "e.g. torch.utils.data.Subset(dataset, range(*sgdnoise.local_range(len(dataset)))) "
+                "in a DataLoader with shuffle=False"
+            )
         if isinstance(data.sampler, RandomSampler):
             raise ValueError(
                 "the DataLoader shuffles (shuffle=True): sgdnoise needs one fixed order of the "

@@ -151,6 +151,9 @@ def _reproduce_part(
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from ._utils import refuse_torchrun
+
+    refuse_torchrun("sgdnoise reproduce", "it runs every experiment in turn")
     reproduce(
         args.profile,
         args.out,

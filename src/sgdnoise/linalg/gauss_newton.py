@@ -13,13 +13,15 @@ PSD when every ``Λ_i`` is (mean squared error, cross-entropy).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from .._data import batch_size_of
 from ..problem import Problem
-from ..problem._helpers import map_columns
+from ..problem._helpers import _map_tensors, _slice, map_columns, raise_if_out_of_memory
 from .operators import LinearOperator
 
 __all__ = ["DENSE_JACOBIAN_MAX_BYTES", "GaussNewtonOperator", "gauss_newton"]
@@ -28,6 +30,10 @@ __all__ = ["DENSE_JACOBIAN_MAX_BYTES", "GaussNewtonOperator", "gauss_newton"]
 #: at most this many bytes. A fixed number (not a share of free memory), so that the route, and
 #: with it every bit of the products, is the same on every machine.
 DENSE_JACOBIAN_MAX_BYTES = 64 * 2**20
+
+
+def _row(t: torch.Tensor, i: int) -> torch.Tensor:
+    return t[i]
 
 
 def _unsqueeze(x: Any) -> Any:
@@ -170,7 +176,28 @@ class GaussNewtonOperator(LinearOperator):
 
     # ------------------------------------------------------------------ dense route
     def _chunk_jacobian(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``J`` ``[c, o, D]`` and ``Λ`` ``[c, o, o]`` of one chunk of samples."""
+        """``J`` ``[c, o, D]`` and ``Λ`` ``[c, o, o]`` of one chunk of samples: vmapped over the
+        samples, or sample by sample for layers without a batching rule (LSTM)."""
+        try:
+            return self._chunk_jacobian_vmap(x, y)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise_if_out_of_memory(exc)
+        Js, lams = [], []
+        for i in range(batch_size_of(x)):
+            th = self.theta.clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = self._outputs(th, _slice(x, i))[0]  # one sample's outputs, any shape
+                F = out.reshape(-1)
+                rows = [
+                    torch.autograd.grad(F[a], th, retain_graph=True)[0] for a in range(F.numel())
+                ]
+            Js.append(torch.stack(rows))
+            yi = _map_tensors(partial(_row, i=i), y)
+            lam = jacrev(jacrev(self._sample_loss))(out.detach(), yi)
+            lams.append(lam.reshape(F.numel(), F.numel()))
+        return torch.stack(Js), torch.stack(lams)
+
+    def _chunk_jacobian_vmap(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
         th = self.theta
         F = vmap(self._sample_output, in_dims=(None, 0))(th, x)
         c = F.shape[0]

@@ -34,6 +34,7 @@ Conventions (followed everywhere in sgdnoise):
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -232,11 +233,41 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
         if budget is None:
             budget = int(free_memory(self.device) * FREE_MEMORY_FRACTION)
         fixed, per = self._footprint()
-        shard, stats = Shard.connect(group, self.num_samples, [budget, fixed, per], self.device)
+        mine = [budget, fixed, per, *self._identity()]
+        shard, stats = Shard.connect(group, self.num_samples, mine, self.device)
+        self._check_same_model(shard, [r[3:] for r in stats])
         self._shard = shard
         self.num_samples = shard.total
         self._budget = int(min(r[0] for r in stats))
         self._footprint_bytes = (max(r[1] for r in stats), max(r[2] for r in stats))
+
+    def _identity(self) -> list[float]:
+        """``[D, dtype code, fingerprint of θ]``: what must be equal on every rank (the
+        fingerprint: 48 bits of a SHA-1 of θ's bytes, exact in float64)."""
+        raw = self.theta().detach().cpu().contiguous().view(torch.uint8)
+        digest = hashlib.sha1(raw.numpy().tobytes())
+        code = [torch.float64, torch.float32, torch.float16, torch.bfloat16].index(self.dtype)
+        return [float(self.dim), float(code), float(int.from_bytes(digest.digest()[:6], "big"))]
+
+    @staticmethod
+    def _check_same_model(shard: Shard, rows: list[list[float]]) -> None:
+        """Every rank must hold the same parameters (count, dtype, values).
+
+        Raises:
+            ValueError: on every rank, naming the first rank that differs from rank 0.
+        """
+        what = ("number of parameters D", "dtype", "parameter values θ")
+        for r, row in enumerate(rows):
+            for i, name in enumerate(what):
+                if row[i] != rows[0][i]:
+                    detail = f" ({int(rows[0][i])} vs {int(row[i])})" if i == 0 else ""
+                    raise ValueError(
+                        f"the ranks of a sharded problem must hold the same model: rank {r}'s "
+                        f"{name} differs from rank 0's{detail}. Build the same model on every "
+                        "rank (same seed, or broadcast rank 0's weights with "
+                        "torch.distributed.broadcast) before sgdnoise.Problem; only the data is "
+                        "sharded"
+                    )
 
     @property
     def shard(self) -> Shard | None:

@@ -47,6 +47,7 @@ def resolve_group(process_group: Any) -> Any | None:
 
     Raises:
         RuntimeError: a group was passed but ``torch.distributed`` is not initialised.
+        ValueError: this process is not a member of the group passed.
     """
     if process_group is False:
         return None
@@ -62,6 +63,12 @@ def resolve_group(process_group: Any) -> Any | None:
             "torch.distributed.init_process_group(...) first (torchrun sets up the environment), "
             "or pass process_group=None for a one-process problem"
         )
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of process_group; "
+            "build the sharded problem only on the group's ranks (or pass process_group=False "
+            "for a one-process problem here)"
+        )
     return process_group
 
 
@@ -69,7 +76,7 @@ class Shard:
     """This rank's place in the concatenated data set, and the collectives of a sharded problem.
 
     Attributes:
-        group: the ``torch.distributed`` process group.
+        group: the ``torch.distributed`` process group (``None``: the default group).
         rank, world_size: this rank and the number of ranks in the group.
         sizes: the number of samples of every rank, in rank order.
         offset: global index of this rank's first sample (``Σ`` of the earlier ranks' sizes).
@@ -79,7 +86,9 @@ class Shard:
 
     def __init__(self, group: Any, sizes: list[int]) -> None:
         dist = torch.distributed
-        self.group = group
+        # The default group is named by None: a problem kept past destroy_process_group() then
+        # holds no reference to it (a live reference to the destroyed group aborts at exit).
+        self.group = None if group is dist.group.WORLD else group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.sizes = sizes
@@ -144,6 +153,12 @@ class Shard:
         """Sum ``tensor`` over the ranks, in place (one collective); returns it."""
         self.bytes_communicated += tensor.numel() * tensor.element_size()
         torch.distributed.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``tensor`` over the ranks, in place (one collective)."""
+        self.bytes_communicated += tensor.numel() * tensor.element_size()
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return tensor
 
     def gather_rows(

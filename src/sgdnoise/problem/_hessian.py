@@ -24,6 +24,9 @@ from ._helpers import (
     raise_if_out_of_memory,
 )
 
+#: Hessian-product routes, from the fastest to the most conservative.
+_HVP_MODES = ("forward-over-reverse", "double backward", "double backward, column by column")
+
 
 class HessianProducts(ProblemBase):
     """``∇²L(θ) V`` for :class:`~sgdnoise.problem.Problem` (mixin)."""
@@ -151,18 +154,24 @@ class HessianProducts(ProblemBase):
         if self.dim > 2**27:
             self.routes["hvp_check"] = "skipped (D > 2^27); run sgdnoise.check(problem)"
             return
-        if self._shard is not None:  # the model's rules, checked on this rank's own samples
-            twin = self.local_shard()
-            assert isinstance(twin, HessianProducts)
-            twin._verify_hvp(theta)
-            self._hvp_mode = twin._hvp_mode
-            self.routes.update(twin.routes)
+        if self._shard is not None:
+            self._verify_hvp_sharded(theta)
             return
         from .._finite_differences import hvp_finite_difference_check
 
-        # A few samples suffice: the check is about the model's derivative rules, not the data.
+        # Finite differences on a few samples (the model's derivative rules); symmetry on up to
+        # 16 samples spread over the data, as some rules depend on the data (padding tokens).
         few = torch.arange(min(self.num_samples, 4), device=self.device)
-        if not self._hvp_symmetric(theta, few):
+        spread = torch.linspace(0, self.num_samples - 1, min(self.num_samples, 16))
+        spread = spread.round().long().unique().to(self.device)
+        rule = self._data_dependent_rule(few)
+        if rule is not None and self._hvp_mode == "forward-over-reverse":
+            self._hvp_mode = "double backward"
+            self.routes["hvp"] = (
+                f"double backward: {rule} — its forward-mode rule disagrees with its backward on "
+                "some samples (a data-dependent rule, not left to a check on a few samples)"
+            )
+        if not self._hvp_symmetric(theta, spread):
             if self._hvp_mode != "forward-over-reverse":
                 where = self._module_without_second_derivative(self._source.take(few[:1])[0])
                 raise RuntimeError(
@@ -178,7 +187,7 @@ class HessianProducts(ProblemBase):
                 "double backward: forward-over-reverse gives a non-symmetric H (a forward-mode "
                 "rule disagrees with its backward, e.g. Embedding(padding_idx))"
             )
-            if not self._hvp_symmetric(theta, few):
+            if not self._hvp_symmetric(theta, spread):
                 raise RuntimeError(
                     "Hessian-vector products are not symmetric for this model (uᵀHv ≠ vᵀHu) by "
                     "forward-over-reverse or by double backward. Run sgdnoise.check(problem)."
@@ -193,6 +202,10 @@ class HessianProducts(ProblemBase):
         )
         if result.passed:
             self.routes["hvp_check"] = result.detail
+            return
+        if rule is not None:  # the gradient is zero by convention on padding rows: finite
+            # differences of it cannot judge H there (as above)
+            self.routes["hvp_check"] = "symmetric by double backward (finite differences skipped)"
             return
         where = self._module_without_second_derivative(self._source.take(torch.arange(1))[0])
         raise RuntimeError(
@@ -210,6 +223,57 @@ class HessianProducts(ProblemBase):
         uhv, vhu = float(UV[:, 0].double() @ HUV[:, 1]), float(UV[:, 1].double() @ HUV[:, 0])
         scale = float(UV.double().norm(dim=0).prod() * HUV.norm(dim=0).max())
         return abs(uhv - vhu) <= 100 * _rtol(self.dtype) * (abs(uhv) + abs(vhu) + 1e-3 * scale)
+
+    def _verify_hvp_sharded(self, theta: torch.Tensor) -> None:
+        """Each rank checks the rules on its own samples (a local twin, no collectives), then one
+        all-reduce makes every rank take the most conservative route any rank found (a
+        data-dependent rule may show on one shard only) or raise together."""
+        assert self._shard is not None
+        twin = self.local_shard()
+        assert isinstance(twin, HessianProducts)
+        modes = list(_HVP_MODES)
+        error = None
+        try:
+            twin._verify_hvp(theta)
+        except RuntimeError as exc:
+            raise_if_out_of_memory(exc)
+            error = exc
+        code = len(modes) if error is not None else modes.index(twin._hvp_mode)
+        worst = int(self._shard.all_reduce_max(torch.tensor([float(code)], device=self.device)))
+        if error is not None:
+            raise error
+        if worst == len(modes):
+            raise RuntimeError(
+                "the check of Hessian-vector products failed on another rank of this sharded "
+                "problem (that rank's error names the module and the fix)"
+            )
+        self.routes.update(twin.routes)
+        self._hvp_mode = modes[max(worst, code)]
+        if worst > code:
+            self.routes["hvp"] = f"{modes[worst]}: chosen by another rank's check of its samples"
+
+    def _data_dependent_rule(self, few: torch.Tensor) -> str | None:
+        """An operation met in one forward pass on ``few`` samples whose forward-mode derivative
+        is wrong on some inputs only (``embedding`` with a ``padding_idx``), or ``None``."""
+        found: list[str] = []
+
+        class Scan(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.embedding:
+                    pad = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+                    if pad is not None and pad != -1:
+                        found.append(f"embedding with padding_idx={pad}")
+                elif func is torch.nn.functional.embedding_bag:
+                    pad = args[10] if len(args) > 10 else kwargs.get("padding_idx")
+                    if pad is not None:
+                        found.append(f"embedding_bag with padding_idx={pad}")
+                return func(*args, **kwargs)
+
+        x, y = self._source.take(few)
+        with torch.no_grad(), Scan():
+            self.batch_loss(self.theta(), x, y)
+        return found[0] if found else None
 
     def hvp_unchecked(
         self, V: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor | None = None
