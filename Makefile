@@ -12,7 +12,7 @@ PROFILE ?= quick
 OUT ?= results
 DEVICE ?= cpu
 
-.PHONY: venv data reproduce test lint format bench clean
+.PHONY: venv data reproduce test lint format bench bench-extras clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ format: venv
 
 bench: venv
 	$(PY) bench/run_all.py --out bench/out
+
+# PyHessian, the baseline of bench/bench_scale.py (bench only; --no-deps: it would pull its own torch)
+bench-extras: venv
+	$(VENV)/bin/pip install --no-deps pyhessian
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
