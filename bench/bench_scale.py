@@ -221,6 +221,10 @@ def main() -> int:
             rows[task] = queue.get()
             proc.join()
             print(f"{name:9s} {task:18s} {json.dumps(rows[task])[:200]}", flush=True)
+            # written after every task: a stopped bench keeps the rows it has
+            result["models"][name] = rows
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         ours, theirs = rows.get("top5_eigenpairs", {}), rows.get("pyhessian_top5", {})
         if "eigenvalues" in ours and "eigenvalues" in theirs:
             a, b = torch.tensor(ours["eigenvalues"]), torch.tensor(theirs["eigenvalues"])
