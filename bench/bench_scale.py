@@ -9,7 +9,8 @@ the ``diag`` and the ``hessian`` structures, and the cost of one Hessian-vector 
 Where PyHessian is installed (a bench-only extra: ``pip install --no-deps pyhessian``), its top-5
 eigenvalues on the same model and data, with time and agreement against ours.
 
-Usage: ``python bench/bench_scale.py [--quick] [--models resnet18 vgg11] [--out bench/out/scale.json]``
+Usage: ``python bench/bench_scale.py [--quick] [--models resnet18 vgg11] [--memory-budget 6G]
+[--out bench/out/scale.json]``
 (``--quick``: width/8 models and N = 16, a smoke run of the same code in about a minute).
 """
 
@@ -129,19 +130,19 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _task(name: str, task: str, quick: bool, queue: mp.Queue) -> None:
+def _task(name: str, task: str, quick: bool, budget: str, queue: mp.Queue) -> None:
     try:
-        queue.put(_run_task(name, task, quick))
+        queue.put(_run_task(name, task, quick, budget))
     except Exception as exc:  # reported in the JSON, the bench goes on
         queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
 
 
-def _run_task(name: str, task: str, quick: bool) -> dict:
+def _run_task(name: str, task: str, quick: bool, budget: str) -> dict:
     import sgdnoise
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, x, y = _build(name, quick)
-    problem = sgdnoise.Problem(model, F.cross_entropy, x, y)
+    problem = sgdnoise.Problem(model, F.cross_entropy, x, y, memory_budget=budget)
     start = time.perf_counter()
     problem.gradient()
     grad_s = time.perf_counter() - start
@@ -206,6 +207,8 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--device", default="cpu", help="cpu only for now")
     parser.add_argument("--out", default=str(HERE / "out" / "scale.json"))
+    parser.add_argument("--memory-budget", default="6G", help="sgdnoise's memory budget per "
+                        "task (the target is a peak RSS of at most 8 GB)")  # fmt: skip
     args = parser.parse_args()
     if args.device != "cpu":
         print("bench_scale: only --device cpu is measured for now; skipping", file=sys.stderr)
@@ -216,7 +219,9 @@ def main() -> int:
         rows = {}
         for task in args.tasks:
             queue = ctx.Queue()
-            proc = ctx.Process(target=_task, args=(name, task, args.quick, queue))
+            proc = ctx.Process(
+                target=_task, args=(name, task, args.quick, args.memory_budget, queue)
+            )
             proc.start()
             rows[task] = queue.get()
             proc.join()
