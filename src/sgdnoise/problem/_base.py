@@ -329,6 +329,10 @@ class ProblemBase:
                 return iter(())
         return self._source.chunks(indices, chunk_size or self.chunk_size)
 
+    def _first_sample(self) -> Any:
+        """The inputs of this rank's first sample, as a batch of one (shapes, module diagnoses)."""
+        return self._source.take(torch.arange(1, device=self.device))[0]
+
     def reduce_mean(
         self,
         fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -352,7 +356,7 @@ class ProblemBase:
             assert total is not None
             return total
         if total is None:  # this rank holds none of the selection: its share is 0 (same shape)
-            total = torch.zeros_like(fn(*self._source.take(torch.arange(1))))
+            total = torch.zeros_like(fn(*self._source.take(torch.arange(1, device=self.device))))
         return self._shard.all_reduce(total)
 
     # ------------------------------------------------------------------ loss, gradient, HVP

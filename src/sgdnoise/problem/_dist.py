@@ -149,16 +149,12 @@ class Shard:
         positions = mine.nonzero().flatten()
         return positions, indices[positions] - self.offset
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the ranks, in place (one collective); returns it."""
+    def all_reduce(self, tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+        """Reduce ``tensor`` over the ranks, in place (one collective; ``op``: a
+        ``torch.distributed.ReduceOp``, default the sum); returns it."""
         self.bytes_communicated += tensor.numel() * tensor.element_size()
-        torch.distributed.all_reduce(tensor, group=self.group)
-        return tensor
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The element-wise maximum of ``tensor`` over the ranks, in place (one collective)."""
-        self.bytes_communicated += tensor.numel() * tensor.element_size()
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        dist = torch.distributed
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         return tensor
 
     def gather_rows(

@@ -207,7 +207,7 @@ class HessianProducts(ProblemBase):
             # differences of it cannot judge H there (as above)
             self.routes["hvp_check"] = "symmetric by double backward (finite differences skipped)"
             return
-        where = self._module_without_second_derivative(self._source.take(torch.arange(1))[0])
+        where = self._module_without_second_derivative(self._first_sample())
         raise RuntimeError(
             f"Hessian-vector products are wrong for this model{where}: {result.detail}"
         )
@@ -239,7 +239,8 @@ class HessianProducts(ProblemBase):
             raise_if_out_of_memory(exc)
             error = exc
         code = len(modes) if error is not None else modes.index(twin._hvp_mode)
-        worst = int(self._shard.all_reduce_max(torch.tensor([float(code)], device=self.device)))
+        flag = torch.tensor([float(code)], device=self.device)
+        worst = int(self._shard.all_reduce(flag, torch.distributed.ReduceOp.MAX))
         if error is not None:
             raise error
         if worst == len(modes):

@@ -4,7 +4,6 @@ operators built on the outputs (Gauss–Newton: ``G = (1/n) Σ_i J_iᵀ ∇²_f 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -31,10 +30,6 @@ def _tensor_outputs(out: object) -> torch.Tensor:
 
 class OutputJacobian(ProblemBase):
     """``J V`` and ``Jᵀ U`` for :class:`~sgdnoise.problem.Problem` (mixin)."""
-
-    def _first_sample(self) -> Any:
-        """One sample of this rank's data (for output shapes when it holds none of a selection)."""
-        return self._source.take(torch.arange(1, device=self.device))[0]
 
     def output_jvp(
         self,
