@@ -6,7 +6,11 @@ alone with :func:`sgdnoise.make_optimizer` (the loop), then all members together
 :class:`sgdnoise.engine.BatchedEngine`, on the same device, in the same process, for the same
 number of steps (a whole number of refresh periods). Writes
 
-    {"loop_s", "batched_s", "ratio": batched_s / loop_s, "max_rel_diff", "plan", ...}
+    {"loop_s", "batched_s", "ratio": batched_s / loop_s, "member_lanczos_s",
+     "lockstep_over_member_lanczos", "max_rel_diff", "plan", ...}
+
+(``member_lanczos_s``: the engine with ``lockstep_lanczos=False``, the Hessian members' Lanczos
+refreshes run member by member instead of in lock-step with their products batched.)
 
 ``max_rel_diff`` is the largest relative difference of a member's final θ from the loop's (the
 equivalence the tests check in float64; here in the run's dtype). ``sgdnoise.engine.resolve_engine``
@@ -63,10 +67,12 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--k", type=int, default=5, help="eigenpairs of the hessian structure")
     args = parser.parse_args()
     device = resolve_device(args.device)
     problem = _problem(args.n, device, torch.float32)
     theta0 = problem.theta()
+    OPTIONS["gld_hessian"] = {**OPTIONS["gld_hessian"], "k": args.k}
     members = [
         Member(
             name,
@@ -95,12 +101,15 @@ def main() -> int:
         alone.append(problem.theta())
     _sync(device)
     loop_s = time.perf_counter() - start
-    start = time.perf_counter()
-    engine = BatchedEngine(problem, members, theta0)
-    for _ in range(args.steps):
-        engine.step()
-    _sync(device)
-    batched_s = time.perf_counter() - start
+    timings = {}
+    for lockstep in (False, True):
+        start = time.perf_counter()
+        engine = BatchedEngine(problem, members, theta0, lockstep_lanczos=lockstep)
+        for _ in range(args.steps):
+            engine.step()
+        _sync(device)
+        timings[lockstep] = time.perf_counter() - start
+    batched_s = timings[True]
     diffs = [float((engine.theta[j] - a).norm() / a.norm()) for j, a in enumerate(alone)]
     result = {
         "members": len(members),
@@ -111,6 +120,10 @@ def main() -> int:
         "loop_s": loop_s,
         "batched_s": batched_s,
         "ratio": batched_s / loop_s,
+        # the Hessian members' Lanczos refreshes in lock-step (products batched across members)
+        # against member by member, both in the batched engine
+        "member_lanczos_s": timings[False],
+        "lockstep_over_member_lanczos": batched_s / timings[False],
         "max_rel_diff": max(diffs),
         "plan": engine.plan.describe(),
         "env": env_info(device),

@@ -19,7 +19,10 @@ Per member (the same code the optimizers run, so the numbers are the same):
 * every random draw, from the member's own generator in the loop's order: SGD's indices, the
   ``z`` of a Gaussian structure (``NoiseModel.sample``), the multiplicative weights;
 * the covariance refresh (``NoiseModel.refresh`` with the member's per-sample gradients, at the
-  member's θ): the Lanczos of ``leading``/``hessian``/``hessian_top1`` runs member by member.
+  member's θ). The Lanczos of the ``hessian``/``hessian_top1`` members refreshing at the same step
+  runs in lock-step (:func:`~sgdnoise.linalg.lockstep.run_lockstep`: each member's unchanged
+  solver in a thread, its Hessian products batched with the other members' requests of the same
+  width by :meth:`Problem.hvp_members`); ``leading``'s Lanczos on Σ_b runs member by member.
 
 So a member's trajectory equals the same dynamics run alone up to the rounding of the batched
 reductions (``tests/test_engine.py``: 1e-10 relative in float64 over 50 steps, every structure).
@@ -37,6 +40,7 @@ from ._engine_plan import EnginePlan, Member, keeps_per_sample, plan_members, re
 from ._optim_params import check_lr
 from ._utils import resolve_generator
 from .linalg.covariance import batch_scale
+from .linalg.lockstep import run_lockstep
 from .noise import NoiseModel, noise_class, noise_model
 from .noise.dynamics import dynamics_names
 from .optim import sample_batch
@@ -60,6 +64,9 @@ class BatchedEngine:
         members: the members.
         theta: initial parameters ``[M, D]`` (or ``[D]``, shared by every member).
         plan: a memory plan (default: :func:`plan_members`).
+        lockstep_lanczos: run the Hessian members' Lanczos refreshes in lock-step with their
+            products batched across members (default); ``False``: member by member. Both give
+            each member's own solver decisions; only the rounding of the products differs.
 
     Raises:
         ValueError: an unknown dynamics, a bad step size, batch size or refresh period, options
@@ -80,6 +87,7 @@ class BatchedEngine:
         theta: torch.Tensor,
         *,
         plan: EnginePlan | None = None,
+        lockstep_lanczos: bool = True,
     ) -> None:
         self.problem = problem
         self.members = list(members)
@@ -109,6 +117,9 @@ class BatchedEngine:
         self.last_loss = torch.full((M,), float("nan"), dtype=problem.dtype, device=problem.device)
         self._force_refresh = [False] * M
         self._pending_warm: list[dict[str, torch.Tensor] | None] = [None] * M
+        #: run the Lanczos refreshes of the Hessian members in lock-step, products batched
+        #: across members (else member by member, as alone).
+        self.lockstep_lanczos = lockstep_lanczos
         self._lr = torch.tensor([m.lr for m in self.members], dtype=problem.dtype,
                                 device=problem.device)  # fmt: skip
 
@@ -344,6 +355,10 @@ class BatchedEngine:
             loss[kinds["sgd"]], grad[kinds["sgd"]] = self.batch_gradients(kinds["sgd"], idx)
         if kinds["full"]:
             loss[kinds["full"]], grad[kinds["full"]] = self.full_gradients(kinds["full"])
+        if self.lockstep_lanczos:
+            self._lockstep_pairs(
+                kinds["per_sample"] + [j for j in kinds["full"] if self._needs_refresh(j)]
+            )
         if kinds["per_sample"]:
             G, ell = self.per_sample_gradients(kinds["per_sample"])
             for r, j in enumerate(kinds["per_sample"]):
@@ -364,6 +379,42 @@ class BatchedEngine:
         self.num_steps += 1
         self.last_loss = loss
         return loss
+
+    def _lockstep_pairs(self, refreshing: Sequence[int]) -> None:
+        """The Lanczos of every refreshing Hessian member (``hessian``, ``hessian_top1``, after
+        their first refresh) in lock-step, their products batched across members
+        (:func:`~sgdnoise.linalg.lockstep.run_lockstep`, :meth:`Problem.hvp_members`); each
+        member's refresh then uses its pairs."""
+        js = [j for j in refreshing if hasattr(self.noise[j], "find_pairs")]
+        if len(js) < 2:
+            return
+        models: list[Any] = []
+        for j in js:
+            model = self.noise[j]
+            warm, self._pending_warm[j] = self._pending_warm[j], None
+            if warm:
+                assert model is not None
+                model.set_warm_state(warm)
+            models.append(model)
+        p = self.problem
+
+        def products(batch: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+            out: list[torch.Tensor | None] = [None] * len(batch)
+            by_width: dict[int, list[int]] = {}
+            for pos, (_, V) in enumerate(batch):
+                by_width.setdefault(V.shape[1], []).append(pos)
+            for poss in by_width.values():
+                for group in self._groups(poss):
+                    th = self.theta[[js[batch[pos][0]] for pos in group]]
+                    res = p.hvp_members(th, torch.stack([batch[pos][1] for pos in group]))
+                    for r, pos in enumerate(group):
+                        out[pos] = res[r]
+            return [o for o in out if o is not None]
+
+        pairs = run_lockstep([m.find_pairs for m in models], products, dim=p.dim,
+                             dtype=p.dtype, device=p.device)  # fmt: skip
+        for model, found in zip(models, pairs, strict=True):
+            model.use_pairs(found)
 
     def _weighted_step(self, idx: list[int], loss: torch.Tensor, grad: torch.Tensor) -> None:
         """Multiplicative members: fresh weights from each stream, one batched weighted pass."""

@@ -15,8 +15,9 @@ __all__ = ["HessianOperator", "hessian"]
 class HessianOperator(LinearOperator):
     """``H = ∇²L(θ) = (1/n) Σ_i ∇²ℓ(x_i; θ)`` at the θ the model had when the operator was made.
 
-    Products use batched double backward (:meth:`Problem.hvp`): ``H @ V`` with ``V`` ``[D, k]``
-    builds the gradient graph once per data chunk and differentiates it against all k columns.
+    Products use :meth:`Problem.hvp` (forward-over-reverse with the columns vmapped, or double
+    backward — the gradient graph built once per data chunk and differentiated against each of
+    the k columns of ``V`` ``[D, k]`` — by the route that method chooses for the model).
     θ is snapshotted at construction, so the operator stays one fixed matrix while the model trains
     (make a new one to follow the parameters).
 

@@ -9,6 +9,7 @@ import torch
 
 from ..linalg.hessian import HessianOperator
 from ..linalg.lanczos import EigenPairs
+from ..linalg.operators import LinearOperator
 from ._base import BatchedStatistics, register_noise, scaled_top_eigen_factor
 from ._eigen import EIGEN_OPTIONS, EigenNoise
 
@@ -35,8 +36,34 @@ class _HessianEigenNoise(EigenNoise):
             opts["on_nonconvergence"] = "ignore"
         return opts
 
+    #: eigenpairs found outside (:meth:`use_pairs`) for the next refresh, else ``None``.
+    _given_pairs: EigenPairs | None = None
+
+    def num_pairs(self) -> int:
+        """How many eigenpairs a refresh finds (k, capped at D)."""
+        return min(int(self.options.get("k", 1)), self.problem.dim)
+
+    def find_pairs(self, op: LinearOperator) -> EigenPairs:
+        """What a refresh runs on the Hessian, on the operator ``op`` instead: Lanczos with this
+        structure's options, warm-started from its last eigenvectors. With :meth:`use_pairs`,
+        lets :class:`~sgdnoise.BatchedEngine` run the Lanczos of several members in lock-step
+        (:func:`~sgdnoise.linalg.lockstep.run_lockstep`) and then refresh each member."""
+        return self._top_pairs(op, self.num_pairs())
+
+    def use_pairs(self, pairs: EigenPairs) -> None:
+        """Make the next refresh use ``pairs`` (from :meth:`find_pairs` on this structure's
+        Hessian at the θ of that refresh) instead of running Lanczos itself."""
+        if pairs.eigenvectors.ndim != 2 or pairs.eigenvectors.shape[0] != self.problem.dim:
+            raise ValueError(
+                f"use_pairs needs eigenvectors [D, k] with D = {self.problem.dim}, got "
+                f"{list(pairs.eigenvectors.shape)}"
+            )
+        self._given_pairs = pairs
+
     def _hessian_pairs(self, k: int) -> EigenPairs:
-        pairs = self._top_pairs(HessianOperator(self.problem), min(k, self.problem.dim))
+        pairs, self._given_pairs = self._given_pairs, None
+        if pairs is None:
+            pairs = self._top_pairs(HessianOperator(self.problem), min(k, self.problem.dim))
         # top_eigenpairs works in float32 for 16-bit problems: the structure keeps the model's
         # dtype, so that its covariance and its draws are in the dtype of the parameters.
         dtype = self.problem.dtype

@@ -466,6 +466,11 @@ class ProblemBase:
         if kind == "hvp":  # primal + tangents of forward-over-reverse for `columns` directions
             c = 1 + 2 * columns
             return c * a0 + 4 * columns * d, c * a1
+        if kind == "double_backward":  # gradient graph kept (create_graph), one column's pass
+            return 5 * a0 + (2 * columns + 4) * d, 5 * a1
+        if kind == "double_backward_batched":  # the backward of the gradient vmapped over columns
+            c = 3 + 2 * columns
+            return c * a0 + (4 * columns + 2) * d, c * a1
         if kind == "per_sample":
             return a0 + 2 * d, 2 * a1 + 3 * d
         if kind == "batched":  # `columns` parameter vectors at once, no gradients
@@ -474,8 +479,9 @@ class ProblemBase:
 
     def plan_rows(self, kind: str, columns: int = 1) -> int:
         """Samples per chunk for a pass of ``kind`` (``"forward"``, ``"gradient"``, ``"hvp"``,
-        ``"per_sample"``, ``"batched"``) with ``columns`` products/vectors at once, so that its
-        estimated peak stays under :attr:`memory_budget` (and at most ``chunk_size``).
+        ``"double_backward"``, ``"double_backward_batched"``, ``"per_sample"``, ``"batched"``)
+        with ``columns`` products/vectors at once, so that its estimated peak stays under
+        :attr:`memory_budget` (and at most ``chunk_size``).
 
         Raises:
             MemoryError: if one sample does not fit, with the bytes it needs.

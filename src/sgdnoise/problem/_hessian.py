@@ -47,9 +47,13 @@ class HessianProducts(ProblemBase):
 
         Forward-over-reverse (``vmap`` over ``jvp(grad(L))``): the primal forward/backward is
         shared by all columns and only the tangents are batched, at most ``max_columns`` at a
-        time and fewer (and over fewer samples) when the memory budget asks for it. Operations without a forward-mode derivative or a batching rule make it fall
-        back, once per problem, to batched double backward and then to double backward column by
-        column (recorded in ``routes["hvp"]``). Attention runs on the math kernel.
+        time and fewer (and over fewer samples) when the memory budget asks for it. Operations
+        without a forward-mode derivative or a batching rule make it fall back, once per problem,
+        to batched double backward and then to double backward column by column (recorded in
+        ``routes["hvp"]``). A model that convolves (``nn.Conv*`` or ``F.conv*``, found by one
+        scan of its forward pass) takes double backward column by column from the start: the
+        gradient's graph is built once per chunk of samples and each column costs one backward
+        of it, cheaper than vmapped convolution tangents. Attention runs on the math kernel.
 
         Raises:
             RuntimeError: if no route can differentiate the model twice (names the failing
@@ -70,7 +74,10 @@ class HessianProducts(ProblemBase):
                 self._hvp_error = str(exc)
                 raise
 
-        cols, rows = self.plan_columns(min(max_columns, max(1, V.shape[1])))
+        kind = {"forward-over-reverse": "hvp", "double backward": "double_backward_batched"}.get(
+            self._hvp_mode, "double_backward"
+        )
+        cols, rows = self.plan_columns(min(max_columns, max(1, V.shape[1])), kind)
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             blocks = [
@@ -81,6 +88,87 @@ class HessianProducts(ProblemBase):
         out = self.reduce_mean(fn, indices, rows=rows)
         check_finite(out, "a Hessian-vector product")
         return out
+
+    def hvp_members(self, thetas: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Hessian products at R parameter vectors at once: ``out[r] = ∇²L(θ_r) V[r]``.
+
+        One pass per chunk of the data for all R members (the loss evaluated at every θ_r under
+        ``vmap``), by the problem's Hessian route (see :meth:`hvp`): forward-over-reverse vmapped
+        over the members and the columns, or double backward of the members' summed losses —
+        their gradients are independent, so ``∂(Σ_r ∇L(θ_r)·v_r)/∂θ_r = H(θ_r) v_r`` — one
+        backward per column. A model whose loss has no batching rule over θ falls back, once per
+        problem, to one :meth:`hvp` per member (``routes["hvp_members"]``). Each member's product
+        equals :meth:`hvp` at its θ up to the rounding of the batched pass.
+
+        Args:
+            thetas: ``[R, D]``. V: ``[R, D, k]``.
+
+        Returns:
+            ``[R, D, k]``.
+
+        Raises:
+            ValueError: shapes that do not match. RuntimeError, MemoryError: as :meth:`hvp`.
+        """
+        R = thetas.shape[0]
+        if thetas.shape != (R, self.dim) or V.ndim != 3 or V.shape[:2] != (R, self.dim):
+            raise ValueError(
+                f"hvp_members needs thetas [R, D] and V [R, D, k] with D = {self.dim}, got "
+                f"{list(thetas.shape)} and {list(V.shape)}"
+            )
+        thetas = thetas.detach()
+        if not self._hvp_verified:  # the route and its check, once, as for hvp
+            self.hvp(V[0, :, :1], thetas[0])
+        if self.routes.get("hvp_members", "").startswith("one product per member") or R == 1:
+            return torch.stack([self.hvp(V[r], thetas[r]) for r in range(R)])
+        forward = self._hvp_mode == "forward-over-reverse"
+        kind = "hvp" if forward else "double_backward"
+        cols, rows = self.plan_columns(V.shape[2], kind)
+        rows = max(1, rows // R)
+        try:
+            out = self.reduce_mean(
+                lambda x, y: torch.cat(
+                    [
+                        self._hvp_members_block(thetas, V[:, :, j : j + cols], x, y, forward)
+                        for j in range(0, V.shape[2], cols)
+                    ],
+                    dim=2,
+                ),
+                rows=rows,
+            )
+        except (NotImplementedError, RuntimeError) as exc:
+            raise_if_out_of_memory(exc)
+            self.routes["hvp_members"] = (
+                f"one product per member: the batched pass failed ({_first_line(exc)})"
+            )
+            return torch.stack([self.hvp(V[r], thetas[r]) for r in range(R)])
+        self.routes.setdefault("hvp_members", f"{self._hvp_mode}, batched over members")
+        check_finite(out, "a Hessian-vector product")
+        return out
+
+    def _hvp_members_block(
+        self, thetas: torch.Tensor, V: torch.Tensor, x: Any, y: Any, forward: bool
+    ) -> torch.Tensor:
+        with _math_attention():
+            if forward:
+
+                def one(th: torch.Tensor, Vm: torch.Tensor) -> torch.Tensor:
+                    gfun = grad(lambda t: self.batch_loss(t, x, y))
+                    return vmap(lambda v: jvp(gfun, (th,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(
+                        Vm
+                    )
+
+                return vmap(one)(thetas, V)
+            th = thetas.clone().requires_grad_(True)
+            with torch.enable_grad():
+                losses = vmap(lambda t: self.batch_loss(t, x, y))(th)
+                (g,) = torch.autograd.grad(losses.sum(), th, create_graph=True)
+                if not g.requires_grad:  # the loss is linear in θ: H = 0
+                    return torch.zeros_like(V)
+                cols = [
+                    torch.autograd.grad(g, th, grad_outputs=V[:, :, j], retain_graph=True)[0]
+                    for j in range(V.shape[2])
+                ]
+            return torch.stack(cols, dim=2)
 
     def _hvp_block(
         self, theta: torch.Tensor, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor
@@ -164,7 +252,17 @@ class HessianProducts(ProblemBase):
         few = torch.arange(min(self.num_samples, 4), device=self.device)
         spread = torch.linspace(0, self.num_samples - 1, min(self.num_samples, 16))
         spread = spread.round().long().unique().to(self.device)
-        rule = self._data_dependent_rule(few)
+        rule, convolves = self._scan_operations(few)
+        if convolves and self._hvp_mode == "forward-over-reverse":
+            # A structural, deterministic choice (never a timing): vmap batches the tangents of a
+            # convolution through grouped convolutions, which cost more than one backward of the
+            # gradient per column (bench/bench_scale.py: 3.1x a gradient per column against 2.1x
+            # on ResNet-18, 2.9x against 2.0x on VGG-11, 1.29x against 1.23x on the paper's CNN).
+            self._hvp_mode = _HVP_MODES[2]
+            self.routes["hvp"] = (
+                f"{_HVP_MODES[2]}: the model convolves ({convolves}), where forward-over-reverse "
+                "costs more per column"
+            )
         if rule is not None and self._hvp_mode == "forward-over-reverse":
             self._hvp_mode = "double backward"
             self.routes["hvp"] = (
@@ -253,14 +351,26 @@ class HessianProducts(ProblemBase):
         if worst > code:
             self.routes["hvp"] = f"{modes[worst]}: chosen by another rank's check of its samples"
 
-    def _data_dependent_rule(self, few: torch.Tensor) -> str | None:
-        """An operation met in one forward pass on ``few`` samples whose forward-mode derivative
-        is wrong on some inputs only (``embedding`` with a ``padding_idx``), or ``None``."""
+    def _scan_operations(self, few: torch.Tensor) -> tuple[str | None, str | None]:
+        """One forward pass on ``few`` samples under a ``TorchFunctionMode``: ``(rule, conv)``,
+        an operation whose forward-mode derivative is wrong on some inputs only (``embedding``
+        with a ``padding_idx``) and the first convolution met (module or functional), each
+        ``None`` if there is none."""
         found: list[str] = []
+        convs: list[str] = []
+        conv_funcs = {
+            torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d",
+            torch.conv_transpose1d: "conv_transpose1d", torch.conv_transpose2d: "conv_transpose2d",
+            torch.conv_transpose3d: "conv_transpose3d", torch.convolution: "convolution",
+            torch.nn.functional.conv1d: "conv1d", torch.nn.functional.conv2d: "conv2d",
+            torch.nn.functional.conv3d: "conv3d",
+        }  # fmt: skip
 
         class Scan(torch.overrides.TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
+                if func in conv_funcs:
+                    convs.append(conv_funcs[func])
                 if func is torch.embedding:
                     pad = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
                     if pad is not None and pad != -1:
@@ -274,7 +384,7 @@ class HessianProducts(ProblemBase):
         x, y = self._source.take(few)
         with torch.no_grad(), Scan():
             self.batch_loss(self.theta(), x, y)
-        return found[0] if found else None
+        return (found[0] if found else None), (convs[0] if convs else None)
 
     def hvp_unchecked(
         self, V: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor | None = None
