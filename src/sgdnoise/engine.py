@@ -381,22 +381,31 @@ class BatchedEngine:
         return loss
 
     def _lockstep_pairs(self, refreshing: Sequence[int]) -> None:
-        """The Lanczos of every refreshing Hessian member (``hessian``, ``hessian_top1``, after
-        their first refresh) in lock-step, their products batched across members
+        """The Lanczos of every refreshing Hessian member (``hessian``, ``hessian_top1``) in
+        lock-step, their products batched across members
         (:func:`~sgdnoise.linalg.lockstep.run_lockstep`, :meth:`Problem.hvp_members`); each
         member's refresh then uses its pairs."""
-        js = [j for j in refreshing if hasattr(self.noise[j], "find_pairs")]
+        p = self.problem
+        js = [
+            j
+            for j in refreshing
+            if self.members[j].structure is not None
+            and hasattr(noise_class(str(self.members[j].structure)), "find_pairs")
+        ]
         if len(js) < 2:
             return
         models: list[Any] = []
         for j in js:
-            model = self.noise[j]
+            model, m = self.noise[j], self.members[j]
             warm, self._pending_warm[j] = self._pending_warm[j], None
-            if warm:
-                assert model is not None
+            if model is None:  # a first refresh (or the first after a restart): set up, unrefreshed
+                model = noise_class(str(m.structure)).unrefreshed(
+                    p, m.batch_size, replacement=m.replacement, warm_state=warm, **m.options
+                )
+                self.noise[j] = model
+            elif warm:
                 model.set_warm_state(warm)
             models.append(model)
-        p = self.problem
 
         def products(batch: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
             out: list[torch.Tensor | None] = [None] * len(batch)

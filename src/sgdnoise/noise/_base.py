@@ -150,6 +150,34 @@ class NoiseModel(ABC):
         warm_state: Mapping[str, torch.Tensor] | None = None,
         **options: Any,
     ) -> None:
+        self._setup(problem, batch_size, replacement, warm_state, options)
+        self.refresh(problem, per_sample=per_sample)
+
+    @classmethod
+    def unrefreshed(
+        cls,
+        problem: Problem,
+        batch_size: int = 1,
+        *,
+        replacement: bool = True,
+        warm_state: Mapping[str, torch.Tensor] | None = None,
+        **options: Any,
+    ) -> NoiseModel:
+        """The structure as the constructor builds it, before its first :meth:`refresh` (which
+        the caller must run before anything else): lets :class:`~sgdnoise.BatchedEngine` find
+        the eigenpairs of a first refresh in lock-step with other members (``find_pairs``)."""
+        model = cls.__new__(cls)
+        model._setup(problem, batch_size, replacement, warm_state, options)
+        return model
+
+    def _setup(
+        self,
+        problem: Problem,
+        batch_size: int,
+        replacement: bool,
+        warm_state: Mapping[str, torch.Tensor] | None,
+        options: Mapping[str, Any],
+    ) -> None:
         if not isinstance(problem, Problem):
             raise TypeError(
                 f"noise structure {self.name!r} needs a sgdnoise.Problem, got {type(problem).__name__}"
@@ -164,7 +192,6 @@ class NoiseModel(ABC):
         self._overwrite = False  # True only inside refresh(..., overwrite_per_sample=True)
         if warm_state:
             self.set_warm_state(warm_state)
-        self.refresh(problem, per_sample=per_sample)
 
     # ------------------------------------------------------------------ options
     @classmethod

@@ -350,8 +350,9 @@ class ProblemBase:
         n = self.num_samples if indices is None else int(indices.numel())
         total: torch.Tensor | None = None
         for x, y, pos in self.chunks(indices, rows or self.plan_rows("gradient")):
-            part = fn(x, y) * ((pos.stop - pos.start) / n)
-            total = part if total is None else total + part
+            w = (pos.stop - pos.start) / n
+            part = fn(x, y) if w == 1.0 else fn(x, y) * w  # one chunk: no weighted copy
+            total = part if total is None else total.add_(part)  # in place: one block less
         if self._shard is None:
             assert total is not None
             return total
@@ -466,8 +467,9 @@ class ProblemBase:
         if kind == "hvp":  # primal + tangents of forward-over-reverse for `columns` directions
             c = 1 + 2 * columns
             return c * a0 + 4 * columns * d, c * a1
-        if kind == "double_backward":  # gradient graph kept (create_graph), one column's pass
-            return 5 * a0 + (2 * columns + 4) * d, 5 * a1
+        if kind == "double_backward":  # gradient graph kept (create_graph), one column's pass;
+            # the block's columns: V, the products, the chunk's weighted share and the running sum
+            return 5 * a0 + (4 * columns + 4) * d, 5 * a1
         if kind == "double_backward_batched":  # the backward of the gradient vmapped over columns
             c = 3 + 2 * columns
             return c * a0 + (4 * columns + 2) * d, c * a1

@@ -79,13 +79,17 @@ class HessianProducts(ProblemBase):
         )
         cols, rows = self.plan_columns(min(max_columns, max(1, V.shape[1])), kind)
 
-        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            blocks = [
-                self._hvp_block(theta, V[:, j : j + cols], x, y) for j in range(0, V.shape[1], cols)
-            ]
-            return torch.cat(blocks, dim=1)
+        def block(j: int) -> torch.Tensor:  # columns j, …, j + cols − 1, summed over the data
+            return self.reduce_mean(
+                lambda x, y: self._hvp_block(theta, V[:, j : j + cols], x, y), indices, rows=rows
+            )
 
-        out = self.reduce_mean(fn, indices, rows=rows)
+        if cols >= V.shape[1]:
+            out = block(0)
+        else:  # each block summed over the data, written into one [D, k] result (no concatenation)
+            out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
+            for j in range(0, V.shape[1], cols):
+                out[:, j : j + cols] = block(j)
         check_finite(out, "a Hessian-vector product")
         return out
 
@@ -164,11 +168,12 @@ class HessianProducts(ProblemBase):
                 (g,) = torch.autograd.grad(losses.sum(), th, create_graph=True)
                 if not g.requires_grad:  # the loss is linear in θ: H = 0
                     return torch.zeros_like(V)
-                cols = [
-                    torch.autograd.grad(g, th, grad_outputs=V[:, :, j], retain_graph=True)[0]
-                    for j in range(V.shape[2])
-                ]
-            return torch.stack(cols, dim=2)
+                out = torch.empty_like(V)
+                for j in range(V.shape[2]):  # written in place: no list of columns, no stack
+                    out[:, :, j] = torch.autograd.grad(
+                        g, th, grad_outputs=V[:, :, j], retain_graph=True
+                    )[0]
+            return out
 
     def _hvp_block(
         self, theta: torch.Tensor, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor
@@ -195,11 +200,7 @@ class HessianProducts(ProblemBase):
                     if not g.requires_grad:  # the loss is linear in θ: H = 0
                         return torch.zeros_like(V)
                     if V.shape[1] == 1 or self._hvp_mode == "double backward, column by column":
-                        cols = [
-                            torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
-                            for j in range(V.shape[1])
-                        ]
-                        return torch.stack(cols, dim=1)
+                        return _columns(g, th, V)
                     try:
                         (hv,) = torch.autograd.grad(
                             g, th, grad_outputs=V.T, is_grads_batched=True, retain_graph=True
@@ -212,11 +213,7 @@ class HessianProducts(ProblemBase):
                             f"double backward column by column: batched products failed "
                             f"({_first_line(exc)})"
                         )
-                        cols = [
-                            torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
-                            for j in range(V.shape[1])
-                        ]
-                        return torch.stack(cols, dim=1)
+                        return _columns(g, th, V)
             except (NotImplementedError, RuntimeError) as exc:
                 raise_if_out_of_memory(exc)
                 where = self._module_without_second_derivative(x)
@@ -237,38 +234,23 @@ class HessianProducts(ProblemBase):
         any error). The rule is :func:`sgdnoise.diagnostics.hvp_finite_difference_check` (the
         one :func:`sgdnoise.check` reports): differences at several step sizes, on a float64 copy
         of the model below float64; inconclusive directions (ReLU kinks) pass. Skipped for
-        models above 2^27 parameters, where the copy would cost too much memory.
+        models above 2^27 parameters, where the copy would cost too much memory (the scan of the
+        forward pass that picks the route still runs).
         """
+        if self._shard is not None:  # each rank checks its own samples (a local twin)
+            self._verify_hvp_sharded(theta)
+            return
+        few = torch.arange(min(self.num_samples, 4), device=self.device)
+        rule = self._route_by_scan(few)
         if self.dim > 2**27:
             self.routes["hvp_check"] = "skipped (D > 2^27); run sgdnoise.check(problem)"
-            return
-        if self._shard is not None:
-            self._verify_hvp_sharded(theta)
             return
         from .._finite_differences import hvp_finite_difference_check
 
         # Finite differences on a few samples (the model's derivative rules); symmetry on up to
         # 16 samples spread over the data, as some rules depend on the data (padding tokens).
-        few = torch.arange(min(self.num_samples, 4), device=self.device)
         spread = torch.linspace(0, self.num_samples - 1, min(self.num_samples, 16))
         spread = spread.round().long().unique().to(self.device)
-        rule, convolves = self._scan_operations(few)
-        if convolves and self._hvp_mode == "forward-over-reverse":
-            # A structural, deterministic choice (never a timing): vmap batches the tangents of a
-            # convolution through grouped convolutions, which cost more than one backward of the
-            # gradient per column (bench/bench_scale.py: 3.1x a gradient per column against 2.1x
-            # on ResNet-18, 2.9x against 2.0x on VGG-11, 1.29x against 1.23x on the paper's CNN).
-            self._hvp_mode = _HVP_MODES[2]
-            self.routes["hvp"] = (
-                f"{_HVP_MODES[2]}: the model convolves ({convolves}), where forward-over-reverse "
-                "costs more per column"
-            )
-        if rule is not None and self._hvp_mode == "forward-over-reverse":
-            self._hvp_mode = "double backward"
-            self.routes["hvp"] = (
-                f"double backward: {rule} — its forward-mode rule disagrees with its backward on "
-                "some samples (a data-dependent rule, not left to a check on a few samples)"
-            )
         if not self._hvp_symmetric(theta, spread):
             if self._hvp_mode != "forward-over-reverse":
                 where = self._module_without_second_derivative(self._source.take(few[:1])[0])
@@ -309,6 +291,28 @@ class HessianProducts(ProblemBase):
         raise RuntimeError(
             f"Hessian-vector products are wrong for this model{where}: {result.detail}"
         )
+
+    def _route_by_scan(self, few: torch.Tensor) -> str | None:
+        """The route that one scan of the forward pass dictates (see :meth:`_scan_operations`),
+        for every model, large or sharded too; returns the data-dependent rule found, if any."""
+        rule, convolves = self._scan_operations(few)
+        if convolves and self._hvp_mode == "forward-over-reverse":
+            # A structural, deterministic choice (never a timing): vmap batches the tangents of a
+            # convolution through grouped convolutions, which cost more than one backward of the
+            # gradient per column (bench/bench_scale.py: 3.1x a gradient per column against 2.1x
+            # on ResNet-18, 2.9x against 2.0x on VGG-11, 1.29x against 1.23x on the paper's CNN).
+            self._hvp_mode = _HVP_MODES[2]
+            self.routes["hvp"] = (
+                f"{_HVP_MODES[2]}: the model convolves ({convolves}), where forward-over-reverse "
+                "costs more per column"
+            )
+        if rule is not None and self._hvp_mode == "forward-over-reverse":
+            self._hvp_mode = "double backward"
+            self.routes["hvp"] = (
+                f"double backward: {rule} — its forward-mode rule disagrees with its backward on "
+                "some samples (a data-dependent rule, not left to a check on a few samples)"
+            )
+        return rule
 
     def _hvp_symmetric(self, theta: torch.Tensor, few: torch.Tensor) -> bool:
         """``|uᵀHv − vᵀHu| ≤ tol (|uᵀHv| + |vᵀHu|)`` for two random vectors (the route's check)."""
@@ -442,3 +446,12 @@ class HessianProducts(ProblemBase):
                 name = names.get(id(module)) or "(the model itself)"
                 return f" in module {name} ({type(module).__name__})"
         return ""
+
+
+def _columns(g: torch.Tensor, th: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``[∂(g·V[:, j])/∂θ]_j`` by one backward of the gradient's graph per column, written in place
+    into one ``[D, k]`` block (no list of columns and no stack: a block less at the peak)."""
+    out = torch.empty_like(V)
+    for j in range(V.shape[1]):
+        out[:, j] = torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
+    return out
