@@ -43,7 +43,7 @@ fi
 [ -x "$VENV/bin/python" ] || make venv VENV="$VENV" >"$OUT/venv.log" 2>&1
 PY=$VENV/bin/python
 
-step tests "$PY" -m pytest -q tests/test_engine.py tests/test_engine_fashion.py --junitxml "$OUT/tests.xml" \
+step tests "$PY" -m pytest -q tests/test_engine.py tests/test_engine_fashion.py tests/test_lockstep.py --junitxml "$OUT/tests.xml" \
     >"$OUT/tests.log" 2>&1
 if [ "$DEVICE" != cpu ]; then
     step make_bench "$PY" bench/run_all.py --device "$DEVICE" --out "$OUT/bench" \
