@@ -111,8 +111,9 @@ def escape_indicator(
         seed, generator: randomness for sampling examples, then for Hutch++ (the generator wins;
             else a fresh generator seeded with ``seed``, default 0).
         replacement: whether SGD's mini-batches are drawn with replacement (scales ``Σ_b``).
-        block_size: Hessian products per batch. exact_trace_max_dim, trace_matvecs,
-            exact_trace: Tr(H) policy (see above).
+        block_size: Hessian products per batch (fewer where that many columns of D numbers
+            exceed 256 MB, ``linalg.trace.BLOCK_BYTES``).
+        exact_trace_max_dim, trace_matvecs, exact_trace: Tr(H) policy (see above).
         context: a :class:`MeasurementContext` for this problem: Σ_b, Tr Σ_b, Tr H and the exact
             quadratic forms computed by earlier calls at the same θ are reused (``None``: none).
 
