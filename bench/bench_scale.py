@@ -174,10 +174,11 @@ def _run_task(name: str, task: str, quick: bool, budget: str) -> dict:
     elif task in ("gld_diag_10", "gld_hessian_10"):
         structure = task.split("_")[1]
         options = {"k": 5, "tol": 1e-2} if structure == "hessian" else {}
+        out["loss_0"] = float(problem.loss())
         opt = sgdnoise.make_optimizer(
             f"gld_{structure}",
             problem,
-            0.01,
+            1e-4,  # below 2/λ_max (ResNet-18 at this initialisation: λ_max ≈ 4.7e3; 0.01 diverges)
             generator=0,
             batch_size=b,
             refresh_every=10,
