@@ -75,3 +75,62 @@ def test_route_is_the_same_on_every_call_and_every_problem():
         out.append(problem.hvp(V))
         out.append(problem.hvp(V))
     assert all(torch.equal(o, out[0]) for o in out)
+
+
+def test_a_conv_model_linear_in_theta_has_a_zero_hessian():
+    """Double backward of a convolution keeps a graph without θ in it: H = 0, not an error."""
+    x = torch.randn(8, 1, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randn(8, dtype=torch.float64)
+    problem = sgdnoise.Problem(
+        nn.Conv1d(1, 1, 3).double(), lambda o, t: (o.flatten(1).mean(1) * t).mean(), x, y
+    )
+    V = torch.ones(problem.dim, 2, dtype=torch.float64)
+    assert torch.equal(problem.hvp(V), torch.zeros_like(V))
+    thetas = torch.stack([problem.theta(), problem.theta() + 1])
+    assert torch.equal(problem.hvp_members(thetas, V.expand(2, -1, -1)), torch.zeros(2, *V.shape,
+                       dtype=torch.float64))  # fmt: skip
+
+
+class _Padded(nn.Module):
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        self.e = nn.Embedding(7, 4, padding_idx=0)
+        self.c = nn.Conv1d(4, 3, 3, padding=1) if conv else None
+        self.fc = nn.Linear(15 if conv else 20, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.e(t)
+        if self.c is not None:
+            h = self.c(h.transpose(1, 2))
+        return self.fc(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["embedding", "embedding+conv"])
+def test_padding_seen_by_the_scan_wherever_it_is(conv):
+    """nn.Embedding(padding_idx) reaches the scan as F.embedding: the padding token in sample 1
+    only (outside the 16 samples of the symmetry check) still gets double backward, exact H."""
+    torch.manual_seed(0)
+    tok = torch.randint(1, 7, (40, 5))
+    tok[1, 2] = 0
+    y = torch.randint(0, 3, (40,))
+    problem = sgdnoise.Problem(_Padded(conv).double(), F.cross_entropy, tok, y)
+    V = torch.randn(problem.dim, 3, dtype=torch.float64)
+    got = problem.hvp(V)
+    H = torch.autograd.functional.hessian(lambda t: problem.batch_loss(t, tok, y), problem.theta())
+    torch.testing.assert_close(got, H @ V, rtol=1e-10, atol=1e-12)
+    assert problem.routes["hvp"].startswith("double backward")
+
+
+def test_hvp_members_refuses_bad_input_in_one_line():
+    problem = sgdnoise.Problem(
+        nn.Linear(3, 2).double(), F.cross_entropy, torch.randn(6, 3, dtype=torch.float64),
+        torch.arange(6) % 2,
+    )  # fmt: skip
+    th, D = problem.theta(), problem.dim
+    with pytest.raises(ValueError, match="R ≥ 1"):
+        problem.hvp_members(th[None][:0], torch.zeros(0, D, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype"):
+        problem.hvp_members(th[None].float(), torch.zeros(1, D, 2))
+    assert problem.hvp_members(th[None], torch.zeros(1, D, 0, dtype=torch.float64)).shape == (
+        1, D, 0,
+    )  # fmt: skip

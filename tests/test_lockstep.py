@@ -113,3 +113,27 @@ def test_engine_runs_hessian_refreshes_in_lockstep(monkeypatch):
     for j in range(len(members)):
         rel = (engine.theta[j] - reference.theta[j]).norm() / reference.theta[j].norm()
         assert float(rel) < 1e-10, (members[j].dynamics, float(rel))
+
+
+def test_lockstep_interrupted_leaves_no_thread_and_checks_shapes():
+    import _thread
+    import time
+
+    A = torch.eye(30, dtype=torch.float64)
+    before = threading.active_count()
+
+    def slow(op):
+        time.sleep(1.0)
+        return op @ torch.ones(30, 1, dtype=torch.float64)
+
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_lockstep([slow, slow], lambda b: [A @ V for _, V in b], dim=30,
+                     dtype=torch.float64, device="cpu")  # fmt: skip
+    timer.join()
+    assert threading.active_count() == before  # the solvers were released and joined
+    with pytest.raises(RuntimeError, match="request of shape"):
+        run_lockstep([lambda op: op @ torch.ones(30, 2, dtype=torch.float64)],
+                     lambda b: [torch.zeros(3, 3)], dim=30, dtype=torch.float64,
+                     device="cpu")  # fmt: skip

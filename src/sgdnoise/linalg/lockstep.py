@@ -39,9 +39,12 @@ class _Hub:
         self.requests: dict[int, torch.Tensor] = {}
         self.results: dict[int, torch.Tensor | BaseException] = {}
         self.running = running
+        self.aborted: BaseException | None = None
 
     def submit(self, j: int, V: torch.Tensor) -> torch.Tensor:
         with self.cv:
+            if self.aborted is not None:
+                raise self.aborted
             self.requests[j] = V
             self.cv.notify_all()
             while j not in self.results:
@@ -66,6 +69,15 @@ class _Hub:
             batch = sorted(self.requests.items())
             self.requests.clear()
             return batch
+
+    def abort(self, exc: BaseException) -> None:
+        """The calling thread stopped (e.g. Ctrl-C): every waiting or later request raises."""
+        with self.cv:
+            self.aborted = exc
+            for j in self.requests:
+                self.results[j] = exc
+            self.requests.clear()
+            self.cv.notify_all()
 
     def deliver(self, batch: list[tuple[int, torch.Tensor]], outs: Sequence[Any]) -> None:
         with self.cv:
@@ -127,14 +139,27 @@ def run_lockstep(
     threads = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(R)]
     for t in threads:
         t.start()
-    while (batch := hub.next_round()) is not None:
-        try:
-            outs: Sequence[Any] = products(batch)
-            if len(outs) != len(batch):
-                raise RuntimeError(f"products returned {len(outs)} results for {len(batch)}")
-        except BaseException as exc:  # every waiting solver raises it and stops
-            outs = [exc] * len(batch)
-        hub.deliver(batch, outs)
+    try:
+        while (batch := hub.next_round()) is not None:
+            try:
+                outs: list[Any] = list(products(batch))
+                if len(outs) != len(batch):
+                    raise RuntimeError(f"products returned {len(outs)} results for {len(batch)}")
+                for (j, V), out in zip(batch, outs, strict=True):
+                    if not isinstance(out, torch.Tensor) or out.shape != V.shape:
+                        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out)
+                        raise RuntimeError(
+                            f"products returned {got} for solver {j}'s request of shape "
+                            f"{list(V.shape)}; it must return A_j V of the request's shape"
+                        )
+            except BaseException as exc:  # every waiting solver raises it and stops
+                outs = [exc] * len(batch)
+            hub.deliver(batch, outs)
+    except BaseException as exc:  # e.g. Ctrl-C while waiting: no solver thread stays blocked
+        hub.abort(exc)
+        for t in threads:
+            t.join()
+        raise
     for t in threads:
         t.join()
     for err in errors:

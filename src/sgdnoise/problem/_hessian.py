@@ -113,12 +113,21 @@ class HessianProducts(ProblemBase):
         Raises:
             ValueError: shapes that do not match. RuntimeError, MemoryError: as :meth:`hvp`.
         """
-        R = thetas.shape[0]
-        if thetas.shape != (R, self.dim) or V.ndim != 3 or V.shape[:2] != (R, self.dim):
+        if not isinstance(thetas, torch.Tensor) or not isinstance(V, torch.Tensor):
+            raise ValueError("hvp_members needs tensors thetas [R, D] and V [R, D, k]")
+        R = thetas.shape[0] if thetas.ndim else 0
+        if R < 1 or thetas.shape != (R, self.dim) or V.ndim != 3 or V.shape[:2] != (R, self.dim):
             raise ValueError(
-                f"hvp_members needs thetas [R, D] and V [R, D, k] with D = {self.dim}, got "
-                f"{list(thetas.shape)} and {list(V.shape)}"
+                f"hvp_members needs thetas [R, D] and V [R, D, k] with R ≥ 1 and D = {self.dim}, "
+                f"got {list(thetas.shape)} and {list(V.shape)}"
             )
+        if thetas.dtype != self.dtype or V.dtype != self.dtype:
+            raise ValueError(
+                f"hvp_members needs thetas and V in the model's dtype {self.dtype}, got "
+                f"{thetas.dtype} and {V.dtype} (cast them with .to({self.dtype}))"
+            )
+        if V.shape[2] == 0:
+            return V.clone()
         thetas = thetas.detach()
         if not self._hvp_verified:  # the route and its check, once, as for hvp
             self.hvp(V[0, :, :1], thetas[0])
@@ -170,9 +179,10 @@ class HessianProducts(ProblemBase):
                     return torch.zeros_like(V)
                 out = torch.empty_like(V)
                 for j in range(V.shape[2]):  # written in place: no list of columns, no stack
-                    out[:, :, j] = torch.autograd.grad(
-                        g, th, grad_outputs=V[:, :, j], retain_graph=True
-                    )[0]
+                    (col,) = torch.autograd.grad(
+                        g, th, grad_outputs=V[:, :, j], retain_graph=True, allow_unused=True
+                    )
+                    out[:, :, j] = 0.0 if col is None else col  # None: linear in θ, H = 0
             return out
 
     def _hvp_block(
@@ -203,9 +213,14 @@ class HessianProducts(ProblemBase):
                         return _columns(g, th, V)
                     try:
                         (hv,) = torch.autograd.grad(
-                            g, th, grad_outputs=V.T, is_grads_batched=True, retain_graph=True
+                            g,
+                            th,
+                            grad_outputs=V.T,
+                            is_grads_batched=True,
+                            retain_graph=True,
+                            allow_unused=True,
                         )
-                        return hv.T
+                        return torch.zeros_like(V) if hv is None else hv.T  # None: H = 0
                     except (NotImplementedError, RuntimeError) as exc:
                         raise_if_out_of_memory(exc)
                         self._hvp_mode = "double backward, column by column"
@@ -375,7 +390,9 @@ class HessianProducts(ProblemBase):
                 kwargs = kwargs or {}
                 if func in conv_funcs:
                     convs.append(conv_funcs[func])
-                if func is torch.embedding:
+                if func is torch.embedding or func is torch.nn.functional.embedding:
+                    # F.embedding(input, weight, padding_idx=None, …) is what the mode sees for
+                    # nn.Embedding (the nested torch.embedding is not intercepted)
                     pad = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
                     if pad is not None and pad != -1:
                         found.append(f"embedding with padding_idx={pad}")
@@ -453,5 +470,9 @@ def _columns(g: torch.Tensor, th: torch.Tensor, V: torch.Tensor) -> torch.Tensor
     into one ``[D, k]`` block (no list of columns and no stack: a block less at the peak)."""
     out = torch.empty_like(V)
     for j in range(V.shape[1]):
-        out[:, j] = torch.autograd.grad(g, th, grad_outputs=V[:, j], retain_graph=True)[0]
+        (col,) = torch.autograd.grad(
+            g, th, grad_outputs=V[:, j], retain_graph=True, allow_unused=True
+        )
+        # None: θ is not in the gradient's graph (a loss linear in θ after a convolution), H = 0
+        out[:, j] = 0.0 if col is None else col
     return out
