@@ -212,7 +212,7 @@ def _forms(H: LinearOperator, C: torch.Tensor, block: int) -> torch.Tensor:
     """``c_iᵀ H c_i`` for the rows c_i of ``C`` ``[n, D]``, ``block`` products at a time (fewer
     when ``block`` columns of D numbers exceed :data:`BLOCK_BYTES`)."""
     out = []
-    block = max(1, min(block, BLOCK_BYTES // max(1, C.shape[1] * C.element_size())))
+    block = min(block, _block_columns(C.T))
     for start in range(0, C.shape[0], block):
         Cb = C[start : start + block]
         out.append((Cb.T * (H @ Cb.T.contiguous())).sum(0))

@@ -163,39 +163,30 @@ class HessianProducts(ProblemBase):
     ) -> torch.Tensor:
         with _math_attention():
             if forward:
-
-                def one(th: torch.Tensor, Vm: torch.Tensor) -> torch.Tensor:
-                    gfun = grad(lambda t: self.batch_loss(t, x, y))
-                    return vmap(lambda v: jvp(gfun, (th,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(
-                        Vm
-                    )
-
-                return vmap(one)(thetas, V)
+                return vmap(lambda th, Vm: self._forward_over_reverse(th, Vm, x, y))(thetas, V)
             th = thetas.clone().requires_grad_(True)
             with torch.enable_grad():
                 losses = vmap(lambda t: self.batch_loss(t, x, y))(th)
                 (g,) = torch.autograd.grad(losses.sum(), th, create_graph=True)
                 if not g.requires_grad:  # the loss is linear in θ: H = 0
                     return torch.zeros_like(V)
-                out = torch.empty_like(V)
-                for j in range(V.shape[2]):  # written in place: no list of columns, no stack
-                    (col,) = torch.autograd.grad(
-                        g, th, grad_outputs=V[:, :, j], retain_graph=True, allow_unused=True
-                    )
-                    out[:, :, j] = 0.0 if col is None else col  # None: linear in θ, H = 0
-            return out
+                return _columns(g, th, V)
+
+    def _forward_over_reverse(
+        self, theta: torch.Tensor, V: torch.Tensor, x: Any, y: Any
+    ) -> torch.Tensor:
+        """``∇²L V`` on the batch ``(x, y)``: ``jvp`` of ``grad`` vmapped over the columns."""
+        gfun = grad(lambda t: self.batch_loss(t, x, y))
+        # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
+        return vmap(lambda v: jvp(gfun, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(V)
 
     def _hvp_block(
         self, theta: torch.Tensor, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         with _math_attention():
             if self._hvp_mode == "forward-over-reverse":
-                gfun = grad(lambda t: self.batch_loss(t, x, y))
                 try:
-                    # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
-                    return vmap(
-                        lambda v: jvp(gfun, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1
-                    )(V)
+                    return self._forward_over_reverse(theta, V, x, y)
                 except (NotImplementedError, RuntimeError) as exc:
                     raise_if_out_of_memory(exc)
                     self._hvp_mode = "double backward"
@@ -466,13 +457,14 @@ class HessianProducts(ProblemBase):
 
 
 def _columns(g: torch.Tensor, th: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``[∂(g·V[:, j])/∂θ]_j`` by one backward of the gradient's graph per column, written in place
-    into one ``[D, k]`` block (no list of columns and no stack: a block less at the peak)."""
+    """``[∂(g·V[..., j])/∂θ]_j`` by one backward of the gradient's graph per column (``V``
+    ``[D, k]``, or ``[R, D, k]`` for R members), written in place into one block of V's shape
+    (no list of columns and no stack: a block less at the peak)."""
     out = torch.empty_like(V)
-    for j in range(V.shape[1]):
+    for j in range(V.shape[-1]):
         (col,) = torch.autograd.grad(
-            g, th, grad_outputs=V[:, j], retain_graph=True, allow_unused=True
+            g, th, grad_outputs=V[..., j], retain_graph=True, allow_unused=True
         )
         # None: θ is not in the gradient's graph (a loss linear in θ after a convolution), H = 0
-        out[:, j] = 0.0 if col is None else col
+        out[..., j] = 0.0 if col is None else col
     return out
