@@ -1,16 +1,16 @@
 """Scale: ResNet-18 (BatchNorm in eval mode) and VGG-11 (no BatchNorm, 9.2M parameters) on N = 128
-CIFAR-shaped synthetic images, CPU.
+CIFAR-shaped synthetic images, on the CPU (the issue's setting) or on a GPU (``--device cuda``).
 
 Each task runs in its own process (so its peak RSS is its own) and reports its wall time, its peak
-RSS, and the time of one full-batch gradient measured in the same process (the baseline, so ratios
-compare across machines): the sampled escape indicator (m = 32), the top-5 Hessian eigenpairs
+RSS (on CUDA also the peak of allocated GPU memory), and the time of one full-batch gradient
+measured in the same process (the baseline, so ratios compare across machines): the sampled escape indicator (m = 32), the top-5 Hessian eigenpairs
 (relative residual 1e-2), alignment with k = 1, 100 expected-sharpness draws, 10 GLD steps with
 the ``diag`` and the ``hessian`` structures, and the cost of one Hessian-vector product per column.
 Where PyHessian is installed (a bench-only extra: ``pip install --no-deps pyhessian``), its top-5
 eigenvalues on the same model and data, with time and agreement against ours.
 
-Usage: ``python bench/bench_scale.py [--quick] [--models resnet18 vgg11] [--memory-budget 6G]
-[--out bench/out/scale.json]``
+Usage: ``python bench/bench_scale.py [--quick] [--models resnet18 vgg11] [--tasks ...]
+[--memory-budget 6G] [--device cpu|cuda] [--resume] [--out FILE]``
 (``--quick``: width/8 models and N = 16, a smoke run of the same code in about a minute).
 """
 
@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,10 @@ class VGG11(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def _build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _build(
+    name: str, quick: bool, device: str = "cpu"
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model and data, drawn on the CPU (the same numbers on every device), then moved."""
     width = 8 if quick else 64
     model = (ResNet18 if name == "resnet18" else VGG11)(width=width).eval()
     gen = torch.Generator().manual_seed(1)
@@ -119,42 +123,48 @@ def _build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tenso
                         1.0 if isinstance(module, nn.BatchNorm2d) and pname == "weight" else 0.0
                     )
     n = 16 if quick else 128
-    return (
-        model,
-        torch.randn(n, 3, 32, 32, generator=gen),
-        torch.randint(0, 10, (n,), generator=gen),
-    )
+    x, y = torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    return model.to(device), x.to(device), y.to(device)
+
+
+def _clock(device: str) -> float:
+    """``time.perf_counter()`` after the device's queued work has finished."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _task(name: str, task: str, quick: bool, budget: str, queue: mp.Queue) -> None:
+def _task(name: str, task: str, quick: bool, budget: str, device: str, queue: mp.Queue) -> None:
     try:
-        queue.put(_run_task(name, task, quick, budget))
+        queue.put(_run_task(name, task, quick, budget, device))
     except Exception as exc:  # reported in the JSON, the bench goes on
         queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
 
 
-def _run_task(name: str, task: str, quick: bool, budget: str) -> dict:
+def _run_task(name: str, task: str, quick: bool, budget: str, device: str) -> dict:
     import sgdnoise
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, x, y = _build(name, quick)
+    model, x, y = _build(name, quick, device)
     problem = sgdnoise.Problem(model, F.cross_entropy, x, y, memory_budget=budget)
-    start = time.perf_counter()
+    if device == "cuda":
+        problem.gradient()  # CUDA's first call initialises its kernels: not a gradient's cost
+    start = _clock(device)
     problem.gradient()
-    grad_s = time.perf_counter() - start
+    grad_s = _clock(device) - start
     out: dict = {"gradient_s": grad_s, "D": problem.dim, "N": problem.num_samples}
     b = min(32, problem.num_samples)  # SGD's mini-batch size whose noise is measured
-    start = time.perf_counter()
+    start = _clock(device)
     if task == "hvp_cost":
-        V = torch.randn(problem.dim, 2, generator=torch.Generator().manual_seed(0))
+        V = torch.randn(problem.dim, 2, generator=torch.Generator().manual_seed(0)).to(device)
         sgdnoise.hessian(problem) @ V[:, :1]  # the one-time self-check happens here
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         sgdnoise.hessian(problem) @ V
-        out["hvp_per_column_s"] = (time.perf_counter() - t0) / 2
+        out["hvp_per_column_s"] = (_clock(device) - t0) / 2
         out["hvp_per_column_over_gradient"] = out["hvp_per_column_s"] / grad_s
     elif task == "indicator_sampled":
         ind = sgdnoise.escape_indicator(
@@ -193,25 +203,62 @@ def _run_task(name: str, task: str, quick: bool, budget: str) -> dict:
         except ImportError:
             return {"skipped": "PyHessian not installed (pip install --no-deps pyhessian)"}
         torch.manual_seed(0)  # PyHessian draws its start vectors from the global generator
-        comp = pyhessian_hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        comp = pyhessian_hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=device == "cuda")
         values, vectors = comp.eigenvalues(top_n=5, tol=1e-2)
-        out["wall_s"] = time.perf_counter() - start
+        out["wall_s"] = _clock(device) - start
         out["eigenvalues"] = sorted(values, reverse=True)
         # accuracy, outside the timing: relative residuals ‖Hu − λu‖/|λ| of PyHessian's pairs,
         # by our Hessian products (the same H: BatchNorm in eval mode, the same data)
         del comp
         U = torch.stack([torch.cat([t.reshape(-1) for t in v]) for v in vectors], dim=1)
         U = U / U.norm(dim=0)
-        lam = torch.tensor(values, dtype=U.dtype)
+        lam = torch.tensor(values, dtype=U.dtype, device=U.device)
         R = sgdnoise.hessian(problem) @ U - U * lam
         out["relative_residuals"] = (R.norm(dim=0) / lam.abs()).tolist()
-        out["peak_rss_gb"] = _peak_rss_gb()
-        return out
+        return out | _peaks(device)
     else:
         raise ValueError(f"unknown task {task!r}")
-    out["wall_s"] = time.perf_counter() - start
-    out["peak_rss_gb"] = _peak_rss_gb()
-    return out
+    out["wall_s"] = _clock(device) - start
+    return out | _peaks(device)
+
+
+def _peaks(device: str) -> dict:
+    """The process's peak RSS, and on CUDA the peak of allocated GPU memory (GB = 2³⁰ bytes)."""
+    peaks = {"peak_rss_gb": _peak_rss_gb()}
+    if device == "cuda":
+        peaks["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return peaks
+
+
+def _previous(path: Path, setting: dict) -> dict | None:
+    """The results in ``path`` when they were measured with ``setting``, else ``None``."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if {k: previous.get(k) for k in setting} != setting or "models" not in previous:
+        return None
+    return previous
+
+
+def _collect(proc: mp.Process, queue: mp.Queue) -> dict:
+    """The task's row, or an error row when its process died without one (e.g. killed by the
+    out-of-memory killer): never waits forever."""
+    while True:
+        try:
+            row = queue.get(timeout=10)
+        except Empty:
+            if proc.is_alive():
+                continue
+            proc.join()
+            try:  # it may have put its row just before exiting
+                return queue.get(timeout=1)
+            except Empty:
+                pass
+            return {"error": f"the task's process died (exit code {proc.exitcode}); a negative "
+                             "code is the signal, -9 often the out-of-memory killer"}  # fmt: skip
+        proc.join()
+        return row
 
 
 def main() -> int:
@@ -219,26 +266,45 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="width/8 models, N = 16")
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--device", default="cpu", help="cpu only for now")
-    parser.add_argument("--out", default=str(HERE / "out" / "scale.json"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", default=None, help="default: bench/out/scale.json on the CPU, "
+                        "bench/out/scale_cuda.json on CUDA")  # fmt: skip
     parser.add_argument("--memory-budget", default="6G", help="sgdnoise's memory budget per "
                         "task (the target is a peak RSS of at most 8 GB)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out "
+                        "(same --quick, --device and --memory-budget) that did not fail, and run "
+                        "only the others: the whole bench takes hours on a 2-core CPU")  # fmt: skip
     args = parser.parse_args()
-    if args.device != "cpu":
-        print("bench_scale: only --device cpu is measured for now; skipping", file=sys.stderr)
-        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_scale: --device cuda, but CUDA is not available here", file=sys.stderr)
+        return 2
+    if args.out is None:
+        args.out = str(HERE / "out" / ("scale.json" if args.device == "cpu" else "scale_cuda.json"))
     ctx = mp.get_context("spawn")
-    result: dict = {"quick": args.quick, "models": {}}
+    setting = {"quick": args.quick, "device": args.device, "memory_budget": args.memory_budget}
+    result: dict = setting | {"models": {}}
+    if args.resume and Path(args.out).exists():
+        previous = _previous(Path(args.out), setting)
+        if previous is None:
+            print(f"bench_scale: {args.out} holds results of another setting or cannot be read; "
+                  "give another --out (or drop --resume to replace it)", file=sys.stderr)  # fmt: skip
+            return 2
+        result = previous
     for name in args.models:
-        rows = {}
+        rows = result["models"].get(name, {})
         for task in args.tasks:
+            if task in rows and not {"error", "skipped"} & set(rows[task]):
+                print(f"{name:9s} {task:18s} kept from {args.out}", flush=True)
+                continue
             queue = ctx.Queue()
             proc = ctx.Process(
-                target=_task, args=(name, task, args.quick, args.memory_budget, queue)
+                target=_task,
+                args=(name, task, args.quick, args.memory_budget, args.device, queue),
             )
             proc.start()
-            rows[task] = queue.get()
-            proc.join()
+            rows[task] = _collect(proc, queue) | {
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            }
             print(f"{name:9s} {task:18s} {json.dumps(rows[task])[:200]}", flush=True)
             # written after every task: a stopped bench keeps the rows it has
             result["models"][name] = rows

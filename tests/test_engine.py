@@ -15,6 +15,7 @@ import sgdnoise
 from conftest import make_problem, on_device
 from sgdnoise.engine import BatchedEngine, Member, plan_members
 from sgdnoise.linalg import covariance as _cov
+from sgdnoise.noise import NoiseModel
 from sgdnoise.noise.dynamics import dynamics_names
 
 STEPS = 50
@@ -164,3 +165,57 @@ def test_bad_members_are_refused():
         BatchedEngine(problem, [Member("gld_diag", LR, options={"k": 3})], theta0)
     with pytest.raises(ValueError, match="shape"):
         BatchedEngine(problem, [Member("gd", LR)], theta0[:-1])
+
+
+def _interrupted_members() -> list[Member]:  # SGD draws its batch before the refreshes start
+    keep = ("sgd", "gld_diag", "gld_hessian", "gld_hessian_top1")
+    return [m for m in _members((0,)) if m.dynamics in keep]
+
+
+@pytest.mark.parametrize("lockstep", [False, True], ids=["alone", "lockstep"])
+@pytest.mark.parametrize("nth", [1, 2, 3], ids=["1st", "2nd", "3rd"])
+@pytest.mark.parametrize("at", [0, 6], ids=["start", "resumed"])
+def test_an_interrupted_step_continues_as_the_uninterrupted_run(monkeypatch, lockstep, nth, at):
+    """Ctrl-C in the nth refresh of a step (after other members' refreshes finished), at step 0
+    or on the first step after load_state_dict: both state_dict() and a retried step continue
+    exactly as one run (generators, first refreshes and warm starts restored)."""
+    problem = make_problem("mlp", n=24)
+    theta0 = problem.theta()
+
+    def engine() -> BatchedEngine:
+        return BatchedEngine(problem, _interrupted_members(), theta0, lockstep_lanczos=lockstep)
+
+    whole = engine()
+    for _ in range(at + 5):
+        whole.step()
+    stopped = engine()
+    if at:
+        first = engine()
+        for _ in range(at):
+            first.step()
+        stopped.load_state_dict(first.state_dict())
+    before = stopped.state_dict()
+    original, calls = NoiseModel.refresh, [0]
+
+    def refresh(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(NoiseModel, "refresh", refresh)
+        with pytest.raises(KeyboardInterrupt):
+            stopped.step()
+    assert calls[0] == nth and stopped.num_steps == at
+    after = stopped.state_dict()
+    for saved, kept in zip(before["warm_states"], after["warm_states"], strict=True):
+        assert saved.keys() == kept.keys()
+        assert all(torch.equal(saved[k], kept[k]) for k in saved)
+    resumed = engine()
+    resumed.load_state_dict(after)
+    for _ in range(5):
+        stopped.step()  # the retried step and the rest, in the same engine
+        resumed.step()
+    assert _rel(stopped.theta, whole.theta) < 1e-10
+    assert _rel(resumed.theta, whole.theta) < 1e-10

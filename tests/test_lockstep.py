@@ -115,7 +115,19 @@ def test_engine_runs_hessian_refreshes_in_lockstep(monkeypatch):
         assert float(rel) < 1e-10, (members[j].dynamics, float(rel))
 
 
-def test_lockstep_interrupted_leaves_no_thread_and_checks_shapes():
+@pytest.fixture
+def ctrl_c():
+    """Python's Ctrl-C handler for one test: a process started in the background by a
+    non-interactive shell (``nohup … &``) inherits SIGINT ignored, and then ``interrupt_main``
+    does nothing."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_lockstep_interrupted_leaves_no_thread_and_checks_shapes(ctrl_c):
     import _thread
     import time
 

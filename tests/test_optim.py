@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgdnoise
+from sgdnoise.noise import NoiseModel
 from sgdnoise.optim import factor_noise, sample_batch
 
 F64 = torch.float64
@@ -284,6 +285,63 @@ def test_state_dict_resume_continues_identically(name):
     assert opt2.num_steps == 2
     sgdnoise.run_dynamics(opt2, 3)
     assert torch.equal(problem2.theta(), want)
+
+
+@pytest.mark.parametrize("name", ["gld_hessian", "gld_leading"])
+@pytest.mark.parametrize("where", ["after_load", "mid_run", "prebuilt"])
+def test_an_interrupted_refresh_continues_as_the_uninterrupted_run(monkeypatch, name, where):
+    """Ctrl-C inside a refresh — the forced one after load_state_dict (here off the refresh
+    schedule), a scheduled one in a running optimizer, or the forced one after loading into an
+    optimizer holding a prebuilt model: state_dict() keeps the warm start that refresh started
+    from, and the retried step and the rest equal the same steps without the interruption."""
+    kw = {
+        **small_options(name),
+        "refresh_every": 2,
+        "max_matvecs": 4,
+        "on_nonconvergence": "ignore",
+    }
+    problem = make_problem()
+    opt = sgdnoise.make_optimizer(name, problem, LR, generator=0, batch_size=5, **kw)
+    sgdnoise.run_dynamics(opt, 3)
+    state, theta = opt.state_dict(), problem.theta()
+
+    def ready() -> tuple[sgdnoise.Problem, torch.optim.Optimizer]:
+        """The optimizer just before the step to interrupt (a refresh step)."""
+        p = make_problem()
+        if where == "mid_run":  # t = 4 is a scheduled refresh (refresh_every = 2)
+            o = sgdnoise.make_optimizer(name, p, LR, generator=0, batch_size=5, **kw)
+            sgdnoise.run_dynamics(o, 4)
+            return p, o
+        p.set_theta(theta)
+        if where == "prebuilt":
+            options = {k: v for k, v in kw.items() if k != "refresh_every"}
+            built = sgdnoise.noise_model(name.removeprefix("gld_"), p, batch_size=5, **options)
+            o = sgdnoise.GLD(p.model.parameters(), LR, noise=built, problem=p, generator=9,
+                             refresh_every=2)  # fmt: skip
+        else:
+            o = sgdnoise.make_optimizer(name, p, LR, generator=123, batch_size=5, **kw)
+        o.load_state_dict(state)  # the next step (t = 3) refreshes: forced
+        return p, o
+
+    p1, o1 = ready()
+    sgdnoise.run_dynamics(o1, 4)
+    p2, o2 = ready()
+    saved = o2.state_dict()["sgdnoise"]["noise_warm_state"]
+    calls = [0]
+
+    def refresh(self, *args, **kwargs):
+        calls[0] += 1
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(NoiseModel, "refresh", refresh)
+        with pytest.raises(KeyboardInterrupt):
+            o2.step()
+    assert calls[0] == 1
+    kept = o2.state_dict()["sgdnoise"]["noise_warm_state"]
+    assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in saved)
+    sgdnoise.run_dynamics(o2, 4)  # the retried step and three more
+    assert torch.equal(p2.theta(), p1.theta())
 
 
 def test_a_built_noise_model_can_be_passed():

@@ -53,6 +53,61 @@ def test_hvp_matches_dense_hessian(kind: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(problem.hvp(V[:, :1]), H_ref @ V[:, :1], **_tol(dtype))
 
 
+def test_hvp_of_one_vector_and_of_no_column(kind: str) -> None:
+    problem = make_problem(kind)
+    H_ref = dense_hessian(problem)
+    v = torch.randn(problem.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    Hv = problem.hvp(v)
+    assert Hv.shape == (problem.dim,)
+    torch.testing.assert_close(Hv, H_ref @ v, **_tol(torch.float64))
+    assert problem.hvp(v[:, None][:, :0]).shape == (problem.dim, 0)
+
+
+def test_directions_and_points_of_another_kind_are_refused() -> None:
+    """A float32 V on a float64 model would give float32 products, silently; a wrong shape gave
+    an IndexError deep inside. Each is one ValueError naming what was expected."""
+    problem = make_problem("mlp")
+    D = problem.dim
+    V = torch.ones(D, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"V must be torch.float64.*got torch.float32.*\.to\("):
+        problem.hvp(V.float())
+    with pytest.raises(
+        ValueError, match=r"V must be torch.float64 on cpu.*got torch.float64 on meta"
+    ):
+        problem.hvp(V.to("meta"))
+    with pytest.raises(ValueError, match=rf"V must have shape \[{D}\] or \[{D}, k\], got \[3\]"):
+        problem.hvp(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"V must have shape.*got \[1, " + str(D) + r", 2\]"):
+        problem.hvp(V[None])
+    with pytest.raises(ValueError, match=r"V must have shape.*got list"):
+        problem.hvp([1.0] * D)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="V must be torch.float64"):
+        problem.output_jvp(V.float())
+    theta32 = problem.theta().float()
+    n = problem.num_samples
+    for call in (
+        lambda: problem.hvp(V, theta32),
+        lambda: problem.hvp(V[:, :0], theta32),  # no column: still checked
+        lambda: problem.loss(theta32),
+        lambda: problem.gradient(theta32),
+        lambda: problem.per_sample_losses(theta32),
+        lambda: problem.per_sample_gradients(theta=theta32),
+        lambda: problem.per_sample_gradients_and_losses(theta=theta32),
+        lambda: problem.weighted_gradients(torch.ones(n, dtype=torch.float64), theta32),
+        lambda: problem.output_jvp(V, theta32),
+        lambda: problem.output_vjp(torch.ones(n, 3, 1, dtype=torch.float64), theta32),
+    ):
+        with pytest.raises(ValueError, match="theta must be torch.float64"):
+            call()
+    with pytest.raises(ValueError, match="theta must be torch.float64 on cpu.*on meta"):
+        problem.loss(problem.theta().to("meta"))
+    with pytest.raises(ValueError, match=rf"theta must be a flat vector of shape \[{D}\]"):
+        problem.loss(problem.theta()[:-1])
+    with pytest.raises(ValueError, match="hvp_members needs thetas and V on the model's device"):
+        problem.hvp_members(problem.theta()[None].to("meta"), V[None].to("meta"))
+    assert "hvp_members" not in problem.routes  # refused before any pass: no fallback recorded
+
+
 def test_per_sample_gradients_match_loop(kind: str, dtype: torch.dtype) -> None:
     problem = make_problem(kind, dtype, chunk_size=5)
     G = sgdnoise.per_sample_gradients(problem)

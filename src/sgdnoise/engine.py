@@ -306,8 +306,7 @@ class BatchedEngine:
         """Rebuild member j's covariance at its θ (as ``GLD._refresh``)."""
         m, p = self.members[j], self.problem
         p.set_theta(self.theta[j])
-        warm, self._pending_warm[j] = self._pending_warm[j], None
-        self._force_refresh[j] = False
+        warm = self._pending_warm[j]  # kept until the refresh is done: state_dict saves it
         model = self.noise[j]
         if model is None:
             assert m.structure is not None
@@ -318,6 +317,7 @@ class BatchedEngine:
             if warm:
                 model.set_warm_state(warm)
             model.refresh(p, per_sample=per_sample, overwrite_per_sample=per_sample is not None)
+        self._pending_warm[j], self._force_refresh[j] = None, False
         return model
 
     def _classify(self) -> dict[str, list[int]]:
@@ -338,9 +338,42 @@ class BatchedEngine:
     def step(self) -> torch.Tensor:
         """Advance every member by one step.
 
+        A step stopped by an exception (Ctrl-C included) is undone where it matters: generator
+        states, the members' noise models before their first refresh and the warm starts of the
+        refreshes due at this step are restored (references, no copies) and those refreshes stay
+        due, so :meth:`state_dict` — or a retried step — continues exactly as the uninterrupted
+        run.
+
         Returns:
             ``[M]`` losses at the start of the step (the mini-batch loss for SGD members).
         """
+        generators = [g.get_state() for g in self.generators]
+        due = [
+            j
+            for j, m in enumerate(self.members)
+            if m.structure is not None and self._needs_refresh(j)
+        ]
+        before = {j: (self.noise[j], self._warm_start(j, copy=False)) for j in due}
+        try:
+            return self._step()
+        except BaseException:
+            for g, state in zip(self.generators, generators, strict=True):
+                g.set_state(state)
+            for j, (model, warm) in before.items():
+                if model is None:  # set up (lock-step) or built during the step: not yet refreshed
+                    self.noise[j] = None
+                self._pending_warm[j], self._force_refresh[j] = warm, True
+            raise
+
+    def _warm_start(self, j: int, *, copy: bool = True) -> dict[str, torch.Tensor] | None:
+        """What member j's next refresh starts from (``None``: nothing); see
+        :meth:`NoiseModel.warm_state` for ``copy``."""
+        if self._pending_warm[j] is not None:
+            return self._pending_warm[j]
+        model = self.noise[j]
+        return (model.warm_state(copy=copy) or None) if model is not None else None
+
+    def _step(self) -> torch.Tensor:
         M, p = len(self.members), self.problem
         grad = torch.empty(M, p.dim, dtype=p.dtype, device=p.device)
         loss = torch.empty(M, dtype=p.dtype, device=p.device)
@@ -448,9 +481,9 @@ class BatchedEngine:
             "theta": self.theta.cpu(),
             "num_steps": self.num_steps,
             "generator_states": [g.get_state() for g in self.generators],
-            "warm_states": [
-                {k: v.cpu() for k, v in n.warm_state().items()} if n is not None else {}
-                for n in self.noise
+            "warm_states": [  # a warm start not yet used by a refresh is kept as it came
+                {k: v.cpu() for k, v in (self._warm_start(j) or {}).items()}
+                for j in range(len(self.members))
             ],
         }
 

@@ -386,7 +386,9 @@ class GLD(ProblemOptimizer):
         self._pending_warm_state: dict[str, torch.Tensor] | None = None
 
     def _extra_state(self) -> dict[str, Any]:
-        warm = self.noise.warm_state() if self.noise is not None else {}
+        warm = self._pending_warm_state  # loaded but not yet used by a refresh: kept as it came
+        if warm is None:
+            warm = self.noise.warm_state() if self.noise is not None else {}
         return {
             "num_steps": self.num_steps,
             "generator_state": self.generator.get_state(),
@@ -403,15 +405,25 @@ class GLD(ProblemOptimizer):
         self._pending_warm_state = warm or None
 
     def _refresh(self, per_sample: torch.Tensor | None, *, overwrite: bool = False) -> NoiseModel:
-        warm, self._pending_warm_state = self._pending_warm_state, None
-        if self.noise is None:
-            self.noise = noise_model(
-                self.noise_name, self.problem, per_sample=per_sample, warm_state=warm, **self._spec
-            )
-        else:
-            if warm:
-                self.noise.set_warm_state(warm)
-            self.noise.refresh(self.problem, per_sample=per_sample, overwrite_per_sample=overwrite)
+        warm = self._pending_warm_state
+        if warm is None and self.noise is not None:
+            warm = self.noise.warm_state(copy=False) or None
+        try:
+            if self.noise is None:
+                self.noise = noise_model(
+                    self.noise_name, self.problem, per_sample=per_sample, warm_state=warm,
+                    **self._spec,
+                )  # fmt: skip
+            else:
+                if warm:
+                    self.noise.set_warm_state(warm)
+                self.noise.refresh(
+                    self.problem, per_sample=per_sample, overwrite_per_sample=overwrite
+                )
+        except BaseException:  # Ctrl-C included: the retried step refreshes again, from the same
+            self._pending_warm_state, self._force_refresh = warm, True  # warm start
+            raise
+        self._pending_warm_state, self._force_refresh = None, False
         return self.noise
 
     def _step(self, t: int) -> tuple[torch.Tensor, StepInfo]:
@@ -425,8 +437,7 @@ class GLD(ProblemOptimizer):
 
         refresh = self.noise is None or self._force_refresh or t % self.refresh_every == 0
         if self._prebuilt_fresh:
-            refresh = self._prebuilt_fresh = False
-        self._force_refresh = False
+            refresh = self._prebuilt_fresh = self._force_refresh = False
         model: NoiseModel | None
         if refresh and noise_class(self.noise_name).needs_per_sample and materializes(p):
             # One [N, D] buffer for the whole run: the structure centres it in place and keeps

@@ -312,14 +312,16 @@ class NoiseModel(ABC):
         self.num_refreshes += 1
         return self
 
-    def warm_state(self) -> dict[str, torch.Tensor]:
+    def warm_state(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
         """What the next refresh starts from (eigen solvers: the last eigenvectors), for
         checkpoints; ``{}`` for structures that rebuild from scratch. Pass it back with
-        :meth:`set_warm_state` (or ``noise_model(..., warm_state=...)``) to continue exactly."""
+        :meth:`set_warm_state` (or ``noise_model(..., warm_state=...)``) to continue exactly.
+        ``copy=False`` returns the tensors themselves, a snapshot that costs nothing: a refresh
+        rebinds them, it never changes them in place."""
         vecs = getattr(self, "eigenvectors", None)
         if vecs is None or not self.options.get("warm_start", False):
             return {}
-        return {"eigenvectors": vecs.detach().clone()}
+        return {"eigenvectors": vecs.detach().clone() if copy else vecs.detach()}
 
     def set_warm_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore :meth:`warm_state` (before a refresh)."""

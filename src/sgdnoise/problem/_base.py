@@ -166,6 +166,30 @@ class ProblemBase:
                 f"{what} must be {self.dtype} on {self.device} (the model's), got {v.dtype} on {v.device}"
             )
 
+    def point(self, theta: torch.Tensor | None) -> torch.Tensor:
+        """``theta`` checked (a flat ``[D]`` tensor of the model's dtype and device) and detached,
+        or the current parameters for ``None``.
+
+        Raises:
+            ValueError: another shape, dtype or device (the message says which).
+        """
+        if theta is None:
+            return self.theta()
+        self.check_vector(theta, "theta")
+        return theta.detach()
+
+    def check_directions(self, V: torch.Tensor, what: str = "V") -> None:
+        """Raise ``ValueError`` unless ``V`` is ``[D]`` or ``[D, k]`` in the model's dtype and on
+        its device (a float32 ``V`` on a float64 model would silently give float32 products)."""
+        if not isinstance(V, torch.Tensor) or V.ndim not in (1, 2) or V.shape[0] != self.dim:
+            shape = list(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ValueError(f"{what} must have shape [{self.dim}] or [{self.dim}, k], got {shape}")
+        if V.dtype != self.dtype or V.device != self.device:
+            raise ValueError(
+                f"{what} must be {self.dtype} on {self.device} (the model's), got {V.dtype} on "
+                f"{V.device}; cast it with .to(problem.dtype) or move it with .to(problem.device)"
+            )
+
     # ------------------------------------------------------------------ functional loss
     def check_decoupled(self, what: str) -> None:
         """Refuse a model whose training-mode forward couples samples or is random.
@@ -364,9 +388,13 @@ class ProblemBase:
     def loss(
         self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``L(θ) = (1/n) Σ_i ℓ(x_i; θ)`` over all (or the selected) samples, at θ (default: current)."""
+        """``L(θ) = (1/n) Σ_i ℓ(x_i; θ)`` over all (or the selected) samples, at θ (default: current).
+
+        Raises:
+            ValueError: ``theta`` that is not ``[D]`` in the model's dtype and on its device.
+        """
         self.check_decoupled("Problem.loss")
-        theta = self.theta() if theta is None else theta
+        theta = self.point(theta)
         with torch.no_grad():
             value = self.reduce_mean(
                 lambda x, y: self.batch_loss(theta, x, y), indices, rows=self.plan_rows("forward")
@@ -377,9 +405,13 @@ class ProblemBase:
     def loss_and_gradient(
         self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L(θ), ∇L(θ))`` with one forward and one backward pass per chunk."""
+        """``(L(θ), ∇L(θ))`` with one forward and one backward pass per chunk.
+
+        Raises:
+            ValueError: ``theta`` that is not ``[D]`` in the model's dtype and on its device.
+        """
         self.check_decoupled("Problem.gradient")
-        theta = (self.theta() if theta is None else theta).detach()
+        theta = self.point(theta)
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             th = theta.clone().requires_grad_(True)
@@ -396,7 +428,11 @@ class ProblemBase:
     def gradient(
         self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``∇L(θ)`` ``[D]`` (mean over samples)."""
+        """``∇L(θ)`` ``[D]`` (mean over samples).
+
+        Raises:
+            ValueError: ``theta`` that is not ``[D]`` in the model's dtype and on its device.
+        """
         return self.loss_and_gradient(theta, indices)[1]
 
     # ------------------------------------------------------------------ per-sample quantities

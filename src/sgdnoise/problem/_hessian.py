@@ -43,7 +43,7 @@ class HessianProducts(ProblemBase):
         *,
         max_columns: int = MAX_COLUMNS,
     ) -> torch.Tensor:
-        """Hessian products ``∇²L(θ) V`` for ``V`` of shape ``[D, k]``.
+        """Hessian products ``∇²L(θ) V`` for ``V`` of shape ``[D, k]`` (or ``[D]``: one product).
 
         Forward-over-reverse (``vmap`` over ``jvp(grad(L))``): the primal forward/backward is
         shared by all columns and only the tangents are batched, at most ``max_columns`` at a
@@ -55,12 +55,26 @@ class HessianProducts(ProblemBase):
         gradient's graph is built once per chunk of samples and each column costs one backward
         of it, cheaper than vmapped convolution tangents. Attention runs on the math kernel.
 
+        Args:
+            V: ``[D, k]`` or ``[D]``, in the model's dtype and on its device.
+            theta: the point ``[D]`` (default: the model's current parameters).
+            indices: the samples of the mean (default: all).
+
+        Returns:
+            ``[D, k]`` (``[D]`` for a ``V`` of shape ``[D]``), the products of the mean loss.
+
         Raises:
+            ValueError: ``V`` or ``theta`` of another shape, dtype or device.
             RuntimeError: if no route can differentiate the model twice (names the failing
                 operation and what to change).
         """
         self.check_decoupled("Hessian-vector products")
-        theta = (self.theta() if theta is None else theta).detach()
+        self.check_directions(V)
+        if V.ndim == 1:
+            return self.hvp(V[:, None], theta, indices, max_columns=max_columns)[:, 0]
+        theta = self.point(theta)
+        if V.shape[1] == 0:
+            return V.clone()
         if self._hvp_error is not None:
             raise RuntimeError(self._hvp_error)
         if not self._hvp_verified:
@@ -125,6 +139,11 @@ class HessianProducts(ProblemBase):
             raise ValueError(
                 f"hvp_members needs thetas and V in the model's dtype {self.dtype}, got "
                 f"{thetas.dtype} and {V.dtype} (cast them with .to({self.dtype}))"
+            )
+        if thetas.device != self.device or V.device != self.device:
+            raise ValueError(
+                f"hvp_members needs thetas and V on the model's device {self.device}, got "
+                f"{thetas.device} and {V.device} (move them with .to({str(self.device)!r}))"
             )
         if V.shape[2] == 0:
             return V.clone()

@@ -53,17 +53,14 @@ class OutputJacobian(ProblemBase):
             ``[n, *out_shape, k]`` (``[n, *out_shape]`` for ``V`` ``[D]``), n the selected samples.
 
         Raises:
-            ValueError: V does not have D rows. TypeError: the model's output is not a tensor.
+            ValueError: V or theta of another shape, dtype or device. TypeError: the model's output is not a tensor.
             RuntimeError: BatchNorm/dropout in training mode (see :meth:`check_decoupled`).
         """
         self.check_decoupled("output_jvp")
+        self.check_directions(V)
         vector = V.ndim == 1
         V2 = V[:, None] if vector else V
-        if V2.ndim != 2 or V2.shape[0] != self.dim:
-            raise ValueError(
-                f"V must have shape [{self.dim}] or [{self.dim}, k], got {list(V.shape)}"
-            )
-        theta = (self.theta() if theta is None else theta).detach()
+        theta = self.point(theta)
         idx = self.check_indices(indices)
         parts = []
         with torch.no_grad(), _math_attention():
@@ -104,11 +101,12 @@ class OutputJacobian(ProblemBase):
             ``[D, k]``.
 
         Raises:
-            ValueError: U's first dimension is not the number of selected samples.
+            ValueError: U's first dimension is not the number of selected samples, or ``theta``
+                is not ``[D]`` in the model's dtype and on its device.
             TypeError: the model's output is not a tensor.
         """
         self.check_decoupled("output_vjp")
-        theta = (self.theta() if theta is None else theta).detach()
+        theta = self.point(theta)
         idx = self.check_indices(indices)
         n = self.num_samples if idx is None else int(idx.numel())
         if U.ndim < 2 or U.shape[0] != n:

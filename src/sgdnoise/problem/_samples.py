@@ -236,6 +236,7 @@ class PerSampleQuantities(ProblemBase):
         the mean of its per-sample losses (``ValueError`` otherwise, see :class:`Problem`).
 
         Raises:
+            ValueError: ``theta`` that is not ``[D]`` in the model's dtype and on its device.
             FloatingPointError: a per-sample loss or gradient is NaN/inf; the message names the
                 samples (and the usual cause: a sample whose targets are all ``ignore_index``).
         """
@@ -244,7 +245,7 @@ class PerSampleQuantities(ProblemBase):
         self.check_decoupled("per_sample_gradients")
         idx = self.check_indices(indices)
         current = self.theta()
-        theta = current if theta is None else theta.detach()
+        theta = current if theta is None else self.point(theta)
         at_current = theta is current or torch.equal(theta, current)
         use_hooks = method != "vmap" and self._hooks_usable(method, at_current)
         size = self.per_sample_chunk_size()
@@ -479,10 +480,14 @@ class PerSampleQuantities(ProblemBase):
     def per_sample_losses(
         self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Per-sample losses ``ℓ(x_i; θ)`` ``[n]``."""
+        """Per-sample losses ``ℓ(x_i; θ)`` ``[n]``.
+
+        Raises:
+            ValueError: ``theta`` that is not ``[D]`` in the model's dtype and on its device.
+        """
         self.check_decoupled("per_sample_losses")
         idx = self.check_indices(indices)
-        theta = (self.theta() if theta is None else theta).detach()
+        theta = self.point(theta)
         with torch.no_grad():
             rows = self.plan_rows("forward")
             parts = [self.sample_losses(theta, x, y) for x, y, _ in self.chunks(idx, rows)]
@@ -550,7 +555,8 @@ class PerSampleQuantities(ProblemBase):
             ``(grads [m, D], losses [N])`` (``grads`` is ``[D]`` when ``weights`` was ``[N]``).
 
         Raises:
-            ValueError: ``weights`` is not ``[m, N]`` or ``[N]``. RuntimeError: coupled samples
+            ValueError: ``weights`` is not ``[m, N]`` or ``[N]``, or ``theta`` is not ``[D]`` in
+            the model's dtype and on its device. RuntimeError: coupled samples
             (:meth:`check_decoupled`) or a non-finite result.
         """
         self.check_decoupled("weighted_gradients")
@@ -562,7 +568,7 @@ class PerSampleQuantities(ProblemBase):
                 f"weights must have shape [m, {N}] or [{N}], got {list(weights.shape)}"
             )
         W = W.to(device=self.device, dtype=self.dtype)
-        theta = (self.theta() if theta is None else theta).detach()
+        theta = self.point(theta)
         total = torch.zeros(W.shape[0], self.dim, dtype=self.dtype, device=self.device)
         losses = []
         if self._shard is not None:  # this rank's columns of W
