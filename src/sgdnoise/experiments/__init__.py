@@ -83,7 +83,11 @@ EXPERIMENTS: dict[str, Experiment] = {
         summary="sgdnoise.figures.fashion:summary",
         figures="sgdnoise.figures.fashion:plot",
         claims="sgdnoise.report.fashion:claims",
-        cost={"smoke": "40 s", "quick": "43 min per seed (2-core CPU)", "paper": "GPU; many hours on CPU"},
+        cost={
+            "smoke": "40 s",
+            "quick": "43 min per seed (2-core CPU)",
+            "paper": "GPU; many hours on CPU",
+        },
         data=True,
         signature=("seed_*",),
         distributed=True,
