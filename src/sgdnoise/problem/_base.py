@@ -161,9 +161,14 @@ class ProblemBase:
         if not isinstance(v, torch.Tensor) or v.shape != (self.dim,):
             shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{what} must be a flat vector of shape [{self.dim}], got {shape}")
-        if v.dtype != self.dtype or v.device != self.device:
+        self._check_kind(v, what)
+
+    def _check_kind(self, t: torch.Tensor, what: str) -> None:
+        """Raise ``ValueError`` unless ``t`` has the model's dtype and device."""
+        if t.dtype != self.dtype or t.device != self.device:
             raise ValueError(
-                f"{what} must be {self.dtype} on {self.device} (the model's), got {v.dtype} on {v.device}"
+                f"{what} must be {self.dtype} on {self.device} (the model's), got {t.dtype} on "
+                f"{t.device}; cast it with .to(problem.dtype) or move it with .to(problem.device)"
             )
 
     def point(self, theta: torch.Tensor | None) -> torch.Tensor:
@@ -184,11 +189,7 @@ class ProblemBase:
         if not isinstance(V, torch.Tensor) or V.ndim not in (1, 2) or V.shape[0] != self.dim:
             shape = list(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
             raise ValueError(f"{what} must have shape [{self.dim}] or [{self.dim}, k], got {shape}")
-        if V.dtype != self.dtype or V.device != self.device:
-            raise ValueError(
-                f"{what} must be {self.dtype} on {self.device} (the model's), got {V.dtype} on "
-                f"{V.device}; cast it with .to(problem.dtype) or move it with .to(problem.device)"
-            )
+        self._check_kind(V, what)
 
     # ------------------------------------------------------------------ functional loss
     def check_decoupled(self, what: str) -> None:
