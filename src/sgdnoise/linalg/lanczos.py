@@ -300,8 +300,10 @@ def top_eigenpairs(
     tol, b, m, budget = _options(op, k, tol, block_size, basis_size, max_matvecs, on_nonconvergence)
     gen = resolve_generator(seed, generator)
     basis = _Basis(op, m, gen)
-    basis.expand(_start_block(v0, D, b, basis.dtype, op.device, gen))
-    theta, U, res, converged, norm_est, history = _iterate(basis, k, b, float(tol), budget)
+    # the basis Q and its image AQ ([D, m] each) count against the budget of the products
+    with op.holding(2 * m * D * torch.finfo(basis.dtype).bits // 8):
+        basis.expand(_start_block(v0, D, b, basis.dtype, op.device, gen))
+        theta, U, res, converged, norm_est, history = _iterate(basis, k, b, float(tol), budget)
     result = EigenPairs(
         theta[:k].to(basis.dtype),
         _fix_signs(U[:, :k]),

@@ -9,7 +9,9 @@ with :meth:`LinearOperator.to_dense`. Subclasses implement one private hook, ``_
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -71,6 +73,14 @@ class LinearOperator(ABC):
     @abstractmethod
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` for a checked ``V`` of shape ``[D, k]`` (subclasses)."""
+
+    def holding(self, nbytes: int) -> contextlib.AbstractContextManager[Any]:
+        """A context in which ``nbytes`` held by the caller (an estimator's probes or Krylov
+        basis) count against the memory budget of this operator's products: the problem's
+        :meth:`~sgdnoise.Problem.holding` for operators built on a Problem (attribute
+        ``problem``: Hessian, Σ_b, Gauss–Newton), nothing for operators without a budget."""
+        hold = getattr(getattr(self, "problem", None), "holding", None)
+        return hold(nbytes) if callable(hold) else contextlib.nullcontext()
 
     def _check_input(self, V: torch.Tensor) -> None:
         if not isinstance(V, torch.Tensor):
@@ -274,6 +284,15 @@ class SumOperator(LinearOperator):
         self.operators = list(operators)
         self.weights = [1.0] * len(operators) if weights is None else [float(w) for w in weights]
         self.psd = all(op.psd for op in operators) and all(w >= 0 for w in self.weights)
+
+    def holding(self, nbytes: int) -> contextlib.AbstractContextManager[Any]:
+        stack, seen = contextlib.ExitStack(), set()
+        for op in self.operators:  # once per problem: H and Σ_b of one Problem share a budget
+            key = id(getattr(op, "problem", op))
+            if key not in seen:
+                seen.add(key)
+                stack.enter_context(op.holding(nbytes))
+        return stack
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = None

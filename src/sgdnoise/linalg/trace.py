@@ -84,6 +84,28 @@ def _hutchinson_terms(op: LinearOperator, Z: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _probes(D: int, num: int, kw: dict[str, Any]) -> torch.Tensor:
+    """``[D, num]`` Rademacher probes drawn one column after the other, so that a block of
+    columns holds the same probes whatever the block size (:data:`BLOCK_BYTES`)."""
+    return torch.cat([rademacher((D, 1), **kw) for _ in range(num)], dim=1)
+
+
+def _probe_terms(
+    op: LinearOperator, num: int, kw: dict[str, Any], Q: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[z_jᵀ A z_j]_j`` (float64) for ``num`` Rademacher probes drawn a column block at a
+    time (never a ``[D, num]`` matrix), each block deflated by ``I − QQᵀ`` when ``Q`` is given."""
+    D = op.shape[0]
+    c = max(1, BLOCK_BYTES // max(1, D * torch.finfo(kw["dtype"]).bits // 8))
+    terms = []
+    for a in range(0, num, c):
+        Z = _probes(D, min(c, num - a), kw)
+        if Q is not None:
+            Z -= Q @ (Q.T @ Z)
+        terms.append((Z * _apply(op, Z)).sum(0, dtype=torch.float64))
+    return torch.cat(terms)
+
+
 def trace_estimate(
     op: LinearOperator,
     num_matvecs: int,
@@ -129,24 +151,28 @@ def trace_estimate(
     D = op.shape[0]
     kw: dict[str, Any] = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
     if method == "hutchinson":
-        terms = _hutchinson_terms(op, rademacher((D, num_matvecs), **kw))
+        terms = _probe_terms(op, num_matvecs, kw)
         return TraceEstimate(
             float(terms.mean()), float(terms.std() / num_matvecs**0.5), num_matvecs, method
         )
     s = min(num_matvecs // 3, D)
     g = num_matvecs - 2 * s
-    AS = _apply(op, rademacher((D, s), **kw))
+    # Memory: the [D, s] sketch (then Q) is held while the operator's passes run, and counted
+    # against their budget (op.holding); probes are drawn and applied a column block at a time.
+    held = D * s * torch.finfo(kw["dtype"]).bits // 8
+    with op.holding(held):
+        AS = torch.empty(D, s, **{k: kw[k] for k in ("dtype", "device")})
+        c = _block_columns(AS)
+        for a in range(0, s, c):
+            AS[:, a : a + c] = _apply(op, _probes(D, min(c, s - a), kw))
     Q, _ = torch.linalg.qr(AS)
-    del AS  # memory: at most Q, the residual probes and a few column blocks at a time
-    exact = float(_hutchinson_terms(op, Q).sum())
-    if Q.shape[1] >= D:  # the sketch spans R^D: Tr(QᵀAQ) is the trace itself
-        return TraceEstimate(exact, 0.0, 2 * s, method)
-    assert g >= 2  # num_matvecs >= 4 leaves at least two residual probes
-    Zp = rademacher((D, g), **kw)
-    c = _block_columns(Zp)
-    for a in range(0, g, c):  # (I − QQᵀ) Z, in place, block by block
-        Zp[:, a : a + c] -= Q @ (Q.T @ Zp[:, a : a + c])
-    terms = _hutchinson_terms(op, Zp)
+    del AS
+    with op.holding(held):
+        exact = float(_hutchinson_terms(op, Q).sum())
+        if Q.shape[1] >= D:  # the sketch spans R^D: Tr(QᵀAQ) is the trace itself
+            return TraceEstimate(exact, 0.0, 2 * s, method)
+        assert g >= 2  # num_matvecs >= 4 leaves at least two residual probes
+        terms = _probe_terms(op, g, kw, Q)  # (I − QQᵀ) z_j, block by block
     return TraceEstimate(
         exact + float(terms.mean()), float(terms.std() / g**0.5), 2 * s + g, method
     )
@@ -328,9 +354,15 @@ def tr_HS(
     if D <= exact_max_dim:
         Hd, Sd = H.to_dense(max_dim=exact_max_dim), S.to_dense(max_dim=exact_max_dim)
         return TraceEstimate(float((Hd * Sd.T).double().sum()), 0.0, 2 * D, "exact")
-    gen = resolve_generator(seed, generator)
-    Z = rademacher((D, num_matvecs), generator=gen, dtype=work_dtype(H.dtype), device=H.device)
-    terms = (Z * _apply(H, _apply(S, Z))).double().sum(0)
+    kw: dict[str, Any] = {"generator": resolve_generator(seed, generator)}
+    kw |= {"dtype": work_dtype(H.dtype), "device": H.device}
+    c = max(1, BLOCK_BYTES // max(1, D * torch.finfo(kw["dtype"]).bits // 8))
+    terms = torch.cat(  # probes a column block at a time, the same probes whatever the block
+        [
+            (Z * _apply(H, _apply(S, Z))).double().sum(0)
+            for Z in (_probes(D, min(c, num_matvecs - a), kw) for a in range(0, num_matvecs, c))
+        ]
+    )
     return TraceEstimate(
         float(terms.mean()), float(terms.std() / num_matvecs**0.5), 2 * num_matvecs, "hutchinson"
     )

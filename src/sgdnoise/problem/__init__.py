@@ -108,7 +108,9 @@ class Problem(HessianProducts, PerSampleQuantities, OutputJacobian):
             sample measured on the model (saved tensors of one and two samples). Results do not
             depend on the split beyond floating-point order; pass a fixed budget (or
             ``chunk_size``) for bit-identical results across machines. A pass that cannot fit even
-            one sample raises ``MemoryError`` saying how much it needs.
+            one sample raises ``MemoryError`` saying how much it needs. The estimators' own
+            ``[D, m]`` blocks (Hutch++ sketches, Lanczos bases) count against it while they run
+            (:meth:`holding`): their passes get the rest, at least a quarter of the budget.
         params: restrict θ to a block of the trainable parameters, the others held fixed at
             their current values (per-layer quantities): a module (its parameters), a name
             pattern (``fnmatch``, e.g. ``"layer1.*"``), or a list of modules, names, patterns or
