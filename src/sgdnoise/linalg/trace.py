@@ -6,6 +6,7 @@ For float16/bfloat16 operators the probe vectors, the sketch's QR and every sum 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,18 +92,22 @@ def _probes(D: int, num: int, kw: dict[str, Any]) -> torch.Tensor:
 
 
 def _probe_terms(
-    op: LinearOperator, num: int, kw: dict[str, Any], Q: torch.Tensor | None = None
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    D: int,
+    num: int,
+    kw: dict[str, Any],
+    Q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[z_jᵀ A z_j]_j`` (float64) for ``num`` Rademacher probes drawn a column block at a
-    time (never a ``[D, num]`` matrix), each block deflated by ``I − QQᵀ`` when ``Q`` is given."""
-    D = op.shape[0]
+    """``[z_jᵀ A z_j]_j`` (float64, ``A z = apply(z)``) for ``num`` Rademacher probes drawn a
+    column block at a time (never a ``[D, num]`` matrix), each block deflated by ``I − QQᵀ``
+    when ``Q`` is given."""
     c = max(1, BLOCK_BYTES // max(1, D * torch.finfo(kw["dtype"]).bits // 8))
     terms = []
     for a in range(0, num, c):
         Z = _probes(D, min(c, num - a), kw)
         if Q is not None:
             Z -= Q @ (Q.T @ Z)
-        terms.append((Z * _apply(op, Z)).sum(0, dtype=torch.float64))
+        terms.append((Z * apply(Z)).sum(0, dtype=torch.float64))
     return torch.cat(terms)
 
 
@@ -151,7 +156,7 @@ def trace_estimate(
     D = op.shape[0]
     kw: dict[str, Any] = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
     if method == "hutchinson":
-        terms = _probe_terms(op, num_matvecs, kw)
+        terms = _probe_terms(lambda Z: _apply(op, Z), D, num_matvecs, kw)
         return TraceEstimate(
             float(terms.mean()), float(terms.std() / num_matvecs**0.5), num_matvecs, method
         )
@@ -172,7 +177,7 @@ def trace_estimate(
         if Q.shape[1] >= D:  # the sketch spans R^D: Tr(QᵀAQ) is the trace itself
             return TraceEstimate(exact, 0.0, 2 * s, method)
         assert g >= 2  # num_matvecs >= 4 leaves at least two residual probes
-        terms = _probe_terms(op, g, kw, Q)  # (I − QQᵀ) z_j, block by block
+        terms = _probe_terms(lambda Z: _apply(op, Z), D, g, kw, Q)  # (I − QQᵀ) z_j
     return TraceEstimate(
         exact + float(terms.mean()), float(terms.std() / g**0.5), 2 * s + g, method
     )
@@ -354,15 +359,9 @@ def tr_HS(
     if D <= exact_max_dim:
         Hd, Sd = H.to_dense(max_dim=exact_max_dim), S.to_dense(max_dim=exact_max_dim)
         return TraceEstimate(float((Hd * Sd.T).double().sum()), 0.0, 2 * D, "exact")
-    kw: dict[str, Any] = {"generator": resolve_generator(seed, generator)}
-    kw |= {"dtype": work_dtype(H.dtype), "device": H.device}
-    c = max(1, BLOCK_BYTES // max(1, D * torch.finfo(kw["dtype"]).bits // 8))
-    terms = torch.cat(  # probes a column block at a time, the same probes whatever the block
-        [
-            (Z * _apply(H, _apply(S, Z))).double().sum(0)
-            for Z in (_probes(D, min(c, num_matvecs - a), kw) for a in range(0, num_matvecs, c))
-        ]
-    )
+    gen = resolve_generator(seed, generator)
+    kw: dict[str, Any] = {"generator": gen, "dtype": work_dtype(H.dtype), "device": H.device}
+    terms = _probe_terms(lambda Z: _apply(H, _apply(S, Z)), D, num_matvecs, kw)
     return TraceEstimate(
         float(terms.mean()), float(terms.std() / num_matvecs**0.5), 2 * num_matvecs, "hutchinson"
     )
