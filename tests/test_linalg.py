@@ -248,6 +248,49 @@ def test_trace_estimate_exact_for_low_rank() -> None:
     assert abs(est.value - float(op.trace())) < 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthonormal_basis_in_place_spans_what_qr_spans(dtype: torch.dtype) -> None:
+    # The in-place basis (large sketches) against Householder QR: the same projector, an
+    # orthonormal Q written over A, rank-deficient and zero blocks reduced to their rank.
+    from sgdnoise.linalg.trace import orthonormal_basis
+
+    gen = torch.Generator().manual_seed(3)
+    eps = torch.finfo(dtype).eps
+    D, s = 3000, 12
+    A = torch.randn(D, s, generator=gen, dtype=torch.float64)
+    A = (A * torch.logspace(0, -4, s, dtype=torch.float64)[None, :]).to(dtype)  # cond ~ 1e4
+    Q_ref = torch.linalg.qr(A.double())[0]
+    work = A.clone()
+    Q = orthonormal_basis(work, max_copy_bytes=0)
+    assert Q.shape == (D, s) and Q.data_ptr() == work.data_ptr()  # in place
+    eye = torch.eye(s, dtype=torch.float64)
+    assert (Q.double().T @ Q.double() - eye).abs().max() < 50 * eps
+    # the same subspace: Q_ref's columns lie in span Q (to the rounding of A's small columns)
+    assert (Q_ref - Q.double() @ (Q.double().T @ Q_ref)).norm() < 1e4 * eps * s
+    dup = torch.cat([A[:, :5], A[:, :5] * 2, torch.zeros(D, 2, dtype=dtype)], dim=1)
+    Qd = orthonormal_basis(dup.clone(), max_copy_bytes=0)
+    assert Qd.shape == (D, 5)
+    assert (Qd.double().T @ Qd.double() - torch.eye(5, dtype=torch.float64)).abs().max() < 50 * eps
+    assert orthonormal_basis(torch.zeros(D, 4, dtype=dtype), max_copy_bytes=0).shape == (D, 0)
+    assert orthonormal_basis(A.clone()).shape == (D, s)  # small: Householder QR, A kept
+
+
+def test_hutchpp_in_place_sketch_basis_gives_the_qr_estimate(monkeypatch) -> None:
+    # Hutch++ with the in-place basis (as for a ResNet-18 sketch) equals the QR one to rounding,
+    # on a full-rank and on a low-rank operator (where the exact part is the whole trace).
+    import sgdnoise.linalg.trace as trace_mod
+
+    A = DenseOperator(_spd(200, 4, torch.linspace(-3, 40, 200, dtype=torch.float64)))
+    L = LowRankOperator(torch.randn(200, 4, generator=torch.Generator().manual_seed(1)).double())
+    ref = [sgdnoise.trace_estimate(op, 30, generator=5) for op in (A, L)]
+    monkeypatch.setattr(trace_mod, "QR_COPY_MAX_BYTES", 0)
+    got = [sgdnoise.trace_estimate(op, 30, generator=5) for op in (A, L)]
+    for r, g in zip(ref, got, strict=True):
+        assert g.value == pytest.approx(r.value, rel=1e-10)
+        assert g.stderr == pytest.approx(r.stderr, rel=1e-8, abs=1e-10)
+    assert got[1].value == pytest.approx(float(L.trace()), rel=1e-10)
+
+
 def test_trace_estimate_errors() -> None:
     A = DenseOperator(torch.eye(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown method 'exact'"):

@@ -126,6 +126,30 @@ def test_alignment_dense(kind: str) -> None:
         sgdnoise.alignment(problem, 2, k=problem.dim + 1)
 
 
+def test_alignment_reports_the_spread_of_a_hutchpp_trace() -> None:
+    # Tr H by Hutch++ (exact_trace_max_dim=0): a carries its spread, tr_H_stderr / tr_H
+    # relative; the exact trace gives no spread. Several seeds: the estimates scatter around the
+    # exact a within their reported errors.
+    problem, _, _ = _quadratic_problem(D=40, N=30)
+    exact = sgdnoise.alignment(problem, 1, k=1, generator=0)
+    assert exact.tr_H_exact and exact.tr_H_stderr == 0.0 and exact.a_stderr == 0.0
+    z = []
+    for seed in range(6):
+        res = sgdnoise.alignment(
+            problem, 1, k=1, generator=seed, exact_trace_max_dim=0, trace_matvecs=30
+        )
+        assert not res.tr_H_exact and res.tr_H_stderr > 0
+        assert res.a_stderr == pytest.approx(
+            abs(res.a) * res.tr_H_stderr / abs(res.tr_H), rel=1e-12
+        )
+        assert res.a / res.tr_H == pytest.approx(
+            exact.a / exact.tr_H, rel=1e-8
+        )  # only Tr H differs
+        z.append((res.a - exact.a) / res.a_stderr)
+        assert "±" in str(res)
+    assert max(abs(v) for v in z) < 4, z
+
+
 def test_alignment_overlap_is_one_when_k_equals_d() -> None:
     # With k = D both top-k eigenspaces are the whole space, so the overlap must be exactly 1.
     problem, _, _ = _quadratic_problem(D=6, N=50)

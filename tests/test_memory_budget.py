@@ -123,10 +123,11 @@ def test_an_estimators_own_blocks_count_against_the_budget(monkeypatch) -> None:
     monkeypatch.setattr(sgdnoise.Problem, "plan_columns", spy)
     D, H = problem.dim, sgdnoise.hessian(problem)
     got = sgdnoise.trace_estimate(H, 12, method="hutch++", seed=0)  # sketch of s = 4 columns
-    assert seen and set(seen) == {budget - D * 4 * 8}
+    assert seen and set(seen) == {budget - (4 + 3 * 4) * D * 8}  # and three [D, 4] blocks
     seen.clear()
     pairs = sgdnoise.top_eigenpairs(H, 2, generator=0)  # basis of m = min(D, 22) columns
-    assert seen and set(seen) == {budget - 2 * min(D, 22) * D * 8}
+    # Q and AQ, the Ritz vectors of k + b = 4 pairs, the new block's 4 [D, b = 2] temporaries
+    assert seen and set(seen) == {budget - (2 * min(D, 22) + 4 + 4 * 2) * D * 8}
     seen.clear()
     S = sgdnoise.gradient_noise_covariance(problem, 2, materialize=False)
     with sgdnoise.linalg.SumOperator([H, S]).holding(1000):  # one problem: held once

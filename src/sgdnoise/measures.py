@@ -194,6 +194,7 @@ def _alignment_of(
     tr_H_exact: bool,
     tr_S: float,
     k: int,
+    tr_H_stderr: float = 0.0,
 ) -> Alignment:
     """``a`` and the overlap from the top eigenpairs of H and Σ and the two traces."""
     lam, U_H = hess
@@ -215,6 +216,7 @@ def _alignment_of(
         tr_H_exact=tr_H_exact,
         hessian_eigenvalues=lam.tolist(),
         noise_eigenvalues=mu.tolist(),
+        tr_H_stderr=tr_H_stderr,
     )
 
 
@@ -289,10 +291,10 @@ def alignment(
     tr_S = float(S.trace())
     if tr_S != 0 and float(noise.eigenvalues[0]) > 0 and k > 1:
         _check_noise_rank(noise, k, H.dtype, N)
-    tr_H, _, tr_H_exact = hessian_trace(
+    tr_H, tr_H_se, tr_H_exact = hessian_trace(
         H, exact_max_dim=exact_trace_max_dim, num_matvecs=trace_matvecs, generator=gen
     )
-    return _alignment_of(hess, noise, S, tr_H, tr_H_exact, tr_S, k)
+    return _alignment_of(hess, noise, S, tr_H, tr_H_exact, tr_S, k, tr_H_se)
 
 
 def _problem_alignment(
@@ -322,7 +324,7 @@ def _problem_alignment(
     tr_S = ctx.noise_trace(batch_size, replacement)
     if tr_S != 0 and float(noise.eigenvalues[0]) > 0 and k > 1:
         _check_noise_rank(noise, k, problem.dtype, problem.num_samples)
-    tr_H, _, tr_H_exact = ctx.hessian_trace(
+    tr_H, tr_H_se, tr_H_exact = ctx.hessian_trace(
         exact_max_dim=exact_trace_max_dim, num_matvecs=trace_matvecs, generator=gen
     )
-    return _alignment_of(hess, noise, cov, tr_H, tr_H_exact, tr_S, k)
+    return _alignment_of(hess, noise, cov, tr_H, tr_H_exact, tr_S, k, tr_H_se)

@@ -524,7 +524,7 @@ class Monitor:
         put(
             "alignment",
             al.a,
-            None,
+            None if al.tr_H_exact else _finite(al.a_stderr),  # from Tr H's Hutch++ spread
             sec,
             source,
             overlap=_finite(al.overlap),

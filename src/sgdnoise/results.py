@@ -119,6 +119,10 @@ class Alignment(_Result):
         k: eigenspace dimension. lambda_1: top Hessian eigenvalue. u1_S_u1: ``u₁ᵀ Σ_b u₁``.
         tr_H, tr_S: traces; tr_H_exact: whether ``Tr(H)`` is exact.
         hessian_eigenvalues, noise_eigenvalues: top-k eigenvalues of H and Σ_b (descending).
+        tr_H_stderr: standard error of ``tr_H`` (0.0 when exact; a Hutch++ estimate of the trace
+            of a large indefinite Hessian can have a spread comparable to its value).
+        a_stderr: (property) standard error of ``a`` from ``tr_H_stderr`` (``a`` is linear in
+            ``Tr H``; λ₁, ``u₁ᵀΣu₁`` and ``Tr Σ_b`` are computed to the Lanczos tolerance / exactly).
     """
 
     a: float
@@ -131,16 +135,22 @@ class Alignment(_Result):
     tr_H_exact: bool
     hessian_eigenvalues: list[float]
     noise_eigenvalues: list[float]
+    tr_H_stderr: float = 0.0
+
+    @property
+    def a_stderr(self) -> float:
+        return _ratio_stderr(self.a, [(self.tr_H, self.tr_H_stderr)])
 
     def __str__(self) -> str:
+        h_se = None if self.tr_H_exact else self.tr_H_stderr
         return format_table(
             "Alignment",
             [
-                ("a", self.a, None),
+                ("a", self.a, None if h_se is None else self.a_stderr),
                 (f"overlap (top-{self.k})", self.overlap, None),
                 ("λ₁(H)", self.lambda_1, None),
                 ("u₁ᵀΣu₁", self.u1_S_u1, None),
-                ("Tr(H)", self.tr_H, None),
+                ("Tr(H)", self.tr_H, h_se),
                 ("Tr(Σ_b)", self.tr_S, None),
             ],
             f"k={self.k}, Tr(H) {'exact' if self.tr_H_exact else 'Hutch++'}",

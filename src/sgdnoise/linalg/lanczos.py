@@ -300,8 +300,12 @@ def top_eigenpairs(
     tol, b, m, budget = _options(op, k, tol, block_size, basis_size, max_matvecs, on_nonconvergence)
     gen = resolve_generator(seed, generator)
     basis = _Basis(op, m, gen)
-    # the basis Q and its image AQ ([D, m] each) count against the budget of the products
-    with op.holding(2 * m * D * torch.finfo(basis.dtype).bits // 8):
+    # What the solver holds while a product runs counts against the budget of that product's
+    # passes: the basis Q and its image AQ ([D, m] each, preallocated), the Ritz vectors U of the
+    # wanted and candidate pairs ([D, k + b]), and the new block with its orthonormalisation
+    # temporaries (about 4 [D, b] blocks).
+    held = (2 * basis.cap + min(basis.cap, k + b) + 4 * b) * D * torch.finfo(basis.dtype).bits // 8
+    with op.holding(held):
         basis.expand(_start_block(v0, D, b, basis.dtype, op.device, gen))
         theta, U, res, converged, norm_est, history = _iterate(basis, k, b, float(tol), budget)
     result = EigenPairs(
@@ -397,29 +401,64 @@ def _start_block(
 
 
 class _Basis:
-    """The orthonormal basis ``Q`` ``[D, q]``, its image ``A Q`` and the products spent."""
+    """The orthonormal basis ``Q`` ``[D, q]``, its image ``A Q`` and the products spent.
+
+    ``Q`` and ``AQ`` are views of two ``[D, m]`` buffers allocated once: appending a block and
+    the thick restart write into them in place, so the solver never holds a second copy of its
+    basis (a ResNet-18's ``[D, m]`` block is 45 MB per column in float32).
+    """
 
     def __init__(self, op: LinearOperator, m: int, gen: torch.Generator) -> None:
         self.op, self.m, self.gen = op, m, gen
         self.D = op.shape[0]
+        self.cap = min(m, self.D)
         self.dtype = work_dtype(op.dtype)  # basis and small dense algebra; products in op.dtype
         self.device = op.device
-        self.Q = torch.zeros(self.D, 0, dtype=self.dtype, device=self.device)
-        self.AQ = torch.zeros(self.D, 0, dtype=self.dtype, device=self.device)
+        self._Q = torch.empty(self.D, self.cap, dtype=self.dtype, device=self.device)
+        self._AQ = torch.empty(self.D, self.cap, dtype=self.dtype, device=self.device)
+        self.q = 0
         self.matvecs = 0
+
+    @property
+    def Q(self) -> torch.Tensor:
+        return self._Q[:, : self.q]
+
+    @property
+    def AQ(self) -> torch.Tensor:
+        return self._AQ[:, : self.q]
 
     def expand(self, X: torch.Tensor) -> int:
         """Orthonormalise ``X`` against Q, append it and its image; the columns added."""
-        room = min(self.m, self.D) - self.Q.shape[1]
+        room = self.cap - self.q
         Xq = _orthonormalize_against(X[:, :room], self.Q, self.gen)
-        if Xq.shape[1] == 0:
+        n = Xq.shape[1]
+        if n == 0:
             return 0
         op = self.op
         AX = op @ Xq if op.dtype == self.dtype else (op @ Xq.to(op.dtype)).to(self.dtype)
-        self.matvecs += Xq.shape[1]
-        self.Q = torch.cat([self.Q, Xq], dim=1)
-        self.AQ = torch.cat([self.AQ, AX], dim=1)
-        return Xq.shape[1]
+        self.matvecs += n
+        self._Q[:, self.q : self.q + n] = Xq
+        self._AQ[:, self.q : self.q + n] = AX
+        self.q += n
+        return n
+
+    def restart(self, Y: torch.Tensor) -> None:
+        """``Q ← Q Y``, ``AQ ← AQ Y`` (``Y`` ``[q, p]``, p ≤ q) in place, a block of rows at a
+        time (a ``[rows, p]`` temporary, never a second ``[D, p]`` block)."""
+        q, p = self.q, Y.shape[1]
+        rows = max(1, (1 << 22) // max(1, q))
+        for buf in (self._Q, self._AQ):
+            for r0 in range(0, self.D, rows):
+                block = buf[r0 : r0 + rows]
+                block[:, :p] = block[:, :q] @ Y
+        self.q = p
+
+    def reset(self, U: torch.Tensor, AU: torch.Tensor) -> None:
+        """The basis becomes ``U`` (orthonormal ``[D, c]``) with its image ``AU`` (copied in)."""
+        c = U.shape[1]
+        self._Q[:, :c] = U
+        self._AQ[:, :c] = AU
+        self.q = c
 
     def random(self, p: int) -> torch.Tensor:
         return randn((self.D, p), generator=self.gen, dtype=self.dtype, device=self.device)
@@ -496,7 +535,7 @@ def _iterate(
             # value rises.
             probes += 1
             accepted = (float(theta[k - 1]), theta, U, res)
-            basis.Q, basis.AQ = U, r.AU
+            basis.reset(U, r.AU)
             added = basis.expand(basis.random(min(_PROBE_SIZE, D - r.c)))
             if added:
                 basis.expand(basis.AQ[:, -added:])
@@ -520,9 +559,9 @@ def _next_block(basis: _Basis, r: _Ritz, k: int, b: int) -> bool:
         # Thick restart with the best p_keep Ritz vectors (Krylov–Schur); the residuals R are
         # orthogonal to the old basis, hence to the kept one.
         p_keep = min(r.q, max(k, min(m - b, k + max(b, (m - k) // 2))))
-        Yk = r.Y[:, :p_keep].to(basis.dtype)
-        basis.Q, basis.AQ = basis.Q @ Yk, basis.AQ @ Yk
-    X = r.R[:, pick]
+        basis.restart(r.Y[:, :p_keep].to(basis.dtype))
+    X = r.R[:, pick]  # a copy (list index): the residuals and images can go before the product
+    r.R = r.AU = torch.empty(0, dtype=basis.dtype, device=basis.device)
     if X.shape[1] < b:  # fewer unconverged directions than a block: explore at random
         X = torch.cat([X, basis.random(b - X.shape[1])], dim=1)
     return basis.expand(X) != 0
