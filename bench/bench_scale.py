@@ -178,7 +178,8 @@ def _run_task(name: str, task: str, quick: bool, budget: str, device: str) -> di
                    converged=pairs.converged, residuals=pairs.residuals.tolist())  # fmt: skip
     elif task == "alignment_k1":
         al = sgdnoise.alignment(problem, b, k=1, generator=0, tol=1e-2)
-        out.update(a=al.a, lambda_1=al.lambda_1)
+        out.update(a=al.a, a_stderr=al.a_stderr, lambda_1=al.lambda_1, tr_H=al.tr_H,
+                   tr_H_stderr=al.tr_H_stderr, u1_S_u1=al.u1_S_u1, tr_S=al.tr_S)  # fmt: skip
     elif task == "sharpness_100":
         sh = sgdnoise.expected_sharpness(problem, 1e-3, 100, generator=0)
         out.update(signed=sh.signed, stderr=sh.signed_stderr)

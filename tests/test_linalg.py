@@ -291,6 +291,32 @@ def test_hutchpp_in_place_sketch_basis_gives_the_qr_estimate(monkeypatch) -> Non
     assert got[1].value == pytest.approx(float(L.trace()), rel=1e-10)
 
 
+def test_lanczos_basis_stays_orthonormal_in_float32_with_millions_of_entries() -> None:
+    # A float32 inner product over millions of entries loses ~1e-5–1e-4 of its value (a
+    # ResNet-18's Σ_1, D = 11.2M: the basis stopped being orthonormal once its Krylov space
+    # saturated and the Ritz values rose above the spectrum, 144,697 for a top eigenvalue of
+    # 66,558). Accumulated in float64, the block is orthonormal to itself and to Q to ~ε.
+    from sgdnoise.linalg.lanczos import _orthonormalize_against, inner64
+
+    gen = torch.Generator().manual_seed(0)
+    D = 2_000_000
+    Q = torch.linalg.qr(torch.randn(D, 20, generator=gen, dtype=torch.float64))[0].float()
+    X = Q @ torch.randn(20, 2, generator=gen) * 100 + 1e-2 * torch.randn(D, 2, generator=gen)
+    Xq = _orthonormalize_against(X, Q, gen).double()
+    assert Xq.shape == (D, 2)
+    assert float((Q.double().T @ Xq).abs().max()) < 1e-6
+    assert float((Xq.T @ Xq - torch.eye(2, dtype=torch.float64)).abs().max()) < 1e-6
+    ref = Q.double().T @ X.double()
+    assert float((inner64(Q, X) - ref).abs().max() / ref.abs().max()) < 1e-12
+    # and the solver on a float32 rank-8 operator whose Krylov space saturates before m = 21
+    F = torch.randn(D, 8, generator=gen) * torch.logspace(1, 0, 8)[None, :]
+    op = LowRankOperator(F)
+    lam_ref = torch.linalg.eigvalsh(F.double().T @ F.double()).flip(0)
+    pairs = sgdnoise.top_eigenpairs(op, 2, tol=1e-3, generator=0)
+    assert pairs.converged
+    torch.testing.assert_close(pairs.eigenvalues.double(), lam_ref[:2], rtol=1e-3, atol=0)
+
+
 def test_trace_estimate_errors() -> None:
     A = DenseOperator(torch.eye(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown method 'exact'"):

@@ -136,34 +136,71 @@ class EigenPairs(tuple):
         return format_table("EigenPairs", rows, note)
 
 
+def inner64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``Aᵀ B`` (``A`` ``[D, p]``, ``B`` ``[D, q]``) accumulated in float64, a block of rows at a
+    time (``[rows, p + q]`` float64 temporaries): for float32 vectors of millions of entries a
+    float32 inner product loses ~1e-4 of its value to cancellation and rounding, which is what
+    orthogonality and ``QᵀAQ`` must not lose (a ResNet-18's Σ: the basis stopped being orthogonal
+    and the Ritz values rose above the spectrum)."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A.T @ B
+    D = A.shape[0]
+    rows = max(1, (1 << 22) // max(1, A.shape[1] + B.shape[1]))
+    out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
+    for r0 in range(0, D, rows):
+        out += A[r0 : r0 + rows].double().T @ B[r0 : r0 + rows].double()
+    return out
+
+
+def _project_out(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``X − Q (Qᵀ X)`` with the coefficients ``Qᵀ X`` accumulated in float64."""
+    if Q.shape[1] == 0:
+        return X
+    return X - Q @ inner64(Q, X).to(X.dtype)
+
+
 def _orthonormalize_against(
     X: torch.Tensor, Q: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """Columns spanning ``X`` minus its projection on ``Q``, orthonormal, with random refills.
 
-    Classical Gram–Schmidt twice ("twice is enough") against ``Q``, then a QR of the block. A
-    column that vanishes (``X`` already inside span ``Q``: an invariant subspace was found) is
-    replaced by a random direction, orthogonalised the same way, so the basis keeps growing.
+    Classical Gram–Schmidt twice ("twice is enough") against ``Q``, then Gram–Schmidt (twice)
+    within the block, column by column; every inner product and norm is accumulated in float64
+    (:func:`inner64`), so the basis stays orthonormal to about the dtype's ε whatever D. A column
+    whose part outside the span falls below ``1e3 ε`` of its norm (``X`` already inside span ``Q``:
+    an invariant subspace was found; or the leftover is rounding) is replaced by a random
+    direction, orthogonalised the same way, so the basis keeps growing.
     """
     D = X.shape[0]
     eps = torch.finfo(X.dtype).eps
     for attempt in range(4):
-        ref = X.norm(dim=0).clamp_min(torch.finfo(X.dtype).tiny)
+        ref = inner64(X, X).diagonal().sqrt().clamp_min(torch.finfo(X.dtype).tiny)
         for _ in range(2):
+            X = _project_out(X, Q)
+        cols: list[torch.Tensor] = []
+        keep: list[bool] = []
+        for j in range(X.shape[1]):
+            x = X[:, j : j + 1]
+            done = torch.cat(cols, dim=1) if cols else X[:, :0]
+            for _ in range(2):
+                x = _project_out(x, done)
+            norm = float(inner64(x, x)[0, 0]) ** 0.5
+            keep.append(norm > 1e3 * eps * float(ref[j]))
+            if keep[-1]:
+                cols.append(x / norm)
+        Qx = torch.cat(cols, dim=1) if cols else X[:, :0].clone()
+        if all(keep):
+            # One more pass against Q: what the block's own orthogonalisation moved.
             if Q.shape[1]:
-                X = X - Q @ (Q.T @ X)
-        Qx, R = torch.linalg.qr(X)
-        keep = R.diagonal().abs() > 1e3 * eps * ref
-        if bool(keep.all()):
-            # One more pass: QR in float32 can leave a little of span(Q) behind.
-            if Q.shape[1]:
-                Qx = Qx - Q @ (Q.T @ Qx)
-                Qx, _ = torch.linalg.qr(Qx)
+                Qx = _project_out(Qx, Q)
+                n = inner64(Qx, Qx).diagonal().sqrt().to(Qx.dtype)
+                Qx = Qx / n[None, :]
             return Qx
+        missing = len(keep) - len(cols)
         if attempt == 3 or Q.shape[1] + X.shape[1] > D:
-            return Qx[:, keep]
-        fresh = randn((D, int((~keep).sum())), generator=generator, dtype=X.dtype, device=X.device)
-        X = torch.cat([Qx[:, keep], fresh], dim=1)
+            return Qx
+        fresh = randn((D, missing), generator=generator, dtype=X.dtype, device=X.device)
+        X = torch.cat([Qx, fresh], dim=1)
     return X  # pragma: no cover
 
 
@@ -472,7 +509,7 @@ class _Ritz:
         Q, AQ, dtype = basis.Q, basis.AQ, basis.dtype
         tiny = torch.finfo(dtype).tiny
         self.q = Q.shape[1]
-        T = (Q.T @ AQ).double()
+        T = inner64(Q, AQ)  # accumulated in float64 (see inner64)
         T = (T + T.T) / 2
         theta, Y = torch.linalg.eigh(T)
         self.theta, self.Y = theta.flip(0), Y.flip(1)
