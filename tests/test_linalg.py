@@ -252,7 +252,7 @@ def test_trace_estimate_exact_for_low_rank() -> None:
 def test_orthonormal_basis_in_place_spans_what_qr_spans(dtype: torch.dtype) -> None:
     # The in-place basis (large sketches) against Householder QR: the same projector, an
     # orthonormal Q written over A, rank-deficient and zero blocks reduced to their rank.
-    from sgdnoise.linalg.trace import orthonormal_basis
+    from sgdnoise.linalg._orth import orthonormal_basis
 
     gen = torch.Generator().manual_seed(3)
     eps = torch.finfo(dtype).eps
@@ -278,12 +278,12 @@ def test_orthonormal_basis_in_place_spans_what_qr_spans(dtype: torch.dtype) -> N
 def test_hutchpp_in_place_sketch_basis_gives_the_qr_estimate(monkeypatch) -> None:
     # Hutch++ with the in-place basis (as for a ResNet-18 sketch) equals the QR one to rounding,
     # on a full-rank and on a low-rank operator (where the exact part is the whole trace).
-    import sgdnoise.linalg.trace as trace_mod
+    import sgdnoise.linalg._orth as orth_mod
 
     A = DenseOperator(_spd(200, 4, torch.linspace(-3, 40, 200, dtype=torch.float64)))
     L = LowRankOperator(torch.randn(200, 4, generator=torch.Generator().manual_seed(1)).double())
     ref = [sgdnoise.trace_estimate(op, 30, generator=5) for op in (A, L)]
-    monkeypatch.setattr(trace_mod, "QR_COPY_MAX_BYTES", 0)
+    monkeypatch.setattr(orth_mod, "QR_COPY_MAX_BYTES", 0)
     got = [sgdnoise.trace_estimate(op, 30, generator=5) for op in (A, L)]
     for r, g in zip(ref, got, strict=True):
         assert g.value == pytest.approx(r.value, rel=1e-10)
@@ -296,13 +296,13 @@ def test_lanczos_basis_stays_orthonormal_in_float32_with_millions_of_entries() -
     # ResNet-18's Σ_1, D = 11.2M: the basis stopped being orthonormal once its Krylov space
     # saturated and the Ritz values rose above the spectrum, 144,697 for a top eigenvalue of
     # 66,558). Accumulated in float64, the block is orthonormal to itself and to Q to ~ε.
-    from sgdnoise.linalg.lanczos import _orthonormalize_against, inner64
+    from sgdnoise.linalg._orth import inner64, orthonormalize_against
 
     gen = torch.Generator().manual_seed(0)
     D = 2_000_000
     Q = torch.linalg.qr(torch.randn(D, 20, generator=gen, dtype=torch.float64))[0].float()
     X = Q @ torch.randn(20, 2, generator=gen) * 100 + 1e-2 * torch.randn(D, 2, generator=gen)
-    Xq = _orthonormalize_against(X, Q, gen).double()
+    Xq = orthonormalize_against(X, Q, gen).double()
     assert Xq.shape == (D, 2)
     assert float((Q.double().T @ Xq).abs().max()) < 1e-6
     assert float((Xq.T @ Xq - torch.eye(2, dtype=torch.float64)).abs().max()) < 1e-6

@@ -28,6 +28,7 @@ import torch
 
 from .._utils import randn, resolve_generator
 from ..results import format_table
+from ._orth import inner64, orthonormalize_against
 from .operators import LinearOperator, check_operator
 
 __all__ = ["ConvergenceError", "EigenPairs", "default_tol", "top_eigenpairs", "work_dtype"]
@@ -134,74 +135,6 @@ class EigenPairs(tuple):
             f"k={self.eigenvalues.numel()}, {self.num_matvecs} products, tol={self.tol:g}, {state}"
         )
         return format_table("EigenPairs", rows, note)
-
-
-def inner64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``Aᵀ B`` (``A`` ``[D, p]``, ``B`` ``[D, q]``) accumulated in float64, a block of rows at a
-    time (``[rows, p + q]`` float64 temporaries): for float32 vectors of millions of entries a
-    float32 inner product loses ~1e-4 of its value to cancellation and rounding, which is what
-    orthogonality and ``QᵀAQ`` must not lose (a ResNet-18's Σ: the basis stopped being orthogonal
-    and the Ritz values rose above the spectrum)."""
-    if A.dtype == torch.float64 and B.dtype == torch.float64:
-        return A.T @ B
-    D = A.shape[0]
-    rows = max(1, (1 << 22) // max(1, A.shape[1] + B.shape[1]))
-    out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
-    for r0 in range(0, D, rows):
-        out += A[r0 : r0 + rows].double().T @ B[r0 : r0 + rows].double()
-    return out
-
-
-def _project_out(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``X − Q (Qᵀ X)`` with the coefficients ``Qᵀ X`` accumulated in float64."""
-    if Q.shape[1] == 0:
-        return X
-    return X - Q @ inner64(Q, X).to(X.dtype)
-
-
-def _orthonormalize_against(
-    X: torch.Tensor, Q: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """Columns spanning ``X`` minus its projection on ``Q``, orthonormal, with random refills.
-
-    Classical Gram–Schmidt twice ("twice is enough") against ``Q``, then Gram–Schmidt (twice)
-    within the block, column by column; every inner product and norm is accumulated in float64
-    (:func:`inner64`), so the basis stays orthonormal to about the dtype's ε whatever D. A column
-    whose part outside the span falls below ``1e3 ε`` of its norm (``X`` already inside span ``Q``:
-    an invariant subspace was found; or the leftover is rounding) is replaced by a random
-    direction, orthogonalised the same way, so the basis keeps growing.
-    """
-    D = X.shape[0]
-    eps = torch.finfo(X.dtype).eps
-    for attempt in range(4):
-        ref = inner64(X, X).diagonal().sqrt().clamp_min(torch.finfo(X.dtype).tiny)
-        for _ in range(2):
-            X = _project_out(X, Q)
-        cols: list[torch.Tensor] = []
-        keep: list[bool] = []
-        for j in range(X.shape[1]):
-            x = X[:, j : j + 1]
-            done = torch.cat(cols, dim=1) if cols else X[:, :0]
-            for _ in range(2):
-                x = _project_out(x, done)
-            norm = float(inner64(x, x)[0, 0]) ** 0.5
-            keep.append(norm > 1e3 * eps * float(ref[j]))
-            if keep[-1]:
-                cols.append(x / norm)
-        Qx = torch.cat(cols, dim=1) if cols else X[:, :0].clone()
-        if all(keep):
-            # One more pass against Q: what the block's own orthogonalisation moved.
-            if Q.shape[1]:
-                Qx = _project_out(Qx, Q)
-                n = inner64(Qx, Qx).diagonal().sqrt().to(Qx.dtype)
-                Qx = Qx / n[None, :]
-            return Qx
-        missing = len(keep) - len(cols)
-        if attempt == 3 or Q.shape[1] + X.shape[1] > D:
-            return Qx
-        fresh = randn((D, missing), generator=generator, dtype=X.dtype, device=X.device)
-        X = torch.cat([Qx, fresh], dim=1)
-    return X  # pragma: no cover
 
 
 def _rounding_floor(dtype: torch.dtype) -> float:
@@ -467,7 +400,7 @@ class _Basis:
     def expand(self, X: torch.Tensor) -> int:
         """Orthonormalise ``X`` against Q, append it and its image; the columns added."""
         room = self.cap - self.q
-        Xq = _orthonormalize_against(X[:, :room], self.Q, self.gen)
+        Xq = orthonormalize_against(X[:, :room], self.Q, self.gen)
         n = Xq.shape[1]
         if n == 0:
             return 0

@@ -14,6 +14,7 @@ import torch
 
 from .._utils import rademacher, resolve_generator
 from ..results import format_table
+from ._orth import orthonormal_basis
 from .covariance import GradientNoiseCovariance
 from .lanczos import work_dtype
 from .operators import LinearOperator, LowRankOperator, check_operator
@@ -83,51 +84,6 @@ def _hutchinson_terms(op: LinearOperator, Z: torch.Tensor) -> torch.Tensor:
             for a in range(0, Z.shape[1], c)
         ]
     )
-
-
-#: Blocks up to this many bytes are orthonormalised by ``torch.linalg.qr`` (Householder), larger
-#: ones in place (:func:`orthonormal_basis`): the QR of a ResNet-18 sketch (D = 11.2M, s = 33,
-#: 1.5 GB) held three copies of it, 4.4 GB, the peak of a Hutch++ estimate of Tr H.
-QR_COPY_MAX_BYTES = 2**26
-
-
-def orthonormal_basis(A: torch.Tensor, max_copy_bytes: int | None = None) -> torch.Tensor:
-    """An orthonormal basis ``Q`` ``[D, r]`` of span ``A`` (``A`` ``[D, s]``, D ≥ s).
-
-    Up to ``max_copy_bytes`` (default :data:`QR_COPY_MAX_BYTES`): ``torch.linalg.qr(A)`` (r = s,
-    ``A`` untouched). Above: written over ``A`` (its first r columns are returned as a view), with
-    only ``[s, s]`` and ``[rows, s]`` temporaries: two passes of Gram orthogonalisation —
-    ``G = AᵀA`` accumulated in float64, ``G = V Λ Vᵀ``, ``A ← A V Λ^{-1/2}`` a block of rows at a
-    time (CholeskyQR2 with an eigendecomposition, so that a rank-deficient ``A`` loses its
-    numerically null directions, ``λ ≤ max((100 ε)², 10⁻¹²) λ_max``, instead of failing); the second pass
-    restores the orthogonality the first loses to rounding (‖QᵀQ − I‖ ≈ ε after it). r is the
-    numerical rank (0 for ``A = 0``).
-
-    Source: Fukaya, Nakatsukasa, Yanagisawa & Yamamoto, "CholeskyQR2" (2014).
-    """
-    limit = QR_COPY_MAX_BYTES if max_copy_bytes is None else max_copy_bytes
-    if A.numel() * A.element_size() <= limit:
-        return torch.linalg.qr(A)[0]
-    # null directions: below the rounding of A's entries, or of the float64 Gram itself
-    cut = max((100 * torch.finfo(A.dtype).eps) ** 2, 1e-12)
-    for _ in range(2):
-        s = A.shape[1]
-        if s == 0:
-            break
-        rows = max(1, (1 << 22) // s)
-        G = torch.zeros(s, s, dtype=torch.float64, device=A.device)
-        for r0 in range(0, A.shape[0], rows):
-            block = A[r0 : r0 + rows].double()
-            G += block.T @ block
-        lam, V = torch.linalg.eigh(G)
-        keep = lam > cut * float(lam.max().clamp_min(0.0))
-        T = (V[:, keep] / lam[keep].sqrt()[None, :]).to(A.dtype)
-        r = T.shape[1]
-        for r0 in range(0, A.shape[0], rows):
-            block = A[r0 : r0 + rows]
-            block[:, :r] = block @ T
-        A = A[:, :r]
-    return A
 
 
 def _probes(D: int, num: int, kw: dict[str, Any]) -> torch.Tensor:
