@@ -13,10 +13,17 @@ Convergence: Ritz pair ``(λ, u)`` is accepted when ``‖A u − λ u‖ ≤ tol
 ``‖A‖_est`` the largest |Ritz value| seen (an absolute value: a negative estimate must not stop
 early).
 
-Low precision: for a float16/bfloat16 operator the basis, its image and all small dense algebra
-(Gram–Schmidt, QR, ``eigh``) are kept in float32 (``eigh`` in float64); only the operator products
-run in the operator's dtype (each block is cast down for the product and the result cast back up).
-PyTorch has no 16-bit QR/eigh, and a 16-bit basis would lose orthogonality at the 1e-2 level.
+Precision: every inner product and norm of the basis (Gram–Schmidt, ``QᵀAQ``) is accumulated in
+float64 a block of rows at a time (:func:`~sgdnoise.linalg._orth.inner64`): a float32 inner
+product over millions of entries loses ~1e-4 of its value, enough to let a saturated Krylov
+basis lose its orthogonality. For a float16/bfloat16 operator the basis and its image are kept in
+float32 (``eigh`` in float64); only the operator products run in the operator's dtype (each block
+is cast down for the product and the result cast back up). PyTorch has no 16-bit QR/eigh, and a
+16-bit basis would lose orthogonality at the 1e-2 level.
+
+Memory: ``Q`` and ``AQ`` live in two ``[D, m]`` buffers allocated once (appends and restarts write
+in place); what the solver holds while a product runs (those buffers, the Ritz vectors, the new
+block) counts against the operator's memory budget (``op.holding``).
 """
 
 from __future__ import annotations
