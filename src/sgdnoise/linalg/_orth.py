@@ -107,15 +107,11 @@ def orthonormal_basis(A: torch.Tensor, max_copy_bytes: int | None = None) -> tor
         s = A.shape[1]
         if s == 0:
             break
-        rows = max(1, (1 << 22) // s)
-        G = torch.zeros(s, s, dtype=torch.float64, device=A.device)
-        for r0 in range(0, A.shape[0], rows):
-            block = A[r0 : r0 + rows].double()
-            G += block.T @ block
-        lam, V = torch.linalg.eigh(G)
+        lam, V = torch.linalg.eigh(inner64(A, A))
         keep = lam > cut * float(lam.max().clamp_min(0.0))
         T = (V[:, keep] / lam[keep].sqrt()[None, :]).to(A.dtype)
         r = T.shape[1]
+        rows = max(1, (1 << 22) // s)
         for r0 in range(0, A.shape[0], rows):
             block = A[r0 : r0 + rows]
             block[:, :r] = block @ T

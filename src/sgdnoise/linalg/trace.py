@@ -71,8 +71,13 @@ def _apply(op: LinearOperator, V: torch.Tensor) -> torch.Tensor:
 BLOCK_BYTES = 2**28
 
 
+def _columns_per_block(D: int, dtype: torch.dtype) -> int:
+    """Columns of ``D`` entries of ``dtype`` in :data:`BLOCK_BYTES` (at least 1)."""
+    return max(1, BLOCK_BYTES // max(1, D * torch.finfo(dtype).bits // 8))
+
+
 def _block_columns(Z: torch.Tensor) -> int:
-    return max(1, BLOCK_BYTES // max(1, Z.shape[0] * Z.element_size()))
+    return _columns_per_block(Z.shape[0], Z.dtype)
 
 
 def _hutchinson_terms(op: LinearOperator, Z: torch.Tensor) -> torch.Tensor:
@@ -102,7 +107,7 @@ def _probe_terms(
     """``[z_jᵀ A z_j]_j`` (float64, ``A z = apply(z)``) for ``num`` Rademacher probes drawn a
     column block at a time (never a ``[D, num]`` matrix), each block deflated by ``I − QQᵀ``
     when ``Q`` is given."""
-    c = max(1, BLOCK_BYTES // max(1, D * torch.finfo(kw["dtype"]).bits // 8))
+    c = _columns_per_block(D, kw["dtype"])
     terms = []
     for a in range(0, num, c):
         Z = _probes(D, min(c, num - a), kw)
@@ -167,7 +172,7 @@ def trace_estimate(
     # blocks (probes, their deflation, the products) are held while the operator's passes run,
     # and counted against their budget (op.holding); probes are drawn a column block at a time.
     item = torch.finfo(kw["dtype"]).bits // 8
-    c = max(1, min(BLOCK_BYTES // max(1, D * item), max(s, g)))
+    c = min(_columns_per_block(D, kw["dtype"]), max(s, g))
     with op.holding((s + 3 * c) * D * item):
         AS = torch.empty(D, s, **{k: kw[k] for k in ("dtype", "device")})
         for a in range(0, s, c):
