@@ -5,7 +5,8 @@ Each task runs in its own process (so its peak RSS is its own) and reports its w
 RSS (on CUDA also the peak of allocated GPU memory), and the time of one full-batch gradient
 measured in the same process (the baseline, so ratios compare across machines): the sampled escape indicator (m = 32), the top-5 Hessian eigenpairs
 (relative residual 1e-2), alignment with k = 1, 100 expected-sharpness draws, 10 GLD steps with
-the ``diag`` and the ``hessian`` structures, and the cost of one Hessian-vector product per column.
+the ``diag`` and the ``hessian`` structures, and the cost of one Hessian-vector product per column;
+the top-5 eigenpairs also at tol 5e-3 (at least PyHessian's accuracy, for the comparison).
 Where PyHessian is installed (a bench-only extra: ``pip install --no-deps pyhessian``), its top-5
 eigenvalues on the same model and data, with time and agreement against ours.
 
@@ -35,6 +36,7 @@ TASKS = (
     "hvp_cost",
     "indicator_sampled",
     "top5_eigenpairs",
+    "top5_tol_5e-3",
     "alignment_k1",
     "sharpness_100",
     "gld_diag_10",
@@ -172,10 +174,15 @@ def _run_task(name: str, task: str, quick: bool, budget: str, device: str) -> di
             problem, b, num_samples=min(32, problem.num_samples), generator=0
         )
         out.update(tr_HS=ind.tr_HS, stderr=ind.stderr, tr_HS_iso=ind.tr_HS_iso, ratio=ind.ratio)
-    elif task == "top5_eigenpairs":
-        pairs = sgdnoise.top_eigenpairs(sgdnoise.hessian(problem), 5, tol=1e-2, generator=0)
+    elif task in ("top5_eigenpairs", "top5_tol_5e-3"):
+        # 1e-2: the setting; 5e-3: at least PyHessian's accuracy (its worst residual is
+        # ~5.6e-3 of λ_max at its tol 1e-4), for the comparison at equal accuracy
+        tol = 1e-2 if task == "top5_eigenpairs" else 5e-3
+        H = sgdnoise.hessian(problem)
+        pairs = sgdnoise.top_eigenpairs(H, 5, tol=tol, generator=0)
         out.update(eigenvalues=pairs.eigenvalues.tolist(), matvecs=pairs.num_matvecs,
-                   converged=pairs.converged, residuals=pairs.residuals.tolist())  # fmt: skip
+                   converged=pairs.converged, residuals=pairs.residuals.tolist(), tol=tol,
+                   block_size=H.preferred_block_size(5))  # fmt: skip
     elif task == "alignment_k1":
         al = sgdnoise.alignment(problem, b, k=1, generator=0, tol=1e-2)
         out.update(a=al.a, a_stderr=al.a_stderr, lambda_1=al.lambda_1, tr_H=al.tr_H,
@@ -354,9 +361,12 @@ def main() -> int:
             result["models"][name] = rows
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        ours, theirs = rows.get("top5_eigenpairs", {}), rows.get("pyhessian_top5", {})
-        if "eigenvalues" in ours and "eigenvalues" in theirs:
-            rows["vs_pyhessian"] = _versus(ours, theirs)
+        theirs = rows.get("pyhessian_top5", {})
+        for key, mine in (("vs_pyhessian", "top5_eigenpairs"),
+                          ("vs_pyhessian_tol_5e-3", "top5_tol_5e-3")):  # fmt: skip
+            ours = rows.get(mine, {})
+            if "eigenvalues" in ours and "eigenvalues" in theirs:
+                rows[key] = _versus(ours, theirs)
         result["models"][name] = rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

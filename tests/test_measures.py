@@ -142,9 +142,9 @@ def test_alignment_reports_the_spread_of_a_hutchpp_trace() -> None:
         assert res.a_stderr == pytest.approx(
             abs(res.a) * res.tr_H_stderr / abs(res.tr_H), rel=1e-12
         )
-        assert res.a / res.tr_H == pytest.approx(
-            exact.a / exact.tr_H, rel=1e-8
-        )  # only Tr H differs
+        # only Tr H differs (and u1, λ1 within Lanczos's tolerance, 1e-6 in float64: another
+        # seed's start converges to another rounding of the same pair)
+        assert res.a / res.tr_H == pytest.approx(exact.a / exact.tr_H, rel=1e-6)
         z.append((res.a - exact.a) / res.a_stderr)
         assert "±" in str(res)
     assert max(abs(v) for v in z) < 4, z

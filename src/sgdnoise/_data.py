@@ -135,6 +135,11 @@ class DataSource(ABC):
         other.device, other.dtype = device, dtype  # type: ignore[attr-defined]
         return other
 
+    def one_chunk(self, indices: torch.Tensor | None, size: int) -> bool:
+        """Whether :meth:`chunks` with ``size`` gives the selection in one piece."""
+        n = self.num_samples if indices is None else int(indices.numel())
+        return n <= size
+
     @abstractmethod
     def take(self, indices: torch.Tensor) -> Batch:
         """The rows ``indices`` (any order, repeats allowed) as one batch."""
@@ -217,8 +222,9 @@ class IterableSource(DataSource):
         self.batches = batches
         self.device, self.dtype = device, dtype
         first = None
-        n = 0
+        n = self.num_batches = 0
         for batch in batches:
+            self.num_batches += 1
             x, y = _split_batch(batch, "the data")
             size = batch_size_of(x, "a batch's inputs")
             if batch_size_of(y, "a batch's targets") != size:
@@ -241,6 +247,11 @@ class IterableSource(DataSource):
     def _batches(self) -> Iterator[Batch]:
         for batch in self.batches:
             yield _split_batch(batch, "the data")
+
+    def one_chunk(self, indices: torch.Tensor | None, size: int) -> bool:
+        if indices is not None:  # gathered by take, in pieces of `size`
+            return super().one_chunk(indices, size)
+        return self.num_batches == 1 and self.num_samples <= size  # full passes go by batches
 
     def chunks(
         self, indices: torch.Tensor | None, size: int | None

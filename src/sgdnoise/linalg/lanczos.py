@@ -6,10 +6,13 @@ The basis ``Q`` (``[D, j]``, orthonormal) and its image ``A Q`` are kept; the pr
 blocks ``A Q_last`` orthogonalised twice against all of ``Q`` (so no spurious copies of converged
 eigenvalues appear) and, once it reaches ``basis_size`` columns, restarted with the best Ritz
 vectors — the Ritz residuals of a Krylov–Schur basis all lie in the next Krylov direction, so the
-restart loses nothing. Products are batched ``block_size`` at a time, which is what makes Hessian
-products cheap (one double-backward graph for the whole block).
+restart loses nothing. Products are batched ``block_size`` at a time (one forward pass, or vmapped
+tangents, for the whole block) — or, for a Hessian whose products keep the gradient's graph
+within the solver's :meth:`~sgdnoise.linalg.LinearOperator.session`, one at a time by default
+(single-vector Lanczos: fewer products than a block to the same residual).
 
-Convergence: Ritz pair ``(λ, u)`` is accepted when ``‖A u − λ u‖ ≤ tol · ‖A‖_est``, with
+Convergence: Ritz pair ``(λ, u)`` is accepted when ``‖A u − λ u‖ ≤ tol · ‖A‖_est`` (and its Ritz
+value has stopped moving, see ``_iterate``), with
 ``‖A‖_est`` the largest |Ritz value| seen (an absolute value: a negative estimate must not stop
 early).
 
@@ -21,7 +24,7 @@ float32 (``eigh`` in float64); only the operator products run in the operator's 
 is cast down for the product and the result cast back up). PyTorch has no 16-bit QR/eigh, and a
 16-bit basis would lose orthogonality at the 1e-2 level.
 
-Memory: ``Q`` and ``AQ`` live in two ``[D, m]`` buffers allocated once (appends and restarts write
+Memory: ``Q`` and ``AQ`` live in two ``[m, D]`` buffers (column j of Q is row j) allocated once (appends and restarts write
 in place); what the solver holds while a product runs (those buffers, the Ritz vectors, the new
 block) counts against the operator's memory budget (``op.holding``).
 """
@@ -224,6 +227,12 @@ def _nonconvergence_message(
 
 #: Random directions (and one Krylov step from them) probed before convergence is accepted.
 _PROBE_SIZE = 2
+
+#: Convergence also needs the k Ritz values to have moved by at most this fraction of the
+#: residual threshold since the previous block: a Ritz value still climbing towards an eigenvalue
+#: the basis has barely seen can have a small residual (a ResNet's 5th Hessian eigenvalue came
+#: out 438 for 639 at tol 1e-2 without this; see _iterate).
+_STEADY = 0.1
 _MAX_PROBES = 3
 
 
@@ -253,7 +262,9 @@ def top_eigenpairs(
             a fresh generator seeded with ``seed``, default 0). Never the global RNG.
         v0: warm start ``[D]`` or ``[D, j]`` (e.g. the eigenvectors of a previous refresh); random
             columns fill up the first block.
-        block_size: products per batch (default ``min(k, 8)``).
+        block_size: products per batch (default ``op.preferred_block_size(k)``: ``min(k, 8)``,
+            or 1 for a Hessian whose products keep the gradient's graph, see
+            :meth:`~sgdnoise.linalg.HessianOperator.preferred_block_size`).
         basis_size: Krylov basis size before a restart (default ``max(2k + 2·block, k + 20)``,
             capped at D).
         max_matvecs: budget of products (default ``max(2000, 50 k)``).
@@ -282,7 +293,7 @@ def top_eigenpairs(
     # wanted and candidate pairs ([D, k + b]), and the new block with its orthonormalisation
     # temporaries (about 4 [D, b] blocks).
     held = (2 * basis.cap + min(basis.cap, k + b) + 4 * b) * D * torch.finfo(basis.dtype).bits // 8
-    with op.holding(held):
+    with op.holding(held), op.session():
         basis.expand(_start_block(v0, D, b, basis.dtype, op.device, gen))
         theta, U, res, converged, norm_est, history = _iterate(basis, k, b, float(tol), budget)
     result = EigenPairs(
@@ -323,7 +334,7 @@ def _options(
         tol = default_tol(op.dtype)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    b = min(k, 8) if block_size is None else int(block_size)
+    b = op.preferred_block_size(k) if block_size is None else int(block_size)
     if not 1 <= b <= D:
         raise ValueError(f"block_size must be in [1, D] = [1, {D}], got {block_size}")
     m = max(2 * k + 2 * b, k + 20) if basis_size is None else int(basis_size)
@@ -380,7 +391,7 @@ def _start_block(
 class _Basis:
     """The orthonormal basis ``Q`` ``[D, q]``, its image ``A Q`` and the products spent.
 
-    ``Q`` and ``AQ`` are views of two ``[D, m]`` buffers allocated once: appending a block and
+    ``Q`` and ``AQ`` are views of two ``[m, D]`` buffers (transposed) allocated once: appending a block and
     the thick restart write into them in place, so the solver never holds a second copy of its
     basis (a ResNet-18's ``[D, m]`` block is 45 MB per column in float32).
     """
@@ -391,18 +402,20 @@ class _Basis:
         self.cap = min(m, self.D)
         self.dtype = work_dtype(op.dtype)  # basis and small dense algebra; products in op.dtype
         self.device = op.device
-        self._Q = torch.empty(self.D, self.cap, dtype=self.dtype, device=self.device)
-        self._AQ = torch.empty(self.D, self.cap, dtype=self.dtype, device=self.device)
+        # stored transposed ([m, D], a column of Q is a contiguous row): appending a column
+        # writes D consecutive numbers, not D numbers m apart (a cache line each)
+        self._Qt = torch.empty(self.cap, self.D, dtype=self.dtype, device=self.device)
+        self._AQt = torch.empty(self.cap, self.D, dtype=self.dtype, device=self.device)
         self.q = 0
         self.matvecs = 0
 
     @property
     def Q(self) -> torch.Tensor:
-        return self._Q[:, : self.q]
+        return self._Qt[: self.q].T
 
     @property
     def AQ(self) -> torch.Tensor:
-        return self._AQ[:, : self.q]
+        return self._AQt[: self.q].T
 
     def expand(self, X: torch.Tensor) -> int:
         """Orthonormalise ``X`` against Q, append it and its image; the columns added."""
@@ -414,27 +427,28 @@ class _Basis:
         op = self.op
         AX = op @ Xq if op.dtype == self.dtype else (op @ Xq.to(op.dtype)).to(self.dtype)
         self.matvecs += n
-        self._Q[:, self.q : self.q + n] = Xq
-        self._AQ[:, self.q : self.q + n] = AX
+        self._Qt[self.q : self.q + n] = Xq.T
+        self._AQt[self.q : self.q + n] = AX.T
         self.q += n
         return n
 
     def restart(self, Y: torch.Tensor) -> None:
-        """``Q ← Q Y``, ``AQ ← AQ Y`` (``Y`` ``[q, p]``, p ≤ q) in place, a block of rows at a
-        time (a ``[rows, p]`` temporary, never a second ``[D, p]`` block)."""
+        """``Q ← Q Y``, ``AQ ← AQ Y`` (``Y`` ``[q, p]``, p ≤ q) in place, a block of entries at a
+        time (a ``[p, rows]`` temporary, never a second ``[D, p]`` block)."""
         q, p = self.q, Y.shape[1]
         rows = max(1, (1 << 22) // max(1, q))
-        for buf in (self._Q, self._AQ):
+        Yt = Y.T.contiguous()
+        for buf in (self._Qt, self._AQt):  # [m, D]: entries r0 … r0 + rows of every column
             for r0 in range(0, self.D, rows):
-                block = buf[r0 : r0 + rows]
-                block[:, :p] = block[:, :q] @ Y
+                block = buf[:, r0 : r0 + rows]
+                block[:p] = Yt @ block[:q]
         self.q = p
 
     def reset(self, U: torch.Tensor, AU: torch.Tensor) -> None:
         """The basis becomes ``U`` (orthonormal ``[D, c]``) with its image ``AU`` (copied in)."""
         c = U.shape[1]
-        self._Q[:, :c] = U
-        self._AQ[:, :c] = AU
+        self._Qt[:c] = U.T
+        self._AQt[:c] = AU.T
         self.q = c
 
     def random(self, p: int) -> torch.Tensor:
@@ -455,13 +469,27 @@ class _Ritz:
         self.theta, self.Y = theta.flip(0), Y.flip(1)
         self.norm_est = max(norm_est, float(self.theta.abs().max()))
         self.c = min(self.q, k + b)  # the wanted pairs and the next b (candidates for a block)
-        Yc = self.Y[:, : self.c].to(dtype)
-        self.U = Q @ Yc
-        self.AU = AQ @ Yc
-        self.R = self.AU - self.U * self.theta[: self.c].to(dtype)[None, :]
+        self._Q, self._AQ = Q, AQ
+        self._Yc = self.Y[:, : self.c].to(dtype)
+        # R = AQ Yc − Q Yc diag(θ) in one [D, c] block (two products into it, no U or AU: those
+        # are formed only when asked for, at convergence, a probe or the end)
+        self.R = torch.addmm(AQ @ self._Yc, Q, self._Yc * -self.theta[: self.c].to(dtype))
         self.res = self.R.norm(dim=0)
         self.thresh = tol * max(self.norm_est, tiny)
         self.ok = self.res <= self.thresh
+        self._U: torch.Tensor | None = None
+
+    @property
+    def U(self) -> torch.Tensor:
+        """The Ritz vectors ``Q Y[:, :c]`` ``[D, c]`` (formed once, on first use)."""
+        if self._U is None:
+            self._U = self._Q @ self._Yc
+        return self._U
+
+    @property
+    def AU(self) -> torch.Tensor:
+        """Their images ``AQ Y[:, :c]`` (formed on each use: needed once, for a probe)."""
+        return self._AQ @ self._Yc
 
 
 def _iterate(
@@ -475,10 +503,10 @@ def _iterate(
     span exactly the next Krylov block ``(I − QQᵀ) A Q_last``, so this is block Lanczos /
     Krylov–Schur and the thick restart with the best Ritz vectors loses nothing; it also stays a
     sound subspace method if the basis is not Krylov (Rayleigh–Ritz and residuals are always
-    explicit), and convergence is checked after every block once the basis has filled.
-    Convergence is first judged once the basis has filled (as a Krylov–Schur cycle would):
-    stopping at the first block whose residuals pass leaves eigenvalues only as accurate as the
-    residual (seen on a bfloat16 matrix); after that, after every block.
+    explicit). Convergence is first judged once the basis holds 2k + 2b columns (16-bit
+    products: once it has filled, as a Krylov–Schur cycle would), then after every block; it
+    needs every wanted residual below ``tol·‖A‖`` and the wanted Ritz values steady (moved by at
+    most ``_STEADY · tol·‖A‖`` since the previous block), then a probe (below).
 
     Returns ``(theta, U, res, converged, norm_est, history)``.
     """
@@ -487,20 +515,34 @@ def _iterate(
     norm_est = 0.0
     history: list[tuple[int, float]] = []  # (products, worst relative residual of the k pairs)
     filled, probes = False, 0
+    # The first convergence check: once the basis holds 2k + 2b columns (a float32/float64
+    # residual below tol then bounds the eigenvalue's error by the residual, and the probe below
+    # guards against missed pairs); for 16-bit products, whose rounding (~1e-2) makes an early
+    # residual an unreliable signal, once the basis has filled (eigenvalues were off by more than
+    # the residual on a bfloat16 matrix when judged earlier).
+    sixteen = torch.finfo(basis.op.dtype).bits < 32
+    first_check = min(m, D) if sixteen else min(m, D, 2 * k + 2 * b)
     accepted: tuple | None = None  # the converged state before a probe
+    prev: torch.Tensor | None = None
     while True:
         r = _Ritz(basis, k, b, tol, norm_est)
         norm_est = r.norm_est
-        theta, U, res = r.theta, r.U, r.res
+        theta, res = r.theta, r.res
         full_space = r.q >= D
-        filled = filled or r.q >= min(m, D)
-        converged = full_space or (filled and r.q >= k and bool(r.ok[:k].all()))
+        filled = filled or r.q >= first_check
+        steady = (
+            prev is not None
+            and r.q >= k
+            and bool((theta[:k] - prev).abs().max() <= _STEADY * r.thresh)
+        )
+        prev = theta[:k].clone() if r.q >= k else None
+        converged = full_space or (filled and r.q >= k and bool(r.ok[:k].all()) and steady)
         history.append((basis.matvecs, float(res[: min(k, r.c)].max()) / max(norm_est, tiny)))
         if accepted is not None:
             # After a probe: did the enlarged basis find a Ritz value above the accepted k-th?
             if float(theta[k - 1]) <= accepted[0] + r.thresh:
                 theta, U, res, converged = accepted[1], accepted[2], accepted[3], True
-                break
+                return theta, U, res, converged, norm_est, history
             accepted, filled = None, True  # something was missed: iterate on
             converged = False
         elif converged and not full_space and probes < _MAX_PROBES and D - r.c > 0:
@@ -511,19 +553,19 @@ def _iterate(
             # orthogonal to them and one Krylov step from it, and see whether the k-th Ritz
             # value rises.
             probes += 1
+            U = r.U
             accepted = (float(theta[k - 1]), theta, U, res)
             basis.reset(U, r.AU)
             added = basis.expand(basis.random(min(_PROBE_SIZE, D - r.c)))
             if added:
                 basis.expand(basis.AQ[:, -added:])
                 continue
-            theta, U, res = accepted[1], accepted[2], accepted[3]
-            break
+            return accepted[1], accepted[2], accepted[3], converged, norm_est, history
         if converged or basis.matvecs >= budget:
             break
         if not _next_block(basis, r, k, b):
             break
-    return theta, U, res, converged, norm_est, history
+    return theta, r.U, res, converged, norm_est, history
 
 
 def _next_block(basis: _Basis, r: _Ritz, k: int, b: int) -> bool:
@@ -536,9 +578,10 @@ def _next_block(basis: _Basis, r: _Ritz, k: int, b: int) -> bool:
         # Thick restart with the best p_keep Ritz vectors (Krylov–Schur); the residuals R are
         # orthogonal to the old basis, hence to the kept one.
         p_keep = min(r.q, max(k, min(m - b, k + max(b, (m - k) // 2))))
+        _ = r.U  # formed from the basis before the restart rewrites it (the result if none adds)
         basis.restart(r.Y[:, :p_keep].to(basis.dtype))
     X = r.R[:, pick]  # a copy (list index): the residuals and images can go before the product
-    r.R = r.AU = torch.empty(0, dtype=basis.dtype, device=basis.device)
+    r.R = torch.empty(0, dtype=basis.dtype, device=basis.device)
     if X.shape[1] < b:  # fewer unconverged directions than a block: explore at random
         X = torch.cat([X, basis.random(b - X.shape[1])], dim=1)
     return basis.expand(X) != 0

@@ -161,8 +161,11 @@ def trace_estimate(
     gen = resolve_generator(seed, generator)
     D = op.shape[0]
     kw: dict[str, Any] = {"generator": gen, "dtype": work_dtype(op.dtype), "device": op.device}
-    if method == "hutchinson":
-        terms = _probe_terms(lambda Z: _apply(op, Z), D, num_matvecs, kw)
+    item = torch.finfo(kw["dtype"]).bits // 8
+    if method == "hutchinson":  # a probe block, its product and their product held
+        c = min(_columns_per_block(D, kw["dtype"]), num_matvecs)
+        with op.holding(3 * c * D * item), op.session():
+            terms = _probe_terms(lambda Z: _apply(op, Z), D, num_matvecs, kw)
         return TraceEstimate(
             float(terms.mean()), float(terms.std() / num_matvecs**0.5), num_matvecs, method
         )
@@ -171,9 +174,8 @@ def trace_estimate(
     # Memory: the [D, s] sketch (then Q, orthonormalised in place) and about three [D, c] column
     # blocks (probes, their deflation, the products) are held while the operator's passes run,
     # and counted against their budget (op.holding); probes are drawn a column block at a time.
-    item = torch.finfo(kw["dtype"]).bits // 8
     c = min(_columns_per_block(D, kw["dtype"]), max(s, g))
-    with op.holding((s + 3 * c) * D * item):
+    with op.holding((s + 3 * c) * D * item), op.session():
         AS = torch.empty(D, s, **{k: kw[k] for k in ("dtype", "device")})
         for a in range(0, s, c):
             AS[:, a : a + c] = _apply(op, _probes(D, min(c, s - a), kw))
@@ -249,9 +251,12 @@ def _forms(H: LinearOperator, C: torch.Tensor, block: int) -> torch.Tensor:
     when ``block`` columns of D numbers exceed :data:`BLOCK_BYTES`)."""
     out = []
     block = min(block, _block_columns(C.T))
-    for start in range(0, C.shape[0], block):
-        Cb = C[start : start + block]
-        out.append((Cb.T * (H @ Cb.T.contiguous())).sum(0))
+    # the block's columns, their products and the elementwise product are held between products
+    # (and the Hessian's graph is kept between blocks where it fits: H.session)
+    with H.holding(3 * block * C.shape[1] * C.element_size()), H.session():
+        for start in range(0, C.shape[0], block):
+            Cb = C[start : start + block]
+            out.append((Cb.T * (H @ Cb.T.contiguous())).sum(0))
     return torch.cat(out)
 
 

@@ -42,6 +42,7 @@ class HessianProducts(ProblemBase):
         indices: torch.Tensor | None = None,
         *,
         max_columns: int = MAX_COLUMNS,
+        _graph: dict | None = None,
     ) -> torch.Tensor:
         """Hessian products ``∇²L(θ) V`` for ``V`` of shape ``[D, k]`` (or ``[D]``: one product).
 
@@ -59,6 +60,9 @@ class HessianProducts(ProblemBase):
             V: ``[D, k]`` or ``[D]``, in the model's dtype and on its device.
             theta: the point ``[D]`` (default: the model's current parameters).
             indices: the samples of the mean (default: all).
+            _graph: (internal: :meth:`HessianOperator.session`) a dict in which a double-backward
+                route keeps the gradient's graph between calls at the same ``theta`` object when
+                the samples fit one chunk.
 
         Returns:
             ``[D, k]`` (``[D]`` for a ``V`` of shape ``[D]``), the products of the mean loss.
@@ -70,32 +74,31 @@ class HessianProducts(ProblemBase):
         """
         self.check_decoupled("Hessian-vector products")
         self.check_directions(V)
+        given = theta  # the graph kept in a session is keyed on the caller's θ object
         if V.ndim == 1:
-            return self.hvp(V[:, None], theta, indices, max_columns=max_columns)[:, 0]
+            return self.hvp(V[:, None], theta, indices, max_columns=max_columns, _graph=_graph)[
+                :, 0
+            ]
         theta = self.point(theta)
         if V.shape[1] == 0:
             return V.clone()
-        if self._hvp_error is not None:
-            raise RuntimeError(self._hvp_error)
-        if not self._hvp_verified:
-            self._hvp_verified = True
-            try:
-                self._verify_hvp(theta)
-            except RuntimeError as exc:
-                self._hvp_verified = False  # running out of memory is no verdict on the model
-                raise_if_out_of_memory(exc)
-                self._hvp_verified = True
-                self._hvp_error = str(exc)
-                raise
-
-        kind = {"forward-over-reverse": "hvp", "double backward": "double_backward_batched"}.get(
-            self._hvp_mode, "double_backward"
-        )
+        self._ensure_hvp_verified(theta)
+        kind = self._hvp_kind()
         cols, rows = self.plan_columns(min(max_columns, max(1, V.shape[1])), kind)
+        graph = self._kept_graph(_graph, kind != "hvp", given, indices, rows)
+        chunk = [0]
+
+        def piece(x: Any, y: Any, V: torch.Tensor) -> torch.Tensor:
+            chunk[0] += 1
+            if chunk[0] > 1 and _graph is not None and graph is not None:
+                _graph.clear()  # the data came in several chunks after all: keep nothing
+                _graph["off"] = True
+            return self._hvp_block(theta, V, x, y, graph if chunk[0] == 1 else None)
 
         def block(j: int) -> torch.Tensor:  # columns j, …, j + cols − 1, summed over the data
+            chunk[0] = 0
             return self.reduce_mean(
-                lambda x, y: self._hvp_block(theta, V[:, j : j + cols], x, y), indices, rows=rows
+                lambda x, y: piece(x, y, V[:, j : j + cols]), indices, rows=rows
             )
 
         if cols >= V.shape[1]:
@@ -199,8 +202,91 @@ class HessianProducts(ProblemBase):
         # "+ 0 * v" keeps the output batched when H = 0 (a loss linear in θ).
         return vmap(lambda v: jvp(gfun, (theta,), (v,))[1] + 0 * v, in_dims=1, out_dims=1)(V)
 
+    def _kept_graph(
+        self, store: dict | None, double: bool, theta: Any, indices: Any, rows: int
+    ) -> dict | None:
+        """``store`` when this call may keep (or use) the gradient's graph in it, else ``None``
+        (and ``store`` emptied of a graph that no longer applies). Kept only for a double-backward
+        route whose samples come in one chunk (then the memory plan covers the kept graph), for
+        the same θ object unmodified since (its version counter) and the same samples."""
+        if store is None or not double or theta is None or store.get("off"):
+            return None
+        old = store.get("key")
+        same = (
+            old is not None and old[0] is theta and old[1] == theta._version and old[2] is indices
+        )
+        one = self._one_chunk(indices, rows)
+        if not (one and same):
+            store.clear()  # a graph of another θ or samples, or one too large to keep
+        if not one:
+            return None
+        store["key"] = (theta, theta._version, indices)
+        return store
+
+    def _one_chunk(self, indices: torch.Tensor | None, rows: int) -> bool:
+        """Whether a pass of ``rows`` samples per chunk goes through the selection in one chunk."""
+        idx = self.check_indices(indices)
+        if self._shard is not None:  # this rank's part of the selection, as chunks() takes it
+            idx = self._shard.split(idx)[1]
+        return self._source.one_chunk(idx, rows)
+
+    def _ensure_hvp_verified(self, theta: torch.Tensor) -> None:
+        """The once-per-problem check of the Hessian route (:meth:`_verify_hvp`), which also
+        chooses it; raises the recorded error of a model that cannot be differentiated twice."""
+        if self._hvp_error is not None:
+            raise RuntimeError(self._hvp_error)
+        if not self._hvp_verified:
+            self._hvp_verified = True
+            try:
+                self._verify_hvp(theta)
+            except RuntimeError as exc:
+                self._hvp_verified = False  # running out of memory is no verdict on the model
+                raise_if_out_of_memory(exc)
+                self._hvp_verified = True
+                self._hvp_error = str(exc)
+                raise
+
+    def _hvp_kind(self) -> str:
+        """The pass kind of the current Hessian route (for the memory plan)."""
+        return {"forward-over-reverse": "hvp", "double backward": "double_backward_batched"}.get(
+            self._hvp_mode, "double_backward"
+        )
+
+    def keeps_hessian_graph(
+        self, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
+    ) -> bool:
+        """Whether Hessian products at ``theta`` over ``indices`` keep the gradient's graph
+        between calls in a :meth:`HessianOperator.session`: a double-backward route (chosen by
+        the first product's check, which this runs) and the samples within one chunk of the
+        memory budget for one column. Then a product costs one backward of the kept graph
+        whatever the block, and solvers take single columns (fewer products to converge)."""
+        self.check_decoupled("Hessian-vector products")
+        self._ensure_hvp_verified(self.point(theta))
+        kind = self._hvp_kind()
+        return kind != "hvp" and self._one_chunk(indices, self.plan_columns(1, kind)[1])
+
+    def _gradient_graph(
+        self, theta: torch.Tensor, x: Any, y: Any, graph: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(θ leaf, ∇L on (x, y) with its graph)`` for double backward; from ``graph`` when it
+        holds them (:meth:`hvp` clears it for another θ or other samples)."""
+        if graph is not None and "g" in graph:
+            return graph["th"], graph["g"]
+        th = theta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.batch_loss(th, x, y)
+            (g,) = torch.autograd.grad(loss, th, create_graph=True)
+        if graph is not None:
+            graph.update(th=th, g=g)
+        return th, g
+
     def _hvp_block(
-        self, theta: torch.Tensor, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+        self,
+        theta: torch.Tensor,
+        V: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        graph: dict | None = None,
     ) -> torch.Tensor:
         with _math_attention():
             if self._hvp_mode == "forward-over-reverse":
@@ -212,11 +298,9 @@ class HessianProducts(ProblemBase):
                     self.routes["hvp"] = (
                         f"double backward: forward-over-reverse failed ({_first_line(exc)})"
                     )
-            th = theta.clone().requires_grad_(True)
             try:
+                th, g = self._gradient_graph(theta, x, y, graph)
                 with torch.enable_grad():
-                    loss = self.batch_loss(th, x, y)
-                    (g,) = torch.autograd.grad(loss, th, create_graph=True)
                     if not g.requires_grad:  # the loss is linear in θ: H = 0
                         return torch.zeros_like(V)
                     if V.shape[1] == 1 or self._hvp_mode == "double backward, column by column":
