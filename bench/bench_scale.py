@@ -169,11 +169,23 @@ def _run_task(name: str, task: str, quick: bool, budget: str, device: str) -> di
         sgdnoise.hessian(problem) @ V
         out["hvp_per_column_s"] = (_clock(device) - t0) / 2
         out["hvp_per_column_over_gradient"] = out["hvp_per_column_s"] / grad_s
+        # as the solvers take them: single columns within one session (the gradient's graph kept
+        # where the samples fit one chunk), 4 products including the graph's one build
+        H = sgdnoise.hessian(problem)
+        t0 = _clock(device)
+        with H.session():
+            for j in range(4):
+                H @ V[:, j % 2]
+        out["hvp_in_session_per_column_s"] = (_clock(device) - t0) / 4
+        out["hvp_in_session_over_gradient"] = out["hvp_in_session_per_column_s"] / grad_s
+        out["graph_kept"] = problem.keeps_hessian_graph()
     elif task == "indicator_sampled":
         ind = sgdnoise.escape_indicator(
             problem, b, num_samples=min(32, problem.num_samples), generator=0
         )
-        out.update(tr_HS=ind.tr_HS, stderr=ind.stderr, tr_HS_iso=ind.tr_HS_iso, ratio=ind.ratio)
+        out.update(tr_HS=ind.tr_HS, stderr=ind.stderr, tr_HS_iso=ind.tr_HS_iso, ratio=ind.ratio,
+                   ratio_stderr=ind.ratio_stderr, tr_H=ind.tr_H,
+                   tr_H_stderr=ind.tr_H_stderr)  # fmt: skip
     elif task in ("top5_eigenpairs", "top5_tol_5e-3"):
         # 1e-2: the setting; 5e-3: at least PyHessian's accuracy (its worst residual is
         # ~5.6e-3 of λ_max at its tol 1e-4), for the comparison at equal accuracy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -261,3 +263,23 @@ def test_a_plain_tensor_is_refused_as_an_operator_with_the_fix() -> None:
             call()
     with pytest.raises(ValueError, match="must share dtype and device"):
         sgdnoise.tr_HS(op, sgdnoise.DenseOperator(M.float()))
+
+
+def test_an_unresolved_sampled_trace_warns() -> None:
+    # H indefinite with a trace near 0 (a ResNet-18's sampled indicator: Tr H = −3,284 ± 12,505
+    # from 32 products): the isotropic equivalent and the ratio are noise, even in sign — said
+    gen = torch.Generator().manual_seed(0)
+    D = 40
+    Q = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))[0]
+    lam = torch.linspace(-10, 10, D, dtype=torch.float64) + 0.01
+    A = (Q * lam) @ Q.T
+    x = torch.randn(30, D, generator=gen, dtype=torch.float64)
+    model = Quadratic(A, torch.randn(D, generator=gen, dtype=torch.float64))
+    problem = sgdnoise.Problem(model, lambda out, _: out.mean(), x, torch.zeros(30))
+    with pytest.warns(RuntimeWarning, match="not resolved"):
+        ind = sgdnoise.escape_indicator(problem, 1, exact_trace=False, trace_matvecs=6)
+    assert ind.tr_H_stderr > abs(ind.tr_H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = sgdnoise.escape_indicator(problem, 1)  # exact trace: nothing to warn
+    assert exact.tr_H == pytest.approx(float(lam.sum()), rel=1e-8)

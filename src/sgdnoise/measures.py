@@ -14,6 +14,8 @@ Proposition 1).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ._measure_context import MeasurementContext, _context, at_theta
@@ -74,6 +76,21 @@ def _trace_policy(
     budget = max(est.num_matvecs, 6) if trace_matvecs is None else trace_matvecs
     # Exact when D is within the budget: it costs no more than the estimate.
     return budget, (D <= budget) if exact_trace is None else exact_trace
+
+
+def _warn_unresolved_trace(tr_H: float, stderr: float, exact: bool, budget: int) -> None:
+    """Warn when an estimated Tr(H)'s standard error exceeds its size."""
+    if exact or stderr <= abs(tr_H):
+        return
+    warnings.warn(
+        f"escape_indicator: Tr(H) = {tr_H:.4g} ± {stderr:.2g} from {budget} Hutch++ products is "
+        "not resolved (its standard error exceeds its size), so the isotropic equivalent "
+        "Tr(H)Tr(Σ_b)/D and the ratio are noise at this budget, even in sign. Raise "
+        f"trace_matvecs (Hutch++'s error falls like 1/trace_matvecs; now {budget}) or pass "
+        "exact_trace=True (D products).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def escape_indicator(
@@ -140,6 +157,7 @@ def escape_indicator(
     tr_H, tr_H_se, tr_H_exact = ctx.hessian_trace(
         exact_max_dim=exact_trace_max_dim, num_matvecs=budget, generator=gen, exact=want_exact
     )
+    _warn_unresolved_trace(tr_H, tr_H_se, tr_H_exact, budget)
     iso = tr_H * tr_S / D
     return EscapeIndicator(
         tr_HS=est.value,
