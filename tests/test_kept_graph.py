@@ -1,6 +1,6 @@
 """Hessian products within a solver keep the gradient's graph (HessianOperator.session) only where
-it is sound — a double-backward route, all samples in one chunk, the same θ and samples — and give
-the same numbers as products without it; Lanczos then takes single columns by default."""
+it is sound — a double-backward route, all samples in one chunk, the same θ and samples, nothing
+it saved changed in place — and give the same numbers as products without it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgdnoise
-from sgdnoise.linalg.hessian import hessian_block_size
 
 
 def _conv_problem(n: int = 12, **kw) -> tuple[sgdnoise.Problem, list[int]]:
@@ -78,7 +77,7 @@ def test_data_in_several_chunks_keeps_no_graph() -> None:
     for kw in ({"chunk_size": 5}, {"source": "batches"}):
         problem, calls = _conv_problem(**kw)
         H = sgdnoise.hessian(problem)
-        assert not problem.keeps_hessian_graph() and H.preferred_block_size(5) == 5
+        assert not problem.keeps_hessian_graph()
         H @ V[:, :1]
         calls[0] = 0
         with H.session():
@@ -90,22 +89,75 @@ def test_data_in_several_chunks_keeps_no_graph() -> None:
         torch.testing.assert_close(pairs.eigenvalues, ref_pairs.eigenvalues, rtol=1e-8, atol=0)
 
 
-def test_lanczos_takes_single_columns_where_the_graph_is_kept() -> None:
+def test_lanczos_builds_the_graph_once_and_finds_repeated_eigenvalues() -> None:
     problem, calls = _conv_problem()
     H = sgdnoise.hessian(problem)
-    assert problem.keeps_hessian_graph() and H.preferred_block_size(5) == 1
-    assert hessian_block_size(problem, 5) == 1
+    assert problem.keeps_hessian_graph()
     calls[0] = 0
     pairs = sgdnoise.top_eigenpairs(H, 3, generator=0)
-    assert pairs.converged and calls[0] == 1  # one forward pass for every product of the solve
+    assert pairs.converged and calls[0] == 1  # one forward pass for every block of the solve
     exact = torch.linalg.eigvalsh(_dense_hessian(problem)).flip(0)[:3]
     torch.testing.assert_close(pairs.eigenvalues, exact, rtol=1e-6, atol=1e-9)
-    # a model without convolutions: forward-over-reverse batches its columns, blocks stay
+    # two identical, independent branches: every eigenvalue twice (H = blockdiag(A, A)); the
+    # default block finds both copies (single columns, block_size=1, cannot: 2.33 and 1.31 came
+    # back for 2.33 twice)
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
-    p2 = sgdnoise.Problem(mlp, F.cross_entropy, x, y)
-    assert not p2.keeps_hessian_graph() and sgdnoise.hessian(p2).preferred_block_size(5) == 5
+
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.fc = nn.Conv1d(1, 3, 3, padding=1), nn.Linear(24, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.tanh(self.c(x)).flatten(1))
+
+    class Twins(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = Branch(), Branch()
+            self.b.load_state_dict(self.a.state_dict())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.a(x), self.b(x)], dim=1)
+
+    model = Twins().double()
+    x = torch.randn(32, 1, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randn(32, 1, dtype=torch.float64).repeat(1, 2)
+    twins = sgdnoise.Problem(model, F.mse_loss, x, y)
+    lam = torch.linalg.eigvalsh(sgdnoise.hessian(twins).to_dense()).flip(0)
+    assert float(lam[0] - lam[1]) < 1e-9 * float(lam[0])  # the top eigenvalue is double
+    top = sgdnoise.top_eigenpairs(sgdnoise.hessian(twins), 2, tol=1e-6, generator=0)
+    torch.testing.assert_close(top.eigenvalues, lam[:2], rtol=1e-6, atol=0)
+
+
+def test_a_kept_graph_is_rebuilt_after_any_in_place_change() -> None:
+    # the model's parameters outside θ (restrict), its buffers (BatchNorm statistics), the data
+    # and the indices are saved in the graph too: changed in place, the products must follow
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    ).double()
+    model.eval()
+    x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    idx = torch.tensor([0, 2, 4, 6, 8])
+    problem = sgdnoise.Problem(model, F.cross_entropy, x, y).restrict(["0.weight", "4.bias"])
+    H = sgdnoise.hessian(problem, indices=idx)
+    v = torch.randn(problem.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    changes = [
+        lambda: model[4].weight.mul_(1.3),  # a parameter outside θ (frozen by restrict)
+        lambda: model[1].running_var.mul_(2.0),  # a buffer
+        lambda: x.mul_(0.5),  # the data
+        lambda: idx.add_(1),  # the indices
+    ]
+    with H.session():
+        H @ v
+        for change in changes:
+            with torch.no_grad():
+                change()
+            got = H @ v
+            want = sgdnoise.hessian(problem, indices=idx) @ v  # built afresh, outside the session
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_trace_estimators_share_the_kept_graph() -> None:

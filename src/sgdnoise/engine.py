@@ -40,7 +40,6 @@ from ._engine_plan import EnginePlan, Member, keeps_per_sample, plan_members, re
 from ._optim_params import check_lr
 from ._utils import resolve_generator
 from .linalg.covariance import batch_scale
-from .linalg.hessian import hessian_block_rule
 from .linalg.lockstep import run_lockstep
 from .noise import NoiseModel, noise_class, noise_model
 from .noise.dynamics import dynamics_names
@@ -454,10 +453,8 @@ class BatchedEngine:
                         out[pos] = res[r]
             return [o for o in out if o is not None]
 
-        blocks = hessian_block_rule(p)  # here, not in the solvers' threads (the route check)
         pairs = run_lockstep([m.find_pairs for m in models], products, dim=p.dim,
-                             dtype=p.dtype, device=p.device,
-                             block_size=blocks)  # fmt: skip
+                             dtype=p.dtype, device=p.device)  # fmt: skip
         for model, found in zip(models, pairs, strict=True):
             model.use_pairs(found)
 

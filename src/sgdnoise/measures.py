@@ -85,9 +85,9 @@ def _warn_unresolved_trace(tr_H: float, stderr: float, exact: bool, budget: int)
     warnings.warn(
         f"escape_indicator: Tr(H) = {tr_H:.4g} ± {stderr:.2g} from {budget} Hutch++ products is "
         "not resolved (its standard error exceeds its size), so the isotropic equivalent "
-        "Tr(H)Tr(Σ_b)/D and the ratio are noise at this budget, even in sign. Raise "
-        f"trace_matvecs (Hutch++'s error falls like 1/trace_matvecs; now {budget}) or pass "
-        "exact_trace=True (D products).",
+        "Tr(H)Tr(Σ_b)/D and the ratio are noise at this budget, even in sign (and an error "
+        "estimated from so few products can itself be far off). Raise trace_matvecs (now "
+        f"{budget}) or pass exact_trace=True (D products).",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..problem import Problem
 from .operators import LinearOperator
 
-__all__ = ["HessianOperator", "hessian", "hessian_block_rule", "hessian_block_size"]
+__all__ = ["HessianOperator", "hessian"]
 
 
 class HessianOperator(LinearOperator):
@@ -44,7 +44,10 @@ class HessianOperator(LinearOperator):
         """Within it, products by double backward keep the gradient's graph between calls when
         the selected samples fit one chunk of the memory budget (the budget the graph was planned
         in; see :meth:`LinearOperator.session`): a block of k products then costs k backwards of
-        the kept graph, with no new forward pass. The graph is dropped on exit."""
+        the kept graph, with no new forward pass. The graph is dropped on exit, and rebuilt when
+        θ, a parameter or buffer of the model, the data tensors or the indices change in place
+        (their version counters); a change that bypasses them (``.data``, a NumPy view) is not
+        seen, so leave the model and data alone while a session is open."""
         if self._graph is not None:  # nested: the outer session keeps the graph
             yield
             return
@@ -54,39 +57,9 @@ class HessianOperator(LinearOperator):
         finally:
             self._graph = None
 
-    def preferred_block_size(self, k: int) -> int:
-        """1 when the products keep the gradient's graph in a session
-        (:meth:`Problem.keeps_hessian_graph`: double backward, the samples in one chunk): a
-        product then costs one backward whatever the block, and single-vector Lanczos converges
-        in fewer products than a block (VGG-11, top 5 at tol 1e-2: 17 against 39 with a block
-        of 5); else the base rule (a block shares one forward pass, or vmapped tangents)."""
-        return hessian_block_size(self.problem, k, self.theta, self.indices)
-
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.num_products += V.shape[1]
         return self.problem.hvp(V, self.theta, self.indices, _graph=self._graph)
-
-
-def hessian_block_size(
-    problem: Problem,
-    k: int,
-    theta: torch.Tensor | None = None,
-    indices: torch.Tensor | None = None,
-) -> int:
-    """Lanczos's default block for k Hessian eigenpairs (see
-    :meth:`HessianOperator.preferred_block_size`): 1 when the products keep the gradient's
-    graph, else ``min(k, 8)``. One rule for a Hessian alone and for the lock-step engine's
-    members, so that both take the same blocks and find the same pairs."""
-    return hessian_block_rule(problem, theta, indices)(k)
-
-
-def hessian_block_rule(
-    problem: Problem, theta: torch.Tensor | None = None, indices: torch.Tensor | None = None
-) -> Callable[[int], int]:
-    """:func:`hessian_block_size` as a function of k, decided now (the first call may run the
-    problem's one-time route check: do it on the calling thread, not in solver threads)."""
-    keeps = problem.keeps_hessian_graph(theta, indices)
-    return lambda k: 1 if keeps else min(k, 8)
 
 
 def hessian(

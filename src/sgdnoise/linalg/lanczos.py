@@ -7,9 +7,8 @@ blocks ``A Q_last`` orthogonalised twice against all of ``Q`` (so no spurious co
 eigenvalues appear) and, once it reaches ``basis_size`` columns, restarted with the best Ritz
 vectors — the Ritz residuals of a Krylov–Schur basis all lie in the next Krylov direction, so the
 restart loses nothing. Products are batched ``block_size`` at a time (one forward pass, or vmapped
-tangents, for the whole block) — or, for a Hessian whose products keep the gradient's graph
-within the solver's :meth:`~sgdnoise.linalg.LinearOperator.session`, one at a time by default
-(single-vector Lanczos: fewer products than a block to the same residual).
+tangents, for the whole block; a Hessian whose products keep the gradient's graph within the
+solver's :meth:`~sgdnoise.linalg.LinearOperator.session` builds it once for all blocks).
 
 Convergence: Ritz pair ``(λ, u)`` is accepted when ``‖A u − λ u‖ ≤ tol · ‖A‖_est`` (and its Ritz
 value has stopped moving, see ``_iterate``), with
@@ -262,9 +261,10 @@ def top_eigenpairs(
             a fresh generator seeded with ``seed``, default 0). Never the global RNG.
         v0: warm start ``[D]`` or ``[D, j]`` (e.g. the eigenvectors of a previous refresh); random
             columns fill up the first block.
-        block_size: products per batch (default ``op.preferred_block_size(k)``: ``min(k, 8)``,
-            or 1 for a Hessian whose products keep the gradient's graph, see
-            :meth:`~sgdnoise.linalg.HessianOperator.preferred_block_size`).
+        block_size: products per batch (default ``min(k, 8)``: a block finds an eigenvalue
+            repeated up to that many times, which single columns cannot; ``block_size=1`` needs
+            fewer products on a spectrum without repeats, e.g. a Hessian whose products keep
+            the gradient's graph, where a block saves no pass).
         basis_size: Krylov basis size before a restart (default ``max(2k + 2·block, k + 20)``,
             capped at D).
         max_matvecs: budget of products (default ``max(2000, 50 k)``).
@@ -334,7 +334,7 @@ def _options(
         tol = default_tol(op.dtype)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    b = op.preferred_block_size(k) if block_size is None else int(block_size)
+    b = min(k, 8) if block_size is None else int(block_size)
     if not 1 <= b <= D:
         raise ValueError(f"block_size must be in [1, D] = [1, {D}], got {block_size}")
     m = max(2 * k + 2 * b, k + 20) if basis_size is None else int(basis_size)

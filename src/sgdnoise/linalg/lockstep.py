@@ -90,21 +90,10 @@ class _ProxyOperator(LinearOperator):
     """Solver j's view of its operator: each product waits for the batched round."""
 
     def __init__(
-        self,
-        hub: _Hub,
-        j: int,
-        dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        block_size: Callable[[int], int] | None = None,
+        self, hub: _Hub, j: int, dim: int, dtype: torch.dtype, device: torch.device | str
     ) -> None:
         super().__init__(dim, dtype, device)
-        self.hub, self.j, self._block_size = hub, j, block_size
-
-    def preferred_block_size(self, k: int) -> int:
-        if self._block_size is not None:
-            return self._block_size(k)
-        return super().preferred_block_size(k)
+        self.hub, self.j = hub, j
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.hub.submit(self.j, V)
@@ -117,7 +106,6 @@ def run_lockstep(
     dim: int,
     dtype: torch.dtype,
     device: torch.device | str,
-    block_size: Callable[[int], int] | None = None,
 ) -> list[T]:
     """Run ``solvers[j](A_j)`` for every j together, the products of all ``A_j`` batched.
 
@@ -127,8 +115,6 @@ def run_lockstep(
         products: computes a round of requests (see :data:`Products`) on the calling thread;
             an exception it raises is raised in every solver of that round.
         dim, dtype, device: the operators' size ``D``, dtype and device.
-        block_size: the proxies' :meth:`~LinearOperator.preferred_block_size` (the operator each
-            proxy stands for would say it, so that a solver takes the same blocks as alone).
 
     Returns:
         The R results, in the order of ``solvers``.
@@ -144,7 +130,7 @@ def run_lockstep(
 
     def work(j: int) -> None:
         try:
-            results[j] = solvers[j](_ProxyOperator(hub, j, dim, dtype, device, block_size))
+            results[j] = solvers[j](_ProxyOperator(hub, j, dim, dtype, device))
         except BaseException as exc:  # re-raised on the calling thread below
             errors[j] = exc
         finally:

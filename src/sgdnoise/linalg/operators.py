@@ -82,12 +82,6 @@ class LinearOperator(ABC):
         hold = getattr(getattr(self, "problem", None), "holding", None)
         return hold(nbytes) if callable(hold) else contextlib.nullcontext()
 
-    def preferred_block_size(self, k: int) -> int:
-        """Products per block a solver should take for k wanted pairs when the caller does not
-        say: ``min(k, 8)`` (a block of products is cheaper per column than single ones for
-        batched operators); operators whose single products are as cheap say less."""
-        return min(k, 8)
-
     def session(self) -> contextlib.AbstractContextManager[Any]:
         """A context for a run of products with this operator (one solver call): inside it, an
         operator may keep what all its products share (the Hessian keeps the gradient's graph when

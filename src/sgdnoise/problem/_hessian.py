@@ -208,20 +208,33 @@ class HessianProducts(ProblemBase):
         """``store`` when this call may keep (or use) the gradient's graph in it, else ``None``
         (and ``store`` emptied of a graph that no longer applies). Kept only for a double-backward
         route whose samples come in one chunk (then the memory plan covers the kept graph), for
-        the same θ object unmodified since (its version counter) and the same samples."""
+        the same θ and indices objects, and nothing it saved changed in place since
+        (:meth:`_state_versions`)."""
         if store is None or not double or theta is None or store.get("off"):
             return None
+        key = (theta, indices, self._state_versions(theta, indices))
         old = store.get("key")
-        same = (
-            old is not None and old[0] is theta and old[1] == theta._version and old[2] is indices
-        )
+        same = old is not None and old[0] is key[0] and old[1] is key[1] and old[2] == key[2]
         one = self._one_chunk(indices, rows)
         if not (one and same):
             store.clear()  # a graph of another θ or samples, or one too large to keep
         if not one:
             return None
-        store["key"] = (theta, theta._version, indices)
+        store["key"] = key
         return store
+
+    def _state_versions(self, theta: torch.Tensor, indices: Any) -> tuple[int, ...]:
+        """Version counters of everything a kept graph saved: θ, the model's parameters (those
+        outside θ are constants of the graph) and buffers (BatchNorm statistics), the data
+        tensors and the indices — any in-place change (an optimizer step, ``copy_``, ``x.mul_``)
+        makes the graph stale. Changes through ``.data`` or NumPy views bump no counter."""
+        tensors = [theta, *self.model.parameters(), *self.model.buffers()]
+        source = self._source
+        if isinstance(source, _data.TensorSource):
+            tensors += list(_tensors((source.inputs, source.targets)))
+        if isinstance(indices, torch.Tensor):
+            tensors.append(indices)
+        return tuple(t._version for t in tensors)
 
     def _one_chunk(self, indices: torch.Tensor | None, rows: int) -> bool:
         """Whether a pass of ``rows`` samples per chunk goes through the selection in one chunk."""
@@ -258,8 +271,8 @@ class HessianProducts(ProblemBase):
         """Whether Hessian products at ``theta`` over ``indices`` keep the gradient's graph
         between calls in a :meth:`HessianOperator.session`: a double-backward route (chosen by
         the first product's check, which this runs) and the samples within one chunk of the
-        memory budget for one column. Then a product costs one backward of the kept graph
-        whatever the block, and solvers take single columns (fewer products to converge)."""
+        memory budget for one column. Then a product costs one backward of the kept graph, and
+        a solver's blocks after the first cost no forward pass."""
         self.check_decoupled("Hessian-vector products")
         self._ensure_hvp_verified(self.point(theta))
         kind = self._hvp_kind()
