@@ -15,10 +15,10 @@ value has stopped moving, see ``_iterate``), with
 ``‖A‖_est`` the largest |Ritz value| seen (an absolute value: a negative estimate must not stop
 early).
 
-Precision: every inner product and norm of the basis (Gram–Schmidt, ``QᵀAQ``) is accumulated in
-float64 a block of rows at a time (:func:`~sgdnoise.linalg._orth.inner64`): a float32 inner
-product over millions of entries loses ~1e-4 of its value, enough to let a saturated Krylov
-basis lose its orthogonality. For a float16/bfloat16 operator the basis and its image are kept in
+Precision: every inner product and norm of the basis (Gram–Schmidt, ``QᵀAQ``) sums its blocks
+of 1,024 rows in float64 (:func:`~sgdnoise.linalg._orth.inner64`): one float32 inner product
+over millions of entries loses enough of its value to let a saturated Krylov basis lose its
+orthogonality. For a float16/bfloat16 operator the basis and its image are kept in
 float32 (``eigh`` in float64); only the operator products run in the operator's dtype (each block
 is cast down for the product and the result cast back up). PyTorch has no 16-bit QR/eigh, and a
 16-bit basis would lose orthogonality at the 1e-2 level.

@@ -76,13 +76,9 @@ def _columns_per_block(D: int, dtype: torch.dtype) -> int:
     return max(1, BLOCK_BYTES // max(1, D * torch.finfo(dtype).bits // 8))
 
 
-def _block_columns(Z: torch.Tensor) -> int:
-    return _columns_per_block(Z.shape[0], Z.dtype)
-
-
 def _hutchinson_terms(op: LinearOperator, Z: torch.Tensor) -> torch.Tensor:
     """``[z_jᵀ A z_j]_j`` (float64), column block by column block."""
-    c = _block_columns(Z)
+    c = _columns_per_block(Z.shape[0], Z.dtype)
     return torch.cat(
         [
             (Z[:, a : a + c] * _apply(op, Z[:, a : a + c])).sum(0, dtype=torch.float64)
@@ -250,7 +246,7 @@ def _forms(H: LinearOperator, C: torch.Tensor, block: int) -> torch.Tensor:
     """``c_iᵀ H c_i`` for the rows c_i of ``C`` ``[n, D]``, ``block`` products at a time (fewer
     when ``block`` columns of D numbers exceed :data:`BLOCK_BYTES`)."""
     out = []
-    block = min(block, _block_columns(C.T))
+    block = min(block, _columns_per_block(C.shape[1], C.dtype))
     # the block's columns, their products and the elementwise product are held between products
     # (and the Hessian's graph is kept between blocks where it fits: H.session)
     with H.holding(3 * block * C.shape[1] * C.element_size()), H.session():

@@ -212,14 +212,13 @@ class HessianProducts(ProblemBase):
         (:meth:`_state_versions`)."""
         if store is None or not double or theta is None or store.get("off"):
             return None
+        if not self._one_chunk(indices, rows):
+            store.clear()  # chunked passes rebuild their graphs: a kept one would be outside the plan
+            return None
         key = (theta, indices, self._state_versions(theta, indices))
         old = store.get("key")
-        same = old is not None and old[0] is key[0] and old[1] is key[1] and old[2] == key[2]
-        one = self._one_chunk(indices, rows)
-        if not (one and same):
-            store.clear()  # a graph of another θ or samples, or one too large to keep
-        if not one:
-            return None
+        if old is None or old[0] is not theta or old[1] is not indices or old[2] != key[2]:
+            store.clear()  # a graph of another θ or samples, or of a state changed since
         store["key"] = key
         return store
 
