@@ -141,6 +141,25 @@ def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue(
     torch.testing.assert_close(pairs.eigenvalues, d[:k])
 
 
+@pytest.mark.parametrize("mult", [2, 3])
+def test_the_default_block_grows_where_an_eigenvalue_shows_as_often_as_it_has_columns(
+    mult: int,
+) -> None:
+    # every eigenvalue `mult` times (D = 60·mult, no early invariant subspace to refill from):
+    # the default block starts at 2 columns, which see at most 2 copies of one eigenvalue
+    d = torch.linspace(10, 1, 60, dtype=torch.float64).repeat_interleave(mult)
+    op, _ = _spectrum(d)
+    pairs = sgdnoise.top_eigenpairs(op, 5, generator=0)
+    torch.testing.assert_close(pairs.eigenvalues, d[:5])
+    assert pairs.block_size == mult + 1  # grew past the multiplicity, and no further
+    # what the growth prevents: a fixed block below the multiplicity misses copies, silently
+    fixed = sgdnoise.top_eigenpairs(op, 5, generator=0, block_size=mult - 1)
+    assert fixed.converged and not torch.allclose(fixed.eigenvalues, d[:5], rtol=1e-6)
+    # a spectrum without repeats keeps the 2-column block
+    distinct = sgdnoise.top_eigenpairs(_spectrum(d.unique().flip(0))[0], 5, generator=0)
+    assert distinct.block_size == 2
+
+
 def test_expected_sharpness_of_a_16_bit_model_is_that_of_its_float32_copy() -> None:
     import copy
 

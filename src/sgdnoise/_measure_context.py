@@ -218,6 +218,7 @@ class MeasurementContext:
                 num_matvecs=hit.num_matvecs,
                 converged=hit.converged,
                 tol=hit.tol,
+                block_size=hit.block_size,
             )
         pairs = top_eigenpairs(op, k, tol=tol, generator=resolve_generator(0, generator))
         if hit is None or pairs.eigenvalues.numel() >= hit.eigenvalues.numel():

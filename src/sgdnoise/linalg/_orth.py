@@ -52,7 +52,8 @@ def orthonormalize_against(
 
     Classical Gram–Schmidt against ``Q`` (a second pass where the first cancelled more than
     1 − 1/√2 of a column's norm: "twice is enough"), then Gram–Schmidt (twice)
-    within the block, column by column; every inner product and norm is accumulated in float64
+    within the block, column by column (and one more pass against ``Q`` where that cancelled
+    as much of a column); every inner product and norm is accumulated in float64
     (:func:`inner64`), so the basis stays orthonormal to about the dtype's ε whatever D. A column
     whose part outside the span falls below ``1e3 ε`` of its norm (``X`` already inside span ``Q``:
     an invariant subspace was found; or the leftover is rounding) is replaced by a random
@@ -70,20 +71,25 @@ def orthonormalize_against(
             X = project_out(X, Q)
         cols: list[torch.Tensor] = []
         keep: list[bool] = []
+        turned = False  # did the block's own Gram–Schmidt cancel much of a column?
         for j in range(X.shape[1]):
             x = X[:, j : j + 1]
+            before = float(inner64(x, x)[0, 0]) ** 0.5 if cols else 0.0
             done = torch.cat(cols, dim=1) if cols else X[:, :0]
             for _ in range(2):
                 x = project_out(x, done)
             norm = float(inner64(x, x)[0, 0]) ** 0.5
+            turned = turned or (bool(cols) and norm < 0.7071 * before)
             keep.append(norm > 1e3 * eps * float(ref[j]))
             if keep[-1]:
                 cols.append(x / norm)
         Qx = torch.cat(cols, dim=1) if cols else X[:, :0].clone()
         if all(keep):
-            # One more pass against Q: what the block's own orthogonalisation moved (nothing
-            # for a single column: normalising it does not turn it).
-            if Q.shape[1] and Qx.shape[1] > 1:
+            # One more pass against Q where the block's own orthogonalisation cancelled much of
+            # a column (subtracting the block's other columns brings back their rounding-level
+            # parts along Q, large relative to what is left only after a cancellation: the
+            # same DGKS criterion; nothing moves for a single column).
+            if Q.shape[1] and Qx.shape[1] > 1 and turned:
                 Qx = project_out(Qx, Q)
                 n = inner64(Qx, Qx).diagonal().sqrt().to(Qx.dtype)
                 Qx = Qx / n[None, :]

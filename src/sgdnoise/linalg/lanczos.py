@@ -2,7 +2,8 @@
 restarts (a Krylov–Schur scheme), matrix-free.
 
 The basis ``Q`` (``[D, j]``, orthonormal) and its image ``A Q`` are kept; the projected matrix
-``T = Qᵀ A Q`` is formed explicitly and solved with ``eigh`` in float64. The basis is expanded by
+``T = Qᵀ A Q`` is kept explicitly (each appended block adds its rows and columns; a restart
+recomputes it) and solved with ``eigh`` in float64. The basis is expanded by
 blocks ``A Q_last`` orthogonalised twice against all of ``Q`` (so no spurious copies of converged
 eigenvalues appear) and, once it reaches ``basis_size`` columns, restarted with the best Ritz
 vectors — the Ritz residuals of a Krylov–Schur basis all lie in the next Krylov direction, so the
@@ -37,7 +38,7 @@ import torch
 
 from .._utils import randn, resolve_generator
 from ..results import format_table
-from ._orth import inner64, orthonormalize_against
+from ._krylov import _Basis, _Ritz, work_dtype
 from .operators import LinearOperator, check_operator
 
 __all__ = ["ConvergenceError", "EigenPairs", "default_tol", "top_eigenpairs", "work_dtype"]
@@ -52,12 +53,6 @@ DEFAULT_TOL = {
     torch.float16: 1e-2,
     torch.bfloat16: 3e-2,
 }
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the solvers keep their vectors and small dense algebra in for an operator dtype:
-    float32 for float16/bfloat16 (PyTorch has no 16-bit QR or ``eigh``), the dtype itself otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -95,6 +90,8 @@ class EigenPairs(tuple):
         num_matvecs: operator products used (columns).
         converged: whether every pair met the tolerance.
         tol: the relative tolerance used.
+        block_size: the block the solver ended with (the default block grows where repeated
+            eigenvalues appear; see :func:`top_eigenpairs`).
     """
 
     eigenvalues: torch.Tensor
@@ -103,6 +100,7 @@ class EigenPairs(tuple):
     num_matvecs: int
     converged: bool
     tol: float
+    block_size: int | None
 
     def __new__(
         cls,
@@ -113,6 +111,7 @@ class EigenPairs(tuple):
         num_matvecs: int,
         converged: bool,
         tol: float,
+        block_size: int | None = None,
     ) -> EigenPairs:
         self = super().__new__(cls, (eigenvalues, eigenvectors))
         self.eigenvalues = eigenvalues
@@ -121,6 +120,7 @@ class EigenPairs(tuple):
         self.num_matvecs = num_matvecs
         self.converged = converged
         self.tol = tol
+        self.block_size = block_size
         return self
 
     def __repr__(self) -> str:
@@ -261,10 +261,12 @@ def top_eigenpairs(
             a fresh generator seeded with ``seed``, default 0). Never the global RNG.
         v0: warm start ``[D]`` or ``[D, j]`` (e.g. the eigenvectors of a previous refresh); random
             columns fill up the first block.
-        block_size: products per batch (default ``min(k, 8)``: a block finds an eigenvalue
-            repeated up to that many times, which single columns cannot; ``block_size=1`` needs
-            fewer products on a spectrum without repeats, e.g. a Hessian whose products keep
-            the gradient's graph, where a block saves no pass).
+        block_size: products per batch. Default: ``min(k, 2)``, grown up to ``min(k, 8)``
+            while the converged values show an eigenvalue found as many times as the block has
+            columns (a block of b columns finds at most b copies of one eigenvalue, so b equal
+            values may hide more; the grown block gets as many steps again before convergence
+            is judged). A given ``block_size`` stays fixed; ``block_size=1`` needs the fewest
+            products on a spectrum without repeats but cannot find repeated eigenvalues.
         basis_size: Krylov basis size before a restart (default ``max(2k + 2·block, k + 20)``,
             capped at D).
         max_matvecs: budget of products (default ``max(2000, 50 k)``).
@@ -285,17 +287,16 @@ def top_eigenpairs(
     D = op.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
         raise ValueError(f"k must be an integer in [1, D] = [1, {D}], got {k!r}")
-    tol, b, m, budget = _options(op, k, tol, block_size, basis_size, max_matvecs, on_nonconvergence)
+    tol, b, b_max, m, budget = _options(
+        op, k, tol, block_size, basis_size, max_matvecs, on_nonconvergence
+    )
     gen = resolve_generator(seed, generator)
     basis = _Basis(op, m, gen)
-    # What the solver holds while a product runs counts against the budget of that product's
-    # passes: the basis Q and its image AQ ([D, m] each, preallocated), the Ritz vectors U of the
-    # wanted and candidate pairs ([D, k + b]), and the new block with its orthonormalisation
-    # temporaries (about 4 [D, b] blocks).
-    held = (2 * basis.cap + min(basis.cap, k + b) + 4 * b) * D * torch.finfo(basis.dtype).bits // 8
-    with op.holding(held), op.session():
+    with op.holding(basis.held_bytes(k, b_max)), op.session():
         basis.expand(_start_block(v0, D, b, basis.dtype, op.device, gen))
-        theta, U, res, converged, norm_est, history = _iterate(basis, k, b, float(tol), budget)
+        theta, U, res, converged, norm_est, history, b = _iterate(
+            basis, k, (b, b_max), float(tol), budget
+        )
     result = EigenPairs(
         theta[:k].to(basis.dtype),
         _fix_signs(U[:, :k]),
@@ -303,6 +304,7 @@ def top_eigenpairs(
         num_matvecs=basis.matvecs,
         converged=converged,
         tol=float(tol),
+        block_size=b,
     )
     if not converged:
         msg = _nonconvergence_message(
@@ -323,8 +325,10 @@ def _options(
     basis_size: int | None,
     max_matvecs: int | None,
     on_nonconvergence: str,
-) -> tuple[float, int, int, int]:
-    """Validated ``(tol, block, basis size, product budget)`` of :func:`top_eigenpairs`."""
+) -> tuple[float, int, int, int, int]:
+    """Validated ``(tol, block, largest block, basis size, product budget)`` of
+    :func:`top_eigenpairs` (the default block starts at ``min(k, 2)`` and may grow to
+    ``min(k, 8)``; a given ``block_size`` is kept)."""
     D = op.shape[0]
     if on_nonconvergence not in ("raise", "warn", "ignore"):
         raise ValueError(
@@ -334,15 +338,22 @@ def _options(
         tol = default_tol(op.dtype)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    b = min(k, 8) if block_size is None else int(block_size)
-    if not 1 <= b <= D:
+    b_max = min(k, 8) if block_size is None else int(block_size)
+    if not 1 <= b_max <= D:
         raise ValueError(f"block_size must be in [1, D] = [1, {D}], got {block_size}")
-    m = max(2 * k + 2 * b, k + 20) if basis_size is None else int(basis_size)
+    m = max(2 * k + 2 * b_max, k + 20) if basis_size is None else int(basis_size)
     m = min(D, m)
-    if m < min(D, k + b):
-        raise ValueError(f"basis_size must be at least k + block_size = {k + b}, got {basis_size}")
+    if m < min(D, k + b_max):
+        if block_size is not None:
+            raise ValueError(
+                f"basis_size must be at least k + block_size = {k + b_max}, got {basis_size}"
+            )
+        b_max = max(1, min(b_max, m - k))
+        if m < min(D, k + b_max):
+            raise ValueError(f"basis_size must be at least k + 1 = {k + 1}, got {basis_size}")
+    b = min(b_max, 2) if block_size is None else b_max
     budget = max(2000, 50 * k) if max_matvecs is None else int(max_matvecs)
-    return tol, b, m, budget
+    return tol, b, b_max, m, budget
 
 
 def _start_block(
@@ -388,113 +399,9 @@ def _start_block(
     return X
 
 
-class _Basis:
-    """The orthonormal basis ``Q`` ``[D, q]``, its image ``A Q`` and the products spent.
-
-    ``Q`` and ``AQ`` are views of two ``[m, D]`` buffers (transposed) allocated once: appending a block and
-    the thick restart write into them in place, so the solver never holds a second copy of its
-    basis (a ResNet-18's ``[D, m]`` block is 45 MB per column in float32).
-    """
-
-    def __init__(self, op: LinearOperator, m: int, gen: torch.Generator) -> None:
-        self.op, self.m, self.gen = op, m, gen
-        self.D = op.shape[0]
-        self.cap = min(m, self.D)
-        self.dtype = work_dtype(op.dtype)  # basis and small dense algebra; products in op.dtype
-        self.device = op.device
-        # stored transposed ([m, D], a column of Q is a contiguous row): appending a column
-        # writes D consecutive numbers, not D numbers m apart (a cache line each)
-        self._Qt = torch.empty(self.cap, self.D, dtype=self.dtype, device=self.device)
-        self._AQt = torch.empty(self.cap, self.D, dtype=self.dtype, device=self.device)
-        self.q = 0
-        self.matvecs = 0
-
-    @property
-    def Q(self) -> torch.Tensor:
-        return self._Qt[: self.q].T
-
-    @property
-    def AQ(self) -> torch.Tensor:
-        return self._AQt[: self.q].T
-
-    def expand(self, X: torch.Tensor) -> int:
-        """Orthonormalise ``X`` against Q, append it and its image; the columns added."""
-        room = self.cap - self.q
-        Xq = orthonormalize_against(X[:, :room], self.Q, self.gen)
-        n = Xq.shape[1]
-        if n == 0:
-            return 0
-        op = self.op
-        AX = op @ Xq if op.dtype == self.dtype else (op @ Xq.to(op.dtype)).to(self.dtype)
-        self.matvecs += n
-        self._Qt[self.q : self.q + n] = Xq.T
-        self._AQt[self.q : self.q + n] = AX.T
-        self.q += n
-        return n
-
-    def restart(self, Y: torch.Tensor) -> None:
-        """``Q ← Q Y``, ``AQ ← AQ Y`` (``Y`` ``[q, p]``, p ≤ q) in place, a block of entries at a
-        time (a ``[p, rows]`` temporary, never a second ``[D, p]`` block)."""
-        q, p = self.q, Y.shape[1]
-        rows = max(1, (1 << 22) // max(1, q))
-        Yt = Y.T.contiguous()
-        for buf in (self._Qt, self._AQt):  # [m, D]: entries r0 … r0 + rows of every column
-            for r0 in range(0, self.D, rows):
-                block = buf[:, r0 : r0 + rows]
-                block[:p] = Yt @ block[:q]
-        self.q = p
-
-    def reset(self, U: torch.Tensor, AU: torch.Tensor) -> None:
-        """The basis becomes ``U`` (orthonormal ``[D, c]``) with its image ``AU`` (copied in)."""
-        c = U.shape[1]
-        self._Qt[:c] = U.T
-        self._AQt[:c] = AU.T
-        self.q = c
-
-    def random(self, p: int) -> torch.Tensor:
-        return randn((self.D, p), generator=self.gen, dtype=self.dtype, device=self.device)
-
-
-class _Ritz:
-    """Rayleigh–Ritz on span Q: values ``theta`` (descending, float64), vectors ``Y`` of the
-    small problem, and for the first ``c`` pairs ``U``, ``AU``, residuals ``R`` and norms."""
-
-    def __init__(self, basis: _Basis, k: int, b: int, tol: float, norm_est: float) -> None:
-        Q, AQ, dtype = basis.Q, basis.AQ, basis.dtype
-        tiny = torch.finfo(dtype).tiny
-        self.q = Q.shape[1]
-        T = inner64(Q, AQ)  # accumulated in float64 (see inner64)
-        T = (T + T.T) / 2
-        theta, Y = torch.linalg.eigh(T)
-        self.theta, self.Y = theta.flip(0), Y.flip(1)
-        self.norm_est = max(norm_est, float(self.theta.abs().max()))
-        self.c = min(self.q, k + b)  # the wanted pairs and the next b (candidates for a block)
-        self._Q, self._AQ = Q, AQ
-        self._Yc = self.Y[:, : self.c].to(dtype)
-        # R = AQ Yc − Q Yc diag(θ) in one [D, c] block (two products into it, no U or AU: those
-        # are formed only when asked for, at convergence, a probe or the end)
-        self.R = torch.addmm(AQ @ self._Yc, Q, self._Yc * -self.theta[: self.c].to(dtype))
-        self.res = self.R.norm(dim=0)
-        self.thresh = tol * max(self.norm_est, tiny)
-        self.ok = self.res <= self.thresh
-        self._U: torch.Tensor | None = None
-
-    @property
-    def U(self) -> torch.Tensor:
-        """The Ritz vectors ``Q Y[:, :c]`` ``[D, c]`` (formed once, on first use)."""
-        if self._U is None:
-            self._U = self._Q @ self._Yc
-        return self._U
-
-    @property
-    def AU(self) -> torch.Tensor:
-        """Their images ``AQ Y[:, :c]`` (formed on each use: needed once, for a probe)."""
-        return self._AQ @ self._Yc
-
-
 def _iterate(
-    basis: _Basis, k: int, b: int, tol: float, budget: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, list[tuple[int, float]]]:
+    basis: _Basis, k: int, blocks: tuple[int, int], tol: float, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, list[tuple[int, float]], int]:
     """Block Krylov–Schur iterations until the top k pairs converge or the budget is spent.
 
     Expansion by Ritz residuals: after every block, Rayleigh–Ritz on span Q, and the next block
@@ -506,24 +413,22 @@ def _iterate(
     explicit). Convergence is first judged once the basis holds 2k + 2b columns (16-bit
     products: once it has filled, as a Krylov–Schur cycle would), then after every block; it
     needs every wanted residual below ``tol·‖A‖`` and the wanted Ritz values steady (moved by at
-    most ``_STEADY · tol·‖A‖`` since the previous block), then a probe (below).
+    most ``_STEADY · tol·‖A‖`` since the previous block), then a block growth check
+    (:func:`_grown_block`) and a probe (below).
 
-    Returns ``(theta, U, res, converged, norm_est, history)``.
+    ``blocks``: the block size b and the largest it may grow to. Returns ``(theta, U, res,
+    converged, norm_est, history, b)``.
     """
-    D, m = basis.D, basis.m
-    tiny = torch.finfo(basis.dtype).tiny
-    norm_est = 0.0
+    (b, b_max), hold = blocks, 0  # hold: no acceptance before this many products (after growth)
+    D, m, tiny, norm_est = basis.D, basis.m, torch.finfo(basis.dtype).tiny, 0.0
     history: list[tuple[int, float]] = []  # (products, worst relative residual of the k pairs)
-    filled, probes = False, 0
-    # The first convergence check: once the basis holds 2k + 2b columns (a float32/float64
-    # residual below tol then bounds the eigenvalue's error by the residual, and the probe below
-    # guards against missed pairs); for 16-bit products, whose rounding (~1e-2) makes an early
-    # residual an unreliable signal, once the basis has filled (eigenvalues were off by more than
-    # the residual on a bfloat16 matrix when judged earlier).
+    filled, probes, prev = False, 0, None
+    # The first convergence check: once the basis holds 2k + 2b columns; for 16-bit products,
+    # whose rounding (~1e-2) makes an early residual unreliable, once the basis has filled
+    # (eigenvalues were off by more than the residual on a bfloat16 matrix when judged earlier).
     sixteen = torch.finfo(basis.op.dtype).bits < 32
     first_check = min(m, D) if sixteen else min(m, D, 2 * k + 2 * b)
     accepted: tuple | None = None  # the converged state before a probe
-    prev: torch.Tensor | None = None
     while True:
         r = _Ritz(basis, k, b, tol, norm_est)
         norm_est = r.norm_est
@@ -536,15 +441,22 @@ def _iterate(
             and bool((theta[:k] - prev).abs().max() <= _STEADY * r.thresh)
         )
         prev = theta[:k].clone() if r.q >= k else None
-        converged = full_space or (filled and r.q >= k and bool(r.ok[:k].all()) and steady)
+        converged = full_space or (
+            filled and basis.matvecs >= hold and r.q >= k and bool(r.ok[:k].all()) and steady
+        )
         history.append((basis.matvecs, float(res[: min(k, r.c)].max()) / max(norm_est, tiny)))
         if accepted is not None:
             # After a probe: did the enlarged basis find a Ritz value above the accepted k-th?
             if float(theta[k - 1]) <= accepted[0] + r.thresh:
                 theta, U, res, converged = accepted[1], accepted[2], accepted[3], True
-                return theta, U, res, converged, norm_est, history
+                return theta, U, res, converged, norm_est, history, b
             accepted, filled = None, True  # something was missed: iterate on
             converged = False
+        elif converged and not full_space and _grown_block(theta, k, b, b_max, r.thresh) > b:
+            # grow (random columns join the next block), as many block steps again before judging
+            grown = _grown_block(theta, k, b, b_max, r.thresh)
+            hold = basis.matvecs + -(-basis.matvecs // b) * grown
+            b, converged = grown, False
         elif converged and not full_space and probes < _MAX_PROBES and D - r.c > 0:
             # Converged residuals cannot tell a top-k eigenpair from any other: a start block
             # inside an invariant subspace (a warm start made of exact eigenvectors) or an
@@ -560,12 +472,33 @@ def _iterate(
             if added:
                 basis.expand(basis.AQ[:, -added:])
                 continue
-            return accepted[1], accepted[2], accepted[3], converged, norm_est, history
+            return accepted[1], accepted[2], accepted[3], converged, norm_est, history, b
         if converged or basis.matvecs >= budget:
             break
         if not _next_block(basis, r, k, b):
             break
-    return theta, r.U, res, converged, norm_est, history
+    return theta, r.U, res, converged, norm_est, history, b
+
+
+def _grown_block(theta: torch.Tensor, k: int, b: int, b_max: int, thresh: float) -> int:
+    """The block size the converged top-k Ritz values ``theta`` call for: one more than the
+    longest run of them that agree to ``thresh`` (= tol·‖A‖) between neighbours, where that run
+    is at least ``b`` long and ends above the k-th value; else ``b`` (capped at ``b_max``).
+
+    Why: a Krylov space from b start columns holds at most b directions of one eigenspace
+    (each Krylov vector is a polynomial in A applied to the b columns), so an eigenvalue of
+    multiplicity above b shows b times, however long the solver runs; a run of b equal values
+    is the sign. A run that reaches the k-th value needs nothing: further copies would only
+    replace values equal to it.
+    """
+    if b >= b_max:
+        return b
+    longest, run = 0, 1
+    for i in range(1, k):
+        run = run + 1 if float(theta[i - 1] - theta[i]) <= thresh else 1
+        if i < k - 1 and run >= b and float(theta[i] - theta[i + 1]) > thresh:
+            longest = max(longest, run)
+    return min(b_max, longest + 1) if longest >= b else b
 
 
 def _next_block(basis: _Basis, r: _Ritz, k: int, b: int) -> bool:
