@@ -32,19 +32,17 @@ block) counts against the operator's memory budget (``op.holding``).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
 
-from .._utils import randn, resolve_generator
+from .._utils import resolve_generator
 from ..results import format_table
-from ._krylov import _Basis, _Ritz, work_dtype
+from ._krylov import _Basis, _Ritz, _start_block, work_dtype
 from .operators import LinearOperator, check_operator
 
 __all__ = ["ConvergenceError", "EigenPairs", "default_tol", "top_eigenpairs", "work_dtype"]
-
-#: Relative size of the random part added to a folded warm-start block (see top_eigenpairs).
-_WARM_RANDOM = 0.03
 
 #: Default relative Ritz-residual tolerance per operator dtype (see :func:`default_tol`).
 DEFAULT_TOL = {
@@ -153,6 +151,25 @@ def _rounding_floor(dtype: torch.dtype) -> float:
     return min(10 * torch.finfo(dtype).eps, default_tol(dtype) / 3)
 
 
+def _unconfirmed_message(tol: float, k: int, matvecs: int, blocks: tuple[int, int]) -> str:
+    """Why pairs whose residuals all meet tol were not accepted when the budget ran out."""
+    b0, b = blocks
+    why = (
+        f"the block grew from {b0} to {b} columns after an eigenvalue came out as many times "
+        "as the block had columns (a block finds at most that many copies), and the budget "
+        "ran out before the new columns had as many steps as the first, which would show "
+        "further copies. Fix: raise max_matvecs (e.g. to "
+        f"{2 * matvecs}), or pass a block_size above the eigenvalue's multiplicity"
+        if b > b0
+        else "the Ritz values were still moving (a pair still converging can have a small "
+        f"residual). Fix: raise max_matvecs (e.g. to {2 * matvecs})"
+    )
+    return (
+        f"top_eigenpairs: every residual meets tol {tol:.1e}, but the {k} pairs were not "
+        f"confirmed within {matvecs} products: {why}."
+    )
+
+
 def _nonconvergence_message(
     res: torch.Tensor,
     theta: torch.Tensor,
@@ -163,7 +180,7 @@ def _nonconvergence_message(
     history: list[tuple[int, float]],
     op_dtype: torch.dtype,
     m: int,
-    b: int,
+    blocks: tuple[int, int],
 ) -> str:
     """Why the pairs did not converge, from the residual history: an unreachable tolerance, a
     stagnation (a cluster the basis cannot resolve, or a non-deterministic operator), or a budget
@@ -171,6 +188,9 @@ def _nonconvergence_message(
     scale = max(norm_est, torch.finfo(torch.float64).tiny)
     worst = float(res.max()) / scale
     n_bad = int((res > tol * scale).sum())
+    b = blocks[1]
+    if n_bad == 0:
+        return _unconfirmed_message(tol, k, matvecs, blocks)
     head = (
         f"top_eigenpairs: {n_bad} of {k} eigenpairs did not converge within {matvecs} products "
         f"(worst relative residual {worst:.2e} > tol {tol:.1e}). "
@@ -215,8 +235,9 @@ def _nonconvergence_message(
             f"inside the loss). Fix: raise basis_size (e.g. to {2 * m}), choose k at a gap in the "
             "spectrum, or make the operator deterministic."
         )
-    rate = math.log(ratio) / window  # log-residual change per product (< 0)
-    needed = max(b, math.ceil(math.log(tol / worst) / rate)) if worst > 0 else b
+    rate = math.log(max(ratio, 1e-300)) / window  # log-residual change per product (< 0)
+    finite = 0 < worst < math.inf and rate < 0
+    needed = max(b, math.ceil(math.log(tol / worst) / rate)) if finite else b
     return head + (
         f"Cause: the budget ran out while the residuals were still decreasing (×{ratio:.2f} over "
         f"the last {window} products); at that rate about {needed} more products are needed. "
@@ -259,14 +280,12 @@ def top_eigenpairs(
             relative rounding is ~1e-2; eigenvalues are then accurate to about that level).
         seed, generator: randomness of the start and of random fills (the generator wins; else
             a fresh generator seeded with ``seed``, default 0). Never the global RNG.
-        v0: warm start ``[D]`` or ``[D, j]`` (e.g. the eigenvectors of a previous refresh); random
-            columns fill up the first block.
-        block_size: products per batch. Default: ``min(k, 2)``, grown up to ``min(k, 8)``
-            while the converged values show an eigenvalue found as many times as the block has
-            columns (a block of b columns finds at most b copies of one eigenvalue, so b equal
-            values may hide more; the grown block gets as many steps again before convergence
-            is judged). A given ``block_size`` stays fixed; ``block_size=1`` needs the fewest
-            products on a spectrum without repeats but cannot find repeated eigenvalues.
+        v0: warm start ``[D]`` or ``[D, j]``, j ≤ D (e.g. the eigenvectors of a previous
+            refresh); random columns fill up the first block.
+        block_size: products per batch. Default ``min(k, 2)``, doubled (up to ``min(k, 8)``)
+            where b converged values are equal: b columns find at most b copies of an
+            eigenvalue. A given ``block_size`` stays fixed; ``1`` needs the fewest products
+            without repeats but cannot find them.
         basis_size: Krylov basis size before a restart (default ``max(2k + 2·block, k + 20)``,
             capped at D).
         max_matvecs: budget of products (default ``max(2000, 50 k)``).
@@ -280,13 +299,13 @@ def top_eigenpairs(
         there; only the products are 16-bit).
 
     Raises:
-        ValueError: for k outside ``[1, D]`` or bad options.
-        ConvergenceError: if the pairs did not converge (with ``on_nonconvergence="raise"``).
+        ValueError: for k outside ``[1, D]`` or bad options; TypeError: a complex or integer
+            operator; FloatingPointError: a product with NaN or Inf entries; ConvergenceError:
+            pairs not converged (``on_nonconvergence="raise"``). RuntimeWarning: a given
+            ``block_size`` b ≥ 2 found an eigenvalue b times (there may be more copies).
     """
     check_operator(op, "op", "top_eigenpairs")
     D = op.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
-        raise ValueError(f"k must be an integer in [1, D] = [1, {D}], got {k!r}")
     tol, b, b_max, m, budget = _options(
         op, k, tol, block_size, basis_size, max_matvecs, on_nonconvergence
     )
@@ -294,8 +313,8 @@ def top_eigenpairs(
     basis = _Basis(op, m, gen)
     with op.holding(basis.held_bytes(k, b_max)), op.session():
         basis.expand(_start_block(v0, D, b, basis.dtype, op.device, gen))
-        theta, U, res, converged, norm_est, history, b = _iterate(
-            basis, k, (b, b_max), float(tol), budget
+        theta, U, res, converged, norm_est, history, grown = _iterate(
+            basis, k, (b, b_max), tol, budget
         )
     result = EigenPairs(
         theta[:k].to(basis.dtype),
@@ -303,18 +322,35 @@ def top_eigenpairs(
         residuals=res[:k],
         num_matvecs=basis.matvecs,
         converged=converged,
-        tol=float(tol),
-        block_size=b,
+        tol=tol,
+        block_size=grown,
     )
     if not converged:
         msg = _nonconvergence_message(
-            res[:k], theta, norm_est, tol, k, basis.matvecs, history, op.dtype, m, b
+            res[:k], theta, norm_est, tol, k, basis.matvecs, history, op.dtype, m, (b, grown)
         )
         if on_nonconvergence == "raise":
             raise ConvergenceError(msg, result)
         if on_nonconvergence == "warn":
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    elif block_size is not None and b >= 2:
+        _warn_filled_block(theta, k, b, tol * norm_est)
     return result
+
+
+def _warn_filled_block(theta: torch.Tensor, k: int, b: int, thresh: float) -> None:
+    """Warn when a fixed block of ``b`` columns found an eigenvalue ``b`` times above the k-th
+    (it may have more copies than the block can see)."""
+    run, value = _inner_run(theta, k, thresh)
+    if run >= b:
+        warnings.warn(
+            f"top_eigenpairs: with block_size={b}, the eigenvalue {value:.6g} came out {b} times "
+            f"among the top {k}; a block of {b} columns finds at most {b} copies of one "
+            "eigenvalue, so it may have more. Fix: leave block_size at its default, which grows "
+            "where this happens",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _options(
@@ -330,73 +366,57 @@ def _options(
     :func:`top_eigenpairs` (the default block starts at ``min(k, 2)`` and may grow to
     ``min(k, 8)``; a given ``block_size`` is kept)."""
     D = op.shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= D:
+        raise ValueError(f"k must be an integer in [1, D] = [1, {D}], got {k!r}")
+    if op.dtype.is_complex or not op.dtype.is_floating_point:
+        raise TypeError(
+            f"top_eigenpairs: the operator must be real and floating point (a symmetric matrix), "
+            f"got dtype {op.dtype}; for a Hermitian matrix M, use the real symmetric "
+            "[[Re M, −Im M], [Im M, Re M]], whose eigenvalues are M's, each twice"
+        )
     if on_nonconvergence not in ("raise", "warn", "ignore"):
         raise ValueError(
             f"on_nonconvergence must be 'raise', 'warn' or 'ignore', got {on_nonconvergence!r}"
         )
     if tol is None:
         tol = default_tol(op.dtype)
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    b_max = min(k, 8) if block_size is None else int(block_size)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
+        raise ValueError(
+            f"tol must be a relative residual in (0, 1) (e.g. 1e-3), got {tol!r}: a residual "
+            "tolerance of max|λ| or more accepts any vector"
+        )
+    tol = float(tol)
+    block_size, basis_size, max_matvecs = (
+        _positive_int(name, value)
+        for name, value in (
+            ("block_size", block_size),
+            ("basis_size", basis_size),
+            ("max_matvecs", max_matvecs),
+        )
+    )
+    b_max = min(k, 8) if block_size is None else block_size
     if not 1 <= b_max <= D:
         raise ValueError(f"block_size must be in [1, D] = [1, {D}], got {block_size}")
-    m = max(2 * k + 2 * b_max, k + 20) if basis_size is None else int(basis_size)
-    m = min(D, m)
+    m = min(D, max(2 * k + 2 * b_max, k + 20) if basis_size is None else basis_size)
     if m < min(D, k + b_max):
-        if block_size is not None:
-            raise ValueError(
-                f"basis_size must be at least k + block_size = {k + b_max}, got {basis_size}"
-            )
-        b_max = max(1, min(b_max, m - k))
-        if m < min(D, k + b_max):
-            raise ValueError(f"basis_size must be at least k + 1 = {k + 1}, got {basis_size}")
+        what = "block_size" if block_size is not None else "the default block min(k, 8)"
+        raise ValueError(
+            f"basis_size must be at least k + {what} = {k + b_max}, got {basis_size} (or pass "
+            "a smaller block_size)"
+        )
     b = min(b_max, 2) if block_size is None else b_max
-    budget = max(2000, 50 * k) if max_matvecs is None else int(max_matvecs)
+    budget = max(2000, 50 * k) if max_matvecs is None else max_matvecs
     return tol, b, b_max, m, budget
 
 
-def _start_block(
-    v0: torch.Tensor | None,
-    D: int,
-    b: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    gen: torch.Generator,
-) -> torch.Tensor:
-    """The first block ``[D, b]``: random, or made from the warm start ``v0``.
-
-    A warm start of j > b columns (e.g. the k = 20 eigenvectors of the previous refresh, b = 8)
-    is folded into ONE block of b random combinations ``V G`` of the warm vectors (``G`` [j, b]
-    Gaussian from ``generator``), plus a 3 % random admixture, and Lanczos runs from it as from a
-    cold block. Why: (1) using the j columns themselves as the first block made a basis whose
-    residual ``(I − VVᵀ) A V`` has rank j, while the Krylov recurrence expands from only b
-    directions, so the residual directions of the other j − b warm vectors were never added (13
-    of 20 pairs unconverged after 2,000 products at a moved θ, where a cold start needs ~200);
-    (2) a block of j columns also fills the basis with a polynomial of degree 1 in A, whereas a
-    b-column start gets degree ⌈products / b⌉; (3) a start block with O(1) weight on every warm
-    direction and only O(move) on the rest is what makes Krylov converge faster than from a
-    random block (the classical restart vector of implicitly restarted Lanczos). The random
-    admixture keeps a direction outside span V (an eigenvalue entering the top k) reachable, as
-    from a cold start. With j ≤ b the warm columns are used as they are, random columns fill up.
-    """
-    if v0 is None:
-        return randn((D, b), generator=gen, dtype=dtype, device=device)
-    if v0.ndim == 1:
-        v0 = v0[:, None]
-    if v0.ndim != 2 or v0.shape[0] != D:
-        raise ValueError(f"v0 must have shape [{D}] or [{D}, j], got {list(v0.shape)}")
-    X = v0.to(device=device, dtype=dtype)
-    if X.shape[1] > b:
-        tiny = torch.finfo(dtype).tiny
-        G = randn((X.shape[1], b), generator=gen, dtype=dtype, device=device)
-        X = torch.linalg.qr(X)[0] @ G
-        Z = randn((D, b), generator=gen, dtype=dtype, device=device)
-        X = X + _WARM_RANDOM * Z * (X.norm(dim=0) / Z.norm(dim=0).clamp_min(tiny))[None, :]
-    elif X.shape[1] < b:
-        fill = randn((D, b - X.shape[1]), generator=gen, dtype=dtype, device=device)
-        X = torch.cat([X, fill], dim=1)
-    return X
+def _positive_int(name: str, value: object) -> int | None:
+    """``value`` as an int when it is a positive integer (Python or NumPy), ``None`` for None;
+    else a one-line ValueError."""
+    if value is None:
+        return None
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral) and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _iterate(
@@ -481,9 +501,10 @@ def _iterate(
 
 
 def _grown_block(theta: torch.Tensor, k: int, b: int, b_max: int, thresh: float) -> int:
-    """The block size the converged top-k Ritz values ``theta`` call for: one more than the
-    longest run of them that agree to ``thresh`` (= tol·‖A‖) between neighbours, where that run
-    is at least ``b`` long and ends above the k-th value; else ``b`` (capped at ``b_max``).
+    """The block size the converged top-k Ritz values ``theta`` call for: twice the longest
+    run of them that agree to ``thresh`` (= tol·‖A‖) between neighbours, where that run is at
+    least ``b`` long and ends above the k-th value (doubling: few growths, each of which costs
+    as many block steps again); else ``b``; capped at ``b_max``.
 
     Why: a Krylov space from b start columns holds at most b directions of one eigenspace
     (each Krylov vector is a polynomial in A applied to the b columns), so an eigenvalue of
@@ -493,12 +514,20 @@ def _grown_block(theta: torch.Tensor, k: int, b: int, b_max: int, thresh: float)
     """
     if b >= b_max:
         return b
-    longest, run = 0, 1
+    longest = _inner_run(theta, k, thresh)[0]
+    return min(b_max, max(longest + 1, 2 * longest)) if longest >= b else b
+
+
+def _inner_run(theta: torch.Tensor, k: int, thresh: float) -> tuple[int, float]:
+    """The longest run of at least two of the top-k values ``theta`` (descending) that agree to
+    ``thresh`` between neighbours and end above the k-th value, as ``(length, value)``;
+    ``(0, nan)`` if none."""
+    longest, value, run = 0, math.nan, 1
     for i in range(1, k):
         run = run + 1 if float(theta[i - 1] - theta[i]) <= thresh else 1
-        if i < k - 1 and run >= b and float(theta[i] - theta[i + 1]) > thresh:
-            longest = max(longest, run)
-    return min(b_max, longest + 1) if longest >= b else b
+        if i < k - 1 and run > longest and float(theta[i] - theta[i + 1]) > thresh:
+            longest, value = run, float(theta[i])
+    return (longest, value) if longest >= 2 else (0, math.nan)
 
 
 def _next_block(basis: _Basis, r: _Ritz, k: int, b: int) -> bool:
@@ -514,6 +543,8 @@ def _next_block(basis: _Basis, r: _Ritz, k: int, b: int) -> bool:
         _ = r.U  # formed from the basis before the restart rewrites it (the result if none adds)
         basis.restart(r.Y[:, :p_keep].to(basis.dtype))
     X = r.R[:, pick]  # a copy (list index): the residuals and images can go before the product
+    if r.scale != 1.0:
+        X /= r.scale  # an operator of tiny or huge norm: the directions, at a safe scale
     r.R = torch.empty(0, dtype=basis.dtype, device=basis.device)
     if X.shape[1] < b:  # fewer unconverged directions than a block: explore at random
         X = torch.cat([X, basis.random(b - X.shape[1])], dim=1)

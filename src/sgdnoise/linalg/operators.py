@@ -179,6 +179,12 @@ class DenseOperator(LinearOperator):
     def __init__(self, matrix: torch.Tensor, *, psd: bool = False) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"DenseOperator needs a square matrix, got shape {list(matrix.shape)}")
+        if matrix.is_complex() or not matrix.is_floating_point():
+            raise TypeError(
+                f"DenseOperator needs a real floating-point matrix, got dtype {matrix.dtype}; "
+                "convert integers with .double(); for a Hermitian M use the real symmetric "
+                "[[Re M, −Im M], [Im M, Re M]] (its eigenvalues are M's, each twice)"
+            )
         m = matrix.double()
         asym = float((m - m.T).abs().max()) if m.numel() else 0.0
         tol = 100 * torch.finfo(matrix.dtype).eps * max(float(m.abs().max()), 1e-300)
