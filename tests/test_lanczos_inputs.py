@@ -95,3 +95,28 @@ def test_the_budget_message_after_a_growth_says_what_happened() -> None:
     msg = _nonconvergence_message(res, theta, 10.0, 1e-6, 5, 2000, [], torch.float64, 25, (2, 4))
     assert "every residual meets tol" in msg and "grew from 2 to 4" in msg
     assert "did not converge" not in msg
+
+
+def test_bad_warm_starts_get_one_clear_error() -> None:
+    op = _op(SPEC)
+    bad = torch.randn(100, 2, dtype=torch.float64)
+    bad[5, 1] = float("nan")
+    for v0, err, match in [
+        (bad, ValueError, "finite with no zero column"),
+        (torch.zeros(100, dtype=torch.float64), ValueError, "finite with no zero column"),
+        (torch.ones(100, dtype=torch.complex128), TypeError, "real floating-point torch.Tensor"),
+        ([1.0] * 100, TypeError, "real floating-point torch.Tensor"),
+    ]:
+        with pytest.raises(err, match=match):
+            sgdnoise.top_eigenpairs(op, 2, generator=0, v0=v0)
+    # a 0-d tensor tol is a number
+    pairs = sgdnoise.top_eigenpairs(op, 2, generator=0, tol=torch.tensor(1e-6))
+    assert pairs.tol == pytest.approx(1e-6)
+
+
+def test_the_default_block_at_its_cap_warns_when_an_eigenvalue_fills_it() -> None:
+    # 10 copies, k = 12: the default block grows to its cap of 8 and cannot promise the rest
+    spec = torch.cat([torch.full((10,), 5.0), torch.linspace(4, 0, 190)]).double()
+    with pytest.warns(RuntimeWarning, match="the default block grown to its cap of 8"):
+        pairs = sgdnoise.top_eigenpairs(_op(spec), 12, generator=0)
+    assert pairs.block_size == 8

@@ -49,11 +49,22 @@ def _start_block(
     """
     if v0 is None:
         return randn((D, b), generator=gen, dtype=dtype, device=device)
+    if not isinstance(v0, torch.Tensor) or v0.is_complex() or not v0.is_floating_point():
+        what = v0.dtype if isinstance(v0, torch.Tensor) else type(v0).__name__
+        raise TypeError(
+            f"v0 must be a real floating-point torch.Tensor (a warm start, e.g. the eigenvectors "
+            f"of a previous call), got {what}; convert with torch.as_tensor(v0, dtype=...)"
+        )
     if v0.ndim == 1:
         v0 = v0[:, None]
     if v0.ndim != 2 or v0.shape[0] != D or v0.shape[1] > D:
         raise ValueError(f"v0 must have shape [{D}] or [{D}, j] with j ≤ {D}, got {list(v0.shape)}")
     X = v0.to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(X).all()) or bool((X.abs().amax(dim=0) == 0).any()):
+        raise ValueError(
+            "v0 must be finite with no zero column (a warm start is a direction); drop the "
+            "columns that are NaN, Inf or 0, or pass v0=None for a cold start"
+        )
     if X.shape[1] > b:
         tiny = torch.finfo(dtype).tiny
         G = randn((X.shape[1], b), generator=gen, dtype=dtype, device=device)

@@ -14,7 +14,12 @@ solver's :meth:`~sgdnoise.linalg.LinearOperator.session` builds it once for all 
 Convergence: Ritz pair ``(λ, u)`` is accepted when ``‖A u − λ u‖ ≤ tol · ‖A‖_est`` (and its Ritz
 value has stopped moving, see ``_iterate``), with
 ``‖A‖_est`` the largest |Ritz value| seen (an absolute value: a negative estimate must not stop
-early).
+early). A converged Ritz value lies within its residual of *an* eigenvalue: where eigenvalues
+sit closer together than ``tol·‖A‖`` (a cluster), or an eigenvalue a few ``tol·‖A‖`` above a
+large cluster has not yet separated from it, a value can stand for a neighbour's and be off by a
+few ``tol·‖A‖``; tighten ``tol`` to resolve such a spectrum. The default block grows up to 8
+columns; an eigenvalue found that many times among the top k gets a warning (pass
+``block_size=k``).
 
 Precision: every inner product and norm of the basis (Gram–Schmidt, ``QᵀAQ``) sums its blocks
 of 1,024 rows in float64 (:func:`~sgdnoise.linalg._orth.inner64`): one float32 inner product
@@ -200,8 +205,8 @@ def _nonconvergence_message(
         return head + (
             f"Cause: tol {tol:.1e} is below what {op_dtype} products can resolve (relative rounding "
             f"~{floor:.0e}), so no budget reaches it. Fix: loosen tol to ≥ {floor:.0e} "
-            f"(the default for {op_dtype} is {default_tol(op_dtype):.0e}) or run the model in "
-            "float64."
+            f"(the default for {op_dtype} is {default_tol(op_dtype):.0e})"
+            + ("." if op_dtype == torch.float64 else " or run the model in float64.")
         )
     window = max(m, 4 * b)
     past = [w for n, w in history if n <= matvecs - window]
@@ -333,21 +338,28 @@ def top_eigenpairs(
             raise ConvergenceError(msg, result)
         if on_nonconvergence == "warn":
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    elif block_size is not None and b >= 2:
-        _warn_filled_block(theta, k, b, tol * norm_est)
+    elif grown >= 2 and (block_size is not None or grown == b_max):
+        _warn_filled_block(theta, k, grown, tol * norm_est, block_size is None)
     return result
 
 
-def _warn_filled_block(theta: torch.Tensor, k: int, b: int, thresh: float) -> None:
-    """Warn when a fixed block of ``b`` columns found an eigenvalue ``b`` times above the k-th
-    (it may have more copies than the block can see)."""
+def _warn_filled_block(
+    theta: torch.Tensor, k: int, b: int, thresh: float, at_cap: bool = False
+) -> None:
+    """Warn when a block of ``b`` columns (given, or the default grown to its cap) found an
+    eigenvalue ``b`` times above the k-th (it may have more copies than the block can see)."""
     run, value = _inner_run(theta, k, thresh)
     if run >= b:
+        how = f"the default block grown to its cap of {b}" if at_cap else f"block_size={b}"
+        fix = (
+            f"pass block_size={k} (more memory: the basis grows with the block)"
+            if at_cap
+            else "leave block_size at its default, which grows where this happens"
+        )
         warnings.warn(
-            f"top_eigenpairs: with block_size={b}, the eigenvalue {value:.6g} came out {b} times "
-            f"among the top {k}; a block of {b} columns finds at most {b} copies of one "
-            "eigenvalue, so it may have more. Fix: leave block_size at its default, which grows "
-            "where this happens",
+            f"top_eigenpairs: with {how}, the eigenvalue {value:.6g} came out {run} times among "
+            f"the top {k}; a block of {b} columns finds at most {b} copies of one eigenvalue, so "
+            f"it may have more. Fix: {fix}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -380,6 +392,8 @@ def _options(
         )
     if tol is None:
         tol = default_tol(op.dtype)
+    if isinstance(tol, torch.Tensor) and tol.numel() == 1 and tol.is_floating_point():
+        tol = float(tol)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
         raise ValueError(
             f"tol must be a relative residual in (0, 1) (e.g. 1e-3), got {tol!r}: a residual "
