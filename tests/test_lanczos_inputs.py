@@ -47,6 +47,8 @@ def test_complex_and_non_finite_operators_are_refused_by_name() -> None:
         DenseOperator(M + M.mH)
     with pytest.raises(TypeError, match="needs a real floating-point matrix"):
         DenseOperator(torch.eye(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="needs a torch.Tensor, got ndarray"):
+        DenseOperator(torch.eye(3).numpy())
     A = _op(SPEC).to_dense().clone()
     A[3, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite entries"):

@@ -177,6 +177,11 @@ class DenseOperator(LinearOperator):
     """An explicit symmetric matrix (small D: tests, 2-D toys, reference computations)."""
 
     def __init__(self, matrix: torch.Tensor, *, psd: bool = False) -> None:
+        if not isinstance(matrix, torch.Tensor):
+            raise TypeError(
+                f"DenseOperator needs a torch.Tensor, got {type(matrix).__name__}; convert with "
+                "torch.as_tensor(M, dtype=torch.float64)"
+            )
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"DenseOperator needs a square matrix, got shape {list(matrix.shape)}")
         if matrix.is_complex() or not matrix.is_floating_point():
