@@ -479,6 +479,7 @@ def _iterate(
             filled and basis.matvecs >= hold and r.q >= k and bool(r.ok[:k].all()) and steady
         )
         history.append((basis.matvecs, float(res[: min(k, r.c)].max()) / max(norm_est, tiny)))
+        judged = converged and not full_space  # to be checked: block growth, then a probe
         if accepted is not None:
             # After a probe: did the enlarged basis find a Ritz value above the accepted k-th?
             if float(theta[k - 1]) <= accepted[0] + r.thresh:
@@ -486,12 +487,10 @@ def _iterate(
                 return theta, U, res, converged, norm_est, history, b
             accepted, filled = None, True  # something was missed: iterate on
             converged = False
-        elif converged and not full_space and _grown_block(theta, k, b, b_max, r.thresh) > b:
+        elif judged and (grown := _grown_block(theta, k, b, b_max, r.thresh)) > b:
             # grow (random columns join the next block), as many block steps again before judging
-            grown = _grown_block(theta, k, b, b_max, r.thresh)
-            hold = basis.matvecs + -(-basis.matvecs // b) * grown
-            b, converged = grown, False
-        elif converged and not full_space and probes < _MAX_PROBES and D - r.c > 0:
+            b, converged, hold = grown, False, basis.matvecs + -(-basis.matvecs // b) * grown
+        elif judged and probes < _MAX_PROBES and D - r.c > 0:
             # Converged residuals cannot tell a top-k eigenpair from any other: a start block
             # inside an invariant subspace (a warm start made of exact eigenvectors) or an
             # eigenvalue of multiplicity above the block size leaves larger eigenvalues unseen
