@@ -46,3 +46,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Done, the group destroyed: leave without the interpreter's teardown, where gloo's worker
+    # threads can still be joinable when their C++ destructors run ("terminate called without an
+    # active exception": once in about 70 runs here, after the work was done). A
+    # failure above raises before this line and exits non-zero as before.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
